@@ -1,0 +1,45 @@
+# One command per chore; CI calls the same ones.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help install demo test test-fast lint bench soak clean
+
+help:
+	@echo "make demo   - set up and run the demo chat site on the embedded broker"
+	@echo "make test   - set up and run the whole test suite"
+	@echo "make bench  - run the benchmarks (writes benchmarks/results/)"
+	@echo "make soak   - run the long reliability tests"
+	@echo "make lint   - ruff and mypy"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) example/run_demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -x -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks example
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/run.py
+
+soak: $(STAMP)
+	DMB_SOAK=1 $(PY) -m pytest -q tests/reliability -m soak --timeout=3600
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,270 @@
+"""Clients for the broker: ``AsyncClient`` (asyncio) and ``SyncClient``
+(blocking), two faces of one protocol core (``client.core.Core``).
+
+Both may be used from any number of threads and event loops at once. A
+client owns one I/O thread and one socket; make one per process and
+``close()`` it when done (it is also a context manager).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Callable, Optional
+
+from .. import protocol as p
+from ..exceptions import ClientClosed, MessageTooLarge
+from ..server.server import DEFAULT_ADDRESS
+from .core import AsyncWaiter, Core, SyncWaiter
+
+__all__ = ["AsyncClient", "SyncClient", "DEFAULT_ADDRESS"]
+
+_MAX_TRACKED_CHANNELS = 10_000
+
+
+class _ClientBase:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float = 5.0,
+        heartbeat: float = 1.0,
+        prefetch: int = 8,
+        process_prefetch: int = 64,
+        idle_return: float = 1.0,
+        embedded: bool = False,
+        embedded_idle_timeout: float = 60.0,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.embedded = embedded
+        self._options = dict(
+            timeout=timeout, heartbeat=heartbeat, prefetch=prefetch, process_prefetch=process_prefetch, idle_return=idle_return
+        )
+        self._embedded_idle_timeout = embedded_idle_timeout
+        self._core: Optional[Core] = None
+        self._lock = threading.Lock()
+        self._closed = False
+        # channel -> messages this client believes are queued (see _pipelined)
+        self._depth: dict[str, int] = {}
+
+    @property
+    def core(self) -> Core:
+        core = self._core
+        if core is None:
+            with self._lock:
+                if self._closed:
+                    raise ClientClosed("the client is closed")
+                if self._core is None:
+                    on_unreachable: Optional[Callable[[str], None]] = None
+                    if self.embedded:
+                        from ..embedded import ensure_broker
+
+                        idle = self._embedded_idle_timeout
+
+                        def on_unreachable(address: str) -> None:
+                            ensure_broker(address, idle_timeout=idle)
+
+                    self._core = Core(self.address, on_unreachable=on_unreachable, **self._options)  # type: ignore[arg-type]
+                core = self._core
+        return core
+
+    @property
+    def client_id(self) -> str:
+        """Unique per client (random, not affected by ``random.seed``)."""
+        return self.core.client_id
+
+    def wait_connected(self, timeout: Optional[float] = None) -> bool:
+        """Block until the broker has answered (or ``timeout`` passes)."""
+        return self.core.wait_connected(self.timeout if timeout is None else timeout)
+
+    def close(self) -> None:
+        """Send what is queued, leave the broker, stop the I/O thread."""
+        with self._lock:
+            self._closed = True
+            core, self._core = self._core, None
+        if core is not None:
+            core.close()
+
+    # -- shared rules -------------------------------------------------------
+    def _check_body(self, core: Core, body: bytes) -> None:
+        if len(body) > core.max_body:
+            raise MessageTooLarge(len(body), core.max_body)
+
+    def _pipelined(self, core: Core, channel: str, capacity: int) -> bool:
+        """Send without waiting while the channel is known to be at most half
+        full (the last depth the broker reported plus our own sends since).
+        Near capacity, wait for the broker's answer: exact ``QueueFull``."""
+        depth = self._depth.get(channel, 0)
+        if core.connected and depth < capacity // 2:
+            self._depth[channel] = depth + 1
+            return True
+        return False
+
+    def _record_depth(self, channel: str) -> Callable[[Any], None]:
+        def record(depth: Any) -> None:
+            if len(self._depth) >= _MAX_TRACKED_CHANNELS:
+                self._depth.clear()
+            self._depth[channel] = int(depth)
+
+        return record
+
+    def _forget_depth(self, channel: str) -> None:
+        self._depth.pop(channel, None)
+
+
+class AsyncClient(_ClientBase):
+    """Asyncio client. Every method may be awaited from any event loop."""
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def _request(self, msg: Any, body: Optional[bytes] = None, on_reply: Optional[Callable] = None) -> Any:
+        core = self.core
+        waiter = AsyncWaiter(core)
+        core.request(msg, body, waiter, on_reply)
+        return await waiter.future
+
+    async def send(self, channel: str, body: bytes, *, ttl: float = 60.0, capacity: int = 100) -> None:
+        """Queue ``body`` on ``channel``. Raises ``QueueFull`` at capacity,
+        ``MessageTooLarge``, ``InvalidName``, ``BrokerUnavailable``."""
+        p.check_channel_name(channel)
+        core = self.core
+        self._check_body(core, body)
+        if self._pipelined(core, channel, capacity):
+            core.send_pipelined(p.Send(0, channel, ttl, capacity, False), body)
+            return
+        try:
+            await self._request(p.Send(0, channel, ttl, capacity, True), body, self._record_depth(channel))
+        except BaseException:
+            self._forget_depth(channel)
+            raise
+
+    async def receive(self, channel: str) -> bytes:
+        """The next message of ``channel``. Cancelling loses nothing."""
+        p.check_channel_name(channel)
+        core = self.core
+        item, waiter = core.take(channel, lambda: AsyncWaiter(core, channel))
+        if item is not None:
+            return item[0]
+        assert waiter is not None
+        try:
+            item = await waiter.future
+        except asyncio.CancelledError:
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                core._put_back(channel, future.result())  # resolved as we were cancelled
+            else:
+                core.forget_waiter(channel, waiter)
+            raise
+        return item[0]  # type: ignore[no-any-return]
+
+    async def group_add(self, group: str, channel: str, *, ttl: float = 86400.0) -> None:
+        p.check_group_name(group)
+        p.check_channel_name(channel)
+        core = self.core
+        await self._request(p.GroupAdd(0, group, channel, ttl))
+        core.call(lambda: core._groups.__setitem__((group, channel), _deadline(ttl)))
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        p.check_group_name(group)
+        p.check_channel_name(channel)
+        core = self.core
+        core.call(lambda: core._groups.pop((group, channel), None))
+        await self._request(p.GroupDiscard(0, group, channel))
+
+    async def group_send(self, group: str, body: bytes, *, ttl: float = 60.0, capacity: int = 100) -> tuple[int, int]:
+        """Send to every member; full members are skipped. Returns
+        ``(delivered, skipped)``."""
+        p.check_group_name(group)
+        self._check_body(self.core, body)
+        sent, skipped = await self._request(p.GroupSend(0, group, ttl, capacity), body)
+        return sent, skipped
+
+    async def flush(self) -> None:
+        """Drop every queued message and group on the broker."""
+        self._depth.clear()
+        await self._request(p.Flush(0))
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._request(p.Stats(0))  # type: ignore[no-any-return]
+
+
+class SyncClient(_ClientBase):
+    """Blocking client for worker processes and threads."""
+
+    def __enter__(self) -> "SyncClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _request(self, msg: Any, body: Optional[bytes] = None, on_reply: Optional[Callable] = None) -> Any:
+        core = self.core
+        waiter = SyncWaiter()
+        core.request(msg, body, waiter, on_reply)
+        return waiter.wait(core, None)  # the core times requests out
+
+    def send(self, channel: str, body: bytes, *, ttl: float = 60.0, capacity: int = 100) -> None:
+        p.check_channel_name(channel)
+        core = self.core
+        self._check_body(core, body)
+        if self._pipelined(core, channel, capacity):
+            core.send_pipelined(p.Send(0, channel, ttl, capacity, False), body)
+            return
+        try:
+            self._request(p.Send(0, channel, ttl, capacity, True), body, self._record_depth(channel))
+        except BaseException:
+            self._forget_depth(channel)
+            raise
+
+    def receive(self, channel: str, timeout: Optional[float] = None) -> bytes:
+        """The next message of ``channel``; ``TimeoutError`` after ``timeout``
+        seconds (``None``: wait for ever). A timed-out receive loses nothing."""
+        p.check_channel_name(channel)
+        core = self.core
+        item, waiter = core.take(channel, lambda: SyncWaiter(channel))
+        if item is None:
+            assert waiter is not None
+            try:
+                item = waiter.wait(core, timeout)
+            except TimeoutError:
+                core.forget_waiter(channel, waiter)
+                raise
+        return item[0]  # type: ignore[no-any-return]
+
+    def group_add(self, group: str, channel: str, *, ttl: float = 86400.0) -> None:
+        p.check_group_name(group)
+        p.check_channel_name(channel)
+        core = self.core
+        self._request(p.GroupAdd(0, group, channel, ttl))
+        core.call(lambda: core._groups.__setitem__((group, channel), _deadline(ttl)))
+
+    def group_discard(self, group: str, channel: str) -> None:
+        p.check_group_name(group)
+        p.check_channel_name(channel)
+        core = self.core
+        core.call(lambda: core._groups.pop((group, channel), None))
+        self._request(p.GroupDiscard(0, group, channel))
+
+    def group_send(self, group: str, body: bytes, *, ttl: float = 60.0, capacity: int = 100) -> tuple[int, int]:
+        p.check_group_name(group)
+        self._check_body(self.core, body)
+        sent, skipped = self._request(p.GroupSend(0, group, ttl, capacity), body)
+        return sent, skipped
+
+    def flush(self) -> None:
+        self._depth.clear()
+        self._request(p.Flush(0))
+
+    def stats(self) -> dict[str, Any]:
+        return self._request(p.Stats(0))  # type: ignore[no-any-return]
+
+
+def _deadline(ttl: float) -> float:
+    import time
+
+    return time.monotonic() + ttl

@@ -1,0 +1,627 @@
+"""The client's protocol core: one I/O thread owns one DEALER socket.
+
+How it works. Callers on any thread or event loop never touch the socket.
+They hand the I/O thread a command (a deque and a wake-up pipe) and wait on
+a *waiter*: an asyncio future on their own loop (``AsyncWaiter``) or a
+blocking slot (``SyncWaiter``). The thread sends, reads every frame that is
+ready, resolves waiters (one ``call_soon_threadsafe`` per loop per batch)
+and keeps the clock: heartbeats, request timeouts, idle receive credit.
+
+Receiving uses credit (see docs/protocol.md): a receive grants the broker
+permission to deliver up to ``prefetch`` messages of that channel here.
+Deliveries wait in a small per-channel buffer until a receive takes them.
+A delivery is handed to a waiter on the waiter's own loop, which checks
+there whether the receive was cancelled: if so the message goes back to the
+front of the buffer for the next receive, never lost, never twice. When no
+receive has asked for a channel for ``idle_return`` seconds, the client
+withdraws its credit and hands unread messages back to the head of the
+broker's queue, so a process that stopped receiving strands nothing.
+
+Sending is pipelined while a channel is known to be far from full (see
+``Sender``): a sender far below capacity pays no round trip per message, and
+one near capacity waits for the broker's answer, so ``QueueFull`` is exact
+for a single sender.
+
+Restarts: every reply names the broker instance. A new instance (or a
+``Welcome``) means the broker restarted: the client says Hello again,
+grants credit again for channels with waiting receives, and replays the
+group memberships it added that have not expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from typing import Any, Callable, Optional
+
+import msgspec
+import zmq
+
+from .. import protocol as p
+from ..exceptions import BrokerError, BrokerUnavailable, ClientClosed, from_wire
+
+__all__ = ["Core", "AsyncWaiter", "SyncWaiter"]
+
+logger = logging.getLogger("django_message_broker.client")
+
+_CONNECT_PROBE = 0.5  # seconds to wait for a first answer before starting an embedded broker
+
+
+# -- waiters -------------------------------------------------------------------
+class AsyncWaiter:
+    """A result for a coroutine on ``loop``. ``resolve`` is called on the I/O
+    thread with the client lock held; the outcome is decided on the loop."""
+
+    __slots__ = ("loop", "future", "core", "channel")
+
+    def __init__(self, core: "Core", channel: Optional[str] = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future = self.loop.create_future()
+        self.core = core
+        self.channel = channel  # set for receives: where to put a message back
+
+    def alive(self) -> bool:
+        return not self.future.done()
+
+    def resolve(self, value: Any = None, error: Optional[BaseException] = None) -> None:
+        self.core._schedule(self.loop, self._settle, value, error)
+
+    def _settle(self, value: Any, error: Optional[BaseException]) -> None:
+        if self.future.done():  # cancelled meanwhile: nothing is lost
+            if error is None and self.channel is not None:
+                self.core._put_back(self.channel, value)
+            return
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(value)
+
+    def undeliverable(self, value: Any) -> None:
+        """The loop is gone (closed): put a message back."""
+        if self.channel is not None:
+            self.core._put_back(self.channel, value, locked=True)
+
+
+class SyncWaiter:
+    """A result for a blocked thread. Resolved under the client lock."""
+
+    __slots__ = ("event", "value", "error", "abandoned", "channel")
+
+    def __init__(self, channel: Optional[str] = None) -> None:
+        self.event = threading.Event()
+        self.value: Any = None
+        self.error: Optional[BaseException] = None
+        self.abandoned = False
+        self.channel = channel
+
+    def alive(self) -> bool:
+        return not self.abandoned and not self.event.is_set()
+
+    def resolve(self, value: Any = None, error: Optional[BaseException] = None) -> None:
+        self.value, self.error = value, error
+        self.event.set()
+
+    def wait(self, core: "Core", timeout: Optional[float]) -> Any:
+        if not self.event.wait(timeout):
+            with core._lock:
+                if not self.event.is_set():
+                    self.abandoned = True
+                    raise TimeoutError(f"no result within {timeout}s")
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+Waiter = Any  # AsyncWaiter | SyncWaiter
+
+
+class _Channel:
+    """Receive state of one channel in this process."""
+
+    __slots__ = ("name", "buffer", "waiters", "credit", "last_wanted", "withdrawing", "prefetch")
+
+    def __init__(self, name: str, prefetch: int) -> None:
+        self.name = name
+        self.buffer: deque[tuple[bytes, float]] = deque()  # (body, local deadline)
+        self.waiters: deque[Waiter] = deque()
+        self.credit = 0  # deliveries granted and not yet arrived
+        self.last_wanted = 0.0
+        self.withdrawing = False
+        self.prefetch = prefetch
+
+
+class _Request:
+    __slots__ = ("waiter", "deadline", "on_reply", "frames", "sent", "track")
+
+    def __init__(self, waiter: Optional[Waiter], deadline: float, on_reply: Optional[Callable], frames: list) -> None:
+        self.waiter = waiter
+        self.deadline = deadline
+        self.on_reply = on_reply
+        self.frames = frames
+        self.sent = False
+        self.track = True
+
+
+class Core:
+    """Owns the DEALER socket and all client state. Thread-safe entry points:
+    ``request``, ``post``, ``receive``, ``close``."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = 5.0,
+        heartbeat: float = 1.0,
+        prefetch: int = 8,
+        process_prefetch: int = 64,
+        idle_return: float = 1.0,
+        on_unreachable: Optional[Callable[[str], None]] = None,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.heartbeat = heartbeat
+        self.prefetch = max(1, prefetch)
+        self.process_prefetch = max(1, process_prefetch)
+        self.idle_return = idle_return
+        self.on_unreachable = on_unreachable
+        self.client_id = uuid.uuid4().hex
+        self.max_body = 1 << 20
+        self.instance: Optional[str] = None
+        self.connected = False
+        self.closed = False
+
+        self._lock = threading.RLock()
+        self._commands: deque[Callable[[], None]] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._wake_pending = False
+        self._reqs = itertools.count(1)
+        self._requests: dict[int, _Request] = {}
+        self._backlog: deque[int] = deque()  # requests not yet on the wire (no connection)
+        self._channels: dict[str, _Channel] = {}
+        self._groups: dict[tuple[str, str], float] = {}  # memberships to replay -> local deadline
+        self._calls: dict[Any, list] = {}  # loop -> [(fn, args)] to run there this batch
+        self._last_heard = 0.0
+        self._last_hello = 0.0
+        self._heartbeat_req = 0
+        self._unreachable_reported = False
+        self._ready = threading.Event()
+        self._context = zmq.Context()
+        self._socket = self._new_socket()
+        self._thread = threading.Thread(target=self._run, name=f"dmb-client-{self.client_id[:8]}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ setup
+    def _new_socket(self) -> zmq.Socket:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.client_id.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue on a connection that is not up
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        sock.connect(self.address)
+        return sock
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    # ------------------------------------------------------- cross-thread API
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the I/O thread (soon, in order)."""
+        if self.closed:
+            raise ClientClosed("the client is closed")
+        self._commands.append(fn)
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+
+    def request(self, msg: Any, body: Optional[bytes], waiter: Optional[Waiter], on_reply: Optional[Callable] = None) -> None:
+        """Send a request; its reply resolves ``waiter`` (``on_reply(value)``
+        may transform the value, or raise). The I/O thread numbers it."""
+        self.call(lambda: self._start_request(msg, body, waiter, on_reply))
+
+    def send_pipelined(self, msg: Any, body: bytes) -> None:
+        """Send a request that is answered only if the broker refuses it."""
+        self.call(lambda: self._start_request(msg, body, None, None, track=False))
+
+    def post(self, msg: Any, body: Optional[bytes] = None) -> None:
+        """Send a message that expects no reply."""
+        self.call(lambda: self._send_frames(self._frames(msg, body)))
+
+    # ---------------------------------------------------------------- receive
+    def _state(self, channel: str) -> _Channel:
+        state = self._channels.get(channel)
+        if state is None:
+            prefetch = self.process_prefetch if "!" in channel else self.prefetch
+            state = self._channels[channel] = _Channel(channel, prefetch)
+        return state
+
+    def take(self, channel: str, make_waiter: Callable[[], Waiter]) -> tuple[Optional[tuple[bytes, float]], Optional[Waiter]]:
+        """The next message of ``channel`` if one is here, else a new waiter
+        (from ``make_waiter``) that the next delivery resolves with
+        ``(body, deadline)``. Grants the broker credit as needed."""
+        now = time.monotonic()
+        item = waiter = None
+        with self._lock:
+            state = self._state(channel)
+            state.last_wanted = now
+            while state.buffer and not state.waiters:
+                candidate = state.buffer.popleft()
+                if candidate[1] > now:
+                    item = candidate
+                    break
+            else:
+                waiter = make_waiter()
+                state.waiters.append(waiter)
+            want = state.prefetch - state.credit - len(state.buffer)
+            if want > 0 and not state.withdrawing and self.connected:
+                state.credit += want
+                self.post(p.Subscribe(0, channel, want))
+            elif waiter is not None and not self.connected:
+                self.call(_nothing)  # wake the I/O thread: it grants credit once connected
+        return item, waiter
+
+    def _put_back(self, channel: str, item: tuple[bytes, float], locked: bool = False) -> None:
+        """A delivery whose receive was cancelled: first in line again."""
+        with self._lock:
+            state = self._state(channel)
+            state.buffer.appendleft(item)
+            self._feed(state)
+            if not locked:
+                self._flush_calls_if_not_io()
+
+    def _feed(self, state: _Channel) -> None:
+        """Hand buffered messages to live waiters (lock held)."""
+        now = time.monotonic()
+        while state.buffer and state.waiters:
+            waiter = state.waiters[0]
+            if not waiter.alive():
+                state.waiters.popleft()
+                continue
+            item = state.buffer.popleft()
+            if item[1] <= now:
+                continue
+            state.waiters.popleft()
+            waiter.resolve(item)
+
+    def forget_waiter(self, channel: str, waiter: Waiter) -> None:
+        with self._lock:
+            state = self._channels.get(channel)
+            if state is not None:
+                try:
+                    state.waiters.remove(waiter)
+                except ValueError:
+                    pass
+
+    # ----------------------------------------------------------------- close
+    def close(self, timeout: float = 2.0) -> None:
+        """Send what is queued, say goodbye, stop the thread. Idempotent."""
+        if self.closed:
+            return
+        done = threading.Event()
+
+        def finish() -> None:
+            self._send_frames(self._frames(p.Bye()))
+            done.set()
+            raise _Stop
+
+        self.call(finish)
+        self.closed = True
+        if threading.current_thread() is not self._thread:
+            done.wait(timeout)
+            self._thread.join(timeout)
+
+    # ============================================================ I/O thread
+    def _schedule(self, loop: Any, fn: Callable, *args: Any) -> None:
+        self._calls.setdefault(loop, []).append((fn, args))
+
+    def _flush_calls_if_not_io(self) -> None:
+        if threading.current_thread() is not self._thread:
+            with self._lock:
+                self._flush_calls()
+
+    def _flush_calls(self) -> None:
+        calls, self._calls = self._calls, {}
+        for loop, batch in calls.items():
+            try:
+                loop.call_soon_threadsafe(_run_batch, batch)
+            except RuntimeError:  # the loop is closed: its waiters are gone
+                for fn, args in batch:
+                    waiter = getattr(fn, "__self__", None)
+                    if isinstance(waiter, AsyncWaiter) and args[1] is None:
+                        waiter.undeliverable(args[0])
+
+    def _frames(self, msg: Any, body: Optional[bytes] = None) -> list:
+        header = p.encode(msg)
+        return [header] if body is None else [header, body]
+
+    def _send_frames(self, frames: list) -> bool:
+        try:
+            self._socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) < 2 or len(frames[1]) < 65536)
+            return True
+        except zmq.Again:
+            return False
+
+    def _start_request(
+        self,
+        msg: Any,
+        body: Optional[bytes],
+        waiter: Optional[Waiter],
+        on_reply: Optional[Callable],
+        track: bool = True,
+        first: bool = False,
+    ) -> int:
+        """Number and send a request. Untracked requests (pipelined sends)
+        are remembered only while they wait for a connection; the broker
+        answers them only to refuse, which is logged."""
+        req = next(self._reqs)
+        frames = self._frames(msgspec.structs.replace(msg, req=req), body)
+        if not self._backlog and self._send_frames(frames):
+            if track:
+                self._requests[req] = _Request(waiter, time.monotonic() + self.timeout, on_reply, [])
+                self._requests[req].sent = True
+            return req
+        self._requests[req] = _Request(waiter, time.monotonic() + self.timeout, on_reply, frames)
+        self._requests[req].track = track
+        self._backlog.appendleft(req) if first else self._backlog.append(req)
+        return req
+
+    def _drain_backlog(self) -> None:
+        while self._backlog:
+            req = self._backlog[0]
+            request = self._requests.get(req)
+            if request is None or request.sent:
+                self._backlog.popleft()
+                continue
+            if not self._send_frames(request.frames):
+                return
+            request.sent = True
+            request.frames = []
+            self._backlog.popleft()
+            if not request.track:
+                del self._requests[req]
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        self._hello()
+        try:
+            while True:
+                timeout_ms = 20 if (self._backlog or not self.connected) else max(1, int(self.heartbeat * 250))
+                events = dict(poller.poll(timeout_ms))
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 65536)
+                    except BlockingIOError:
+                        pass
+                self._wake_pending = False
+                while self._commands:
+                    self._commands.popleft()()
+                self._read_all()
+                self._tick(time.monotonic())
+                if self._calls:
+                    with self._lock:
+                        self._flush_calls()
+        except _Stop:
+            pass
+        except Exception:  # pragma: no cover - a bug: fail every caller loudly
+            logger.exception("client I/O thread failed")
+        finally:
+            self.closed = True
+            self._fail_all(ClientClosed("the client is closed"))
+            with self._lock:
+                self._flush_calls()
+            self._socket.close(0)
+            self._context.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _fail_all(self, error: BrokerError) -> None:
+        requests, self._requests = self._requests, {}
+        self._backlog.clear()
+        with self._lock:
+            for request in requests.values():
+                if request.waiter is not None:
+                    request.waiter.resolve(None, error)
+            for state in self._channels.values():
+                while state.waiters:
+                    state.waiters.popleft().resolve(None, error)
+
+    def _read_all(self) -> None:
+        sock = self._socket
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._last_heard = time.monotonic()
+            try:
+                msg = p.decode_to_client(frames[0])
+            except BrokerError as exc:
+                logger.warning("bad message from broker: %s", exc)
+                continue
+            match msg:
+                case p.Deliver(channel, ttl):
+                    self._on_deliver(channel, frames[1] if len(frames) > 1 else b"", ttl)
+                case p.Reply(req, code, detail, value):
+                    self._on_reply(req, code, detail, value)
+                case p.Welcome(instance, max_body):
+                    self.max_body = max_body
+                    if instance != self.instance:
+                        logger.info("broker %s is new to this client: restoring state", instance)
+                        self._hello()
+
+    def _on_deliver(self, channel: str, body: bytes, ttl: float) -> None:
+        with self._lock:
+            state = self._state(channel)
+            state.credit = max(0, state.credit - 1)
+            state.buffer.append((body, time.monotonic() + ttl))
+            self._feed(state)
+
+    def _on_reply(self, req: int, code: int, detail: str, value: Any) -> None:
+        request = self._requests.pop(req, None)
+        if request is None:
+            if code:
+                logger.error("broker refused a message: %s", detail)
+            return
+        if code:
+            error: Optional[BaseException] = from_wire(code, detail, value)
+            result = None
+        else:
+            error = None
+            result = value
+            if request.on_reply is not None:
+                try:
+                    result = request.on_reply(value)
+                except BaseException as exc:  # noqa: BLE001 - reported to the caller
+                    error = exc
+        if request.waiter is not None:
+            with self._lock:
+                request.waiter.resolve(result, error)
+        elif error is not None:
+            logger.error("broker refused a pipelined message: %s", error)
+
+    # -------------------------------------------------------------- the clock
+    def _hello(self) -> None:
+        self._last_hello = time.monotonic()
+
+        def welcomed(value: Any) -> None:
+            instance, max_body = value
+            restarted = self.instance is not None and instance != self.instance
+            self.instance, self.max_body = instance, max_body
+            self._on_connected(restarted)
+
+        self._start_request(p.Hello(0, self.client_id, self.heartbeat), None, None, welcomed, first=True)
+
+    def _on_connected(self, restarted: bool) -> None:
+        self.connected = True
+        self._unreachable_reported = False
+        now = time.monotonic()
+        with self._lock:
+            for state in self._channels.values():
+                state.credit = 0
+                state.withdrawing = False
+                if state.waiters:
+                    want = state.prefetch - len(state.buffer)
+                    if want > 0:
+                        state.credit = want
+                        self._send_frames(self._frames(p.Subscribe(0, state.name, want), None))
+        for (group, channel), deadline in list(self._groups.items()):
+            if deadline <= now:
+                del self._groups[(group, channel)]
+            elif restarted:
+                self._start_request(p.GroupAdd(0, group, channel, deadline - now), None, None, None)
+        self._ready.set()
+
+    def _tick(self, now: float) -> None:
+        if self._backlog:
+            self._drain_backlog()
+        # request timeouts
+        expired = [req for req, r in self._requests.items() if r.deadline <= now]
+        for req in expired:
+            request = self._requests.pop(req)
+            if not request.track:
+                logger.error("a message was dropped: no broker answered at %s within %gs", self.address, self.timeout)
+            if request.waiter is not None:
+                with self._lock:
+                    request.waiter.resolve(None, BrokerUnavailable(self.address, self.timeout))
+        # liveness
+        silent = now - self._last_heard
+        if self.connected and silent > self.heartbeat * 3:
+            logger.warning("broker at %s silent for %.1fs: reconnecting", self.address, silent)
+            self.connected = False
+            self._ready.clear()
+        if not self.connected:
+            if now - self._last_hello > max(self.heartbeat, _CONNECT_PROBE):
+                self._reconnect()
+        elif silent > self.heartbeat and self._heartbeat_req not in self._requests:
+            self._heartbeat_req = self._start_request(p.Heartbeat(0), None, None, self._check_instance)
+        self._return_idle(now)
+
+    def _check_instance(self, instance: Any) -> None:
+        if instance != self.instance:
+            logger.info("broker instance changed (%s): restoring state", instance)
+            self._hello()
+
+    def _reconnect(self) -> None:
+        if self.on_unreachable is not None and not self._unreachable_reported:
+            self._unreachable_reported = True
+            threading.Thread(target=self.on_unreachable, args=(self.address,), daemon=True).start()
+        # Old requests keep their deadlines; unsent ones stay in the backlog.
+        stale = [req for req, r in self._requests.items() if r.waiter is None and r.on_reply is not None]
+        for req in stale:  # hellos and heartbeats to a dead peer
+            self._requests.pop(req)
+        self._hello()
+
+    def _return_idle(self, now: float) -> None:
+        """Withdraw credit from channels nobody receives from, and hand their
+        unread messages back to the broker."""
+        idle = []
+        with self._lock:
+            for state in self._channels.values():
+                if state.waiters or state.withdrawing:
+                    continue
+                if now - state.last_wanted < self.idle_return:
+                    continue
+                if state.credit or state.buffer:
+                    idle.append(state)
+                elif not state.buffer:
+                    state.last_wanted = now  # nothing to do; look again later
+        for state in idle:
+            state.withdrawing = True
+
+            def withdrawn(_left: Any, state: _Channel = state) -> None:
+                self._finish_withdraw(state)
+
+            self._start_request(p.Unsubscribe(0, state.name), None, None, withdrawn)
+        with self._lock:
+            for name in [n for n, s in self._channels.items() if not (s.waiters or s.buffer or s.credit or s.withdrawing)]:
+                if now - self._channels[name].last_wanted >= self.idle_return:
+                    del self._channels[name]
+
+    def _finish_withdraw(self, state: _Channel) -> None:
+        # Every delivery the broker sent before our Unsubscribe has arrived
+        # (one pipe, in order), so the buffer is complete.
+        now = time.monotonic()
+        with self._lock:
+            state.withdrawing = False
+            state.credit = 0
+            if state.waiters:  # a receive came in meanwhile: keep serving it
+                self._feed(state)
+                want = state.prefetch - len(state.buffer)
+                if want > 0:
+                    state.credit = want
+                    self._send_frames(self._frames(p.Subscribe(0, state.name, want), None))
+                return
+            returned = list(state.buffer)
+            state.buffer.clear()
+        for body, deadline in reversed(returned):  # pushed to the front: newest first
+            if deadline > now:
+                self._send_frames(self._frames(p.Return(state.name, deadline - now), body))
+
+
+class _Stop(Exception):
+    pass
+
+
+def _nothing() -> None:
+    pass
+
+
+def _run_batch(batch: list) -> None:
+    for fn, args in batch:
+        fn(*args)
+
+

@@ -1,0 +1,119 @@
+"""The embedded default: one broker per host, started on first use.
+
+``ensure_broker(address)`` returns at once if a broker answers there.
+Otherwise it takes an OS file lock named after the address (so that of many
+processes starting at once exactly one starts a broker), probes again, and
+starts ``python -m django_message_broker serve`` as a detached process (its
+own session: it outlives the process that started it). The broker exits by
+itself after ``idle_timeout`` seconds with no clients and nothing queued.
+Binding the address is the second guard: a broker that loses a race to
+bind exits at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import zmq
+
+from . import protocol as p
+
+__all__ = ["ensure_broker", "probe", "is_local_address"]
+
+logger = logging.getLogger("django_message_broker.embedded")
+
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
+
+
+def is_local_address(address: str) -> bool:
+    """True for addresses only this host can serve: ipc://, inproc://, loopback TCP."""
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    if address.startswith("tcp://"):
+        host = address[len("tcp://") :].rsplit(":", 1)[0]
+        return host in _LOCAL_HOSTS or host.startswith("127.")
+    return False
+
+
+def probe(address: str, timeout: float = 0.3) -> bool:
+    """True if a broker answers a Hello at ``address`` within ``timeout``."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, b"probe-" + uuid.uuid4().hex.encode())
+    try:
+        sock.connect(address)
+        sock.send_multipart([p.encode(p.Hello(1, "probe", 1.0))])
+        if not sock.poll(int(timeout * 1000)):
+            return False
+        try:
+            reply = p.decode_to_client(sock.recv_multipart()[0])
+        except p.ProtocolError:
+            return False
+        sock.send_multipart([p.encode(p.Bye())])
+        return isinstance(reply, p.Reply) and reply.code == 0
+    except zmq.ZMQError:
+        return False
+    finally:
+        sock.close(0)
+
+
+def _paths(address: str) -> tuple[str, str]:
+    digest = hashlib.sha1(address.encode()).hexdigest()[:16]
+    base = os.path.join(tempfile.gettempdir(), f"django-message-broker-{digest}")
+    return base + ".lock", base + ".log"
+
+
+@contextmanager
+def _host_lock(path: str) -> Iterator[None]:
+    with open(path, "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: binding is the only guard
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_broker(address: str, *, idle_timeout: Optional[float] = 60.0, timeout: float = 10.0) -> bool:
+    """Make a broker available at ``address``. Returns True if this call
+    started it. Raises ``RuntimeError`` if it cannot."""
+    if probe(address):
+        return False
+    if not is_local_address(address):
+        raise RuntimeError(f"no broker answers at {address}, and an embedded broker is only started for local addresses")
+    lock_path, log_path = _paths(address)
+    with _host_lock(lock_path):
+        if probe(address):
+            return False
+        command = [sys.executable, "-m", "django_message_broker", "serve", "--bind", address]
+        if idle_timeout is not None:
+            command += ["--idle-timeout", str(idle_timeout)]
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True,
+            )
+        logger.info("started an embedded broker (pid %d) on %s; log: %s", process.pid, address, log_path)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if probe(address, 0.2):
+                return True
+            if process.poll() is not None:
+                if probe(address):  # lost a race to another host-level starter
+                    return False
+                raise RuntimeError(f"the embedded broker exited with status {process.returncode}; see {log_path}")
+        raise RuntimeError(f"the embedded broker did not answer within {timeout}s; see {log_path}")

@@ -1,0 +1,131 @@
+"""The exception family.
+
+One root, ``BrokerError``. Errors the broker raises while serving a request
+travel back over the wire as ``(code, detail, fields)`` and are raised in the
+client as the same class with the same fields (see ``from_wire``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "BrokerError",
+    "BrokerUnavailable",
+    "ClientClosed",
+    "InvalidName",
+    "MessageTooLarge",
+    "ProtocolError",
+    "QueueFull",
+    "SubscriptionError",
+    "from_wire",
+]
+
+
+class BrokerError(Exception):
+    """Root of every error this package raises on purpose."""
+
+    #: Wire code; 0 is "ok", so every error has a non-zero code.
+    code: ClassVar[int] = 99
+
+    def fields(self) -> dict[str, Any]:
+        """The data that travels with the error (constructor keywords)."""
+        return {}
+
+
+class ProtocolError(BrokerError):
+    """A peer sent something that breaks the protocol (malformed frame,
+    unknown command, wrong version). The connection stays usable."""
+
+    code = 5
+
+
+class QueueFull(BrokerError):
+    """The channel already holds ``capacity`` messages."""
+
+    code = 1
+
+    def __init__(self, channel: str = "", capacity: int = 0) -> None:
+        super().__init__(f"channel {channel!r} is full (capacity {capacity})")
+        self.channel = channel
+        self.capacity = capacity
+
+    def fields(self) -> dict[str, Any]:
+        return {"channel": self.channel, "capacity": self.capacity}
+
+
+class MessageTooLarge(BrokerError):
+    """A message body is larger than the broker accepts."""
+
+    code = 2
+
+    def __init__(self, size: int = 0, limit: int = 0) -> None:
+        super().__init__(f"message of {size} bytes is over the {limit} byte limit")
+        self.size = size
+        self.limit = limit
+
+    def fields(self) -> dict[str, Any]:
+        return {"size": self.size, "limit": self.limit}
+
+
+class InvalidName(BrokerError, TypeError):
+    """A channel or group name is not valid. Also a ``TypeError``, which is
+    what Channels raises for bad names."""
+
+    code = 3
+
+    def __init__(self, name: Any = "", reason: str = "invalid name") -> None:
+        super().__init__(f"{reason}: {name!r}")
+        self.name = name
+        self.reason = reason
+
+    def fields(self) -> dict[str, Any]:
+        return {"name": self.name if isinstance(self.name, str) else repr(self.name), "reason": self.reason}
+
+
+class SubscriptionError(BrokerError):
+    """A subscription was refused: a process channel (name containing ``!``)
+    already has another endpoint, or an unknown endpoint was discarded."""
+
+    code = 4
+
+
+class BrokerUnavailable(BrokerError, TimeoutError):
+    """No broker answered within the timeout."""
+
+    code = 6
+
+    def __init__(self, address: str = "", timeout: float = 0.0) -> None:
+        super().__init__(f"no broker answered at {address} within {timeout:g}s")
+        self.address = address
+        self.timeout = timeout
+
+    def fields(self) -> dict[str, Any]:
+        return {"address": self.address, "timeout": self.timeout}
+
+
+class ClientClosed(BrokerError):
+    """The client was closed while the call was pending, or before it."""
+
+    code = 7
+
+
+_BY_CODE: dict[int, type[BrokerError]] = {
+    cls.code: cls
+    for cls in (ProtocolError, QueueFull, MessageTooLarge, InvalidName, SubscriptionError, BrokerUnavailable, ClientClosed)
+}
+
+
+def from_wire(code: int, detail: str, fields: Any) -> BrokerError:
+    """Rebuild the exception a peer reported."""
+    cls = _BY_CODE.get(code, BrokerError)
+    if isinstance(fields, dict) and fields:
+        try:
+            return cls(**fields)
+        except TypeError:
+            pass
+    err = cls.__new__(cls)
+    Exception.__init__(err, detail)
+    for key, value in (fields or {}).items() if isinstance(fields, dict) else ():
+        setattr(err, key, value)
+    return err

@@ -1,0 +1,215 @@
+"""The wire protocol, as data. Pure: no I/O, no asyncio, no zmq.
+
+A message on the wire is one or two ZeroMQ frames::
+
+    [header]            or      [header, body]
+
+``header`` is one version byte (``VERSION``) followed by a msgpack array
+whose first element is the command tag (a closed union of the structs
+below, encoded by msgspec). ``body`` is opaque bytes: the broker never
+decodes it, and forwards the very frame that arrived (one buffer shared by
+every recipient of a group fan-out). The ROUTER side sees the sender's
+routing id as an extra first frame. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Union
+
+import msgspec
+
+from .exceptions import BrokerError, InvalidName, ProtocolError
+
+__all__ = [
+    "VERSION",
+    "Command",
+    "Reply",
+    "Deliver",
+    "encode",
+    "decode",
+    "check_channel_name",
+    "check_group_name",
+    "MAX_NAME_LENGTH",
+]
+
+VERSION = 1
+_VERSION_BYTE = bytes([VERSION])
+
+#: Channels' own limit: names are ``str`` with ``len(name) < 100``.
+MAX_NAME_LENGTH = 100
+
+
+class _Msg(msgspec.Struct, array_like=True, frozen=True, tag_field="t"):
+    pass
+
+
+# --- client -> broker -------------------------------------------------------
+class Hello(_Msg, tag=1):
+    """First message of a connection (and of every reconnection)."""
+
+    req: int
+    client_id: str
+    heartbeat: float  # seconds between the client's heartbeats
+
+
+class Send(_Msg, tag=2):
+    """Queue the body frame on ``channel``. ``checked``: refuse at
+    ``capacity`` and always reply; unchecked (pipelined) sends are refused
+    only at twice the capacity and are answered only on error."""
+
+    req: int
+    channel: str
+    ttl: float
+    capacity: int
+    checked: bool = True
+
+
+class GroupSend(_Msg, tag=3):
+    req: int
+    group: str
+    ttl: float
+    capacity: int
+
+
+class GroupAdd(_Msg, tag=4):
+    req: int
+    group: str
+    channel: str
+    ttl: float
+
+
+class GroupDiscard(_Msg, tag=5):
+    req: int
+    group: str
+    channel: str
+
+
+class Subscribe(_Msg, tag=6):
+    """Grant ``credit`` more deliveries of ``channel`` to this client."""
+
+    req: int
+    channel: str
+    credit: int
+
+
+class Unsubscribe(_Msg, tag=7):
+    """Withdraw all credit for ``channel``."""
+
+    req: int
+    channel: str
+
+
+class Return(_Msg, tag=8):
+    """Hand a delivered, unconsumed message (body frame) back to the head of
+    ``channel``'s queue."""
+
+    channel: str
+    ttl: float
+
+
+class Flush(_Msg, tag=9):
+    req: int
+
+
+class Heartbeat(_Msg, tag=10):
+    req: int
+
+
+class Stats(_Msg, tag=11):
+    req: int
+
+
+class Bye(_Msg, tag=12):
+    """The client is closing: drop its endpoints now."""
+
+
+# --- broker -> client -------------------------------------------------------
+class Deliver(_Msg, tag=20):
+    """A message of ``channel`` (body frame follows); ``ttl``: seconds left."""
+
+    channel: str
+    ttl: float
+
+
+class Reply(_Msg, tag=21):
+    """Answer to request ``req``. ``code`` 0 is success, anything else is
+    the ``BrokerError`` subclass with that code, rebuilt from ``value``."""
+
+    req: int
+    code: int = 0
+    detail: str = ""
+    value: Any = None
+
+
+class Welcome(_Msg, tag=22):
+    """Sent to a peer the broker does not know (it restarted, or the peer
+    skipped Hello): the client says Hello again and restores its state."""
+
+    instance: str
+    max_body: int
+
+
+Command = Union[Hello, Send, GroupSend, GroupAdd, GroupDiscard, Subscribe, Unsubscribe, Return, Flush, Heartbeat, Stats, Bye]
+ToClient = Union[Deliver, Reply, Welcome]
+
+_encoder = msgspec.msgpack.Encoder()
+_command_decoder = msgspec.msgpack.Decoder(Command)
+_to_client_decoder = msgspec.msgpack.Decoder(ToClient)
+
+
+def encode(msg: _Msg) -> bytes:
+    """Encode one header (version byte + msgpack)."""
+    return _VERSION_BYTE + _encoder.encode(msg)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, header: Any) -> Any:
+    view = memoryview(header)
+    if len(view) < 2:
+        raise ProtocolError("truncated header")
+    if view[0] != VERSION:
+        raise ProtocolError(f"unsupported protocol version {view[0]} (this side speaks {VERSION})")
+    try:
+        return decoder.decode(view[1:])
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise ProtocolError(f"malformed header: {exc}") from None
+
+
+def decode_command(header: Any) -> Command:
+    """Decode a client's header; raises ``ProtocolError``."""
+    return _decode(_command_decoder, header)  # type: ignore[no-any-return]
+
+
+def decode_to_client(header: Any) -> Deliver | Reply | Welcome:
+    """Decode a broker's header; raises ``ProtocolError``."""
+    return _decode(_to_client_decoder, header)  # type: ignore[no-any-return]
+
+
+decode = decode_command
+
+
+def error_reply(req: int, exc: BrokerError) -> Reply:
+    return Reply(req, exc.code, str(exc), exc.fields())
+
+
+# Channels' patterns, matched whole (``fullmatch``: no trailing newline slips by).
+_CHANNEL_RE = re.compile(r"[a-zA-Z\d\-_.]+(\![\d\w\-_.]*)?")
+_GROUP_RE = re.compile(r"[a-zA-Z\d\-_.]+")
+
+
+def check_channel_name(name: Any) -> str:
+    """Channels' rules for a channel name; raises ``InvalidName``."""
+    if not isinstance(name, str) or len(name) >= MAX_NAME_LENGTH or not _CHANNEL_RE.fullmatch(name):
+        raise InvalidName(name, "invalid channel name")
+    return name
+
+
+def check_group_name(name: Any) -> str:
+    """Channels' rules for a group name; raises ``InvalidName``."""
+    if not isinstance(name, str) or len(name) >= MAX_NAME_LENGTH or not _GROUP_RE.fullmatch(name):
+        raise InvalidName(name, "invalid group name")
+    return name
+
+
+def is_process_channel(name: str) -> bool:
+    return "!" in name

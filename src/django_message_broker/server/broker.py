@@ -1,0 +1,288 @@
+"""The broker's routing core: one command in, replies and deliveries out.
+
+How it works. ``Broker.handle`` takes the frames of one message from the
+ROUTER socket (routing id, header, optional body), decodes the header, and
+acts on it in one ``match``. Queues are ``ChannelQueue``s keyed by channel
+name; an endpoint is a (client, channel) pair whose credit comes from the
+client's receives (``Subscribe``). Every reply and delivery goes out on the
+ROUTER socket without blocking (``ROUTER_MANDATORY`` makes an unroutable or
+busy peer an error instead of a silent drop). Time is given as ``now``; the
+shell (``server.py``) owns the socket's read loop and calls ``sweep`` about
+once a second. No asyncio here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import zmq
+
+from .. import protocol as p
+from ..exceptions import BrokerError, MessageTooLarge, ProtocolError, QueueFull, SubscriptionError
+from .data_message import DataMessage
+from .groups import Groups
+from .server_queue import ChannelQueue, Endpoint
+
+__all__ = ["Broker", "DEFAULT_MAX_BODY"]
+
+logger = logging.getLogger("django_message_broker.server")
+
+DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
+#: Unchecked (pipelined) sends are refused only past this multiple of capacity.
+PIPELINE_SLACK = 2
+
+
+@dataclass(eq=False)
+class ClientState:
+    ident: bytes
+    client_id: str = ""
+    heartbeat: float = 1.0
+    last_seen: float = 0.0
+    #: channel name -> this client's endpoint in that channel's queue
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+
+
+class Broker:
+    def __init__(
+        self,
+        socket: Any,
+        *,
+        clock: Callable[[], float],
+        max_body: int = DEFAULT_MAX_BODY,
+        max_queue_length: Optional[int] = None,
+        missed_heartbeats: int = 3,
+    ) -> None:
+        self.socket = socket
+        self.clock = clock
+        self.max_body = max_body
+        self.max_queue_length = max_queue_length
+        self.missed_heartbeats = missed_heartbeats
+        self.instance = os.urandom(8).hex()
+        self.queues: dict[str, ChannelQueue] = {}
+        self.groups = Groups()
+        self.clients: dict[bytes, ClientState] = {}
+        self.stalled: set[ChannelQueue] = set()
+        self.counters = {"received": 0, "delivered": 0, "refused_full": 0, "errors": 0, "expired": 0}
+
+    # -- helpers ------------------------------------------------------------
+    def _reply(self, ident: bytes, reply: Any) -> None:
+        try:
+            self.socket.send_multipart([ident, p.encode(reply)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # peer gone or its pipe full: a reply cannot wait
+            logger.debug("reply to %r dropped: %s", ident, exc)
+
+    def _error(self, ident: bytes, req: int, exc: BrokerError) -> None:
+        self.counters["errors"] += 1
+        self._reply(ident, p.error_reply(req, exc))
+
+    def _queue(self, name: str) -> ChannelQueue:
+        queue = self.queues.get(name)
+        if queue is None:
+            p.check_channel_name(name)
+            queue = ChannelQueue(name.encode(), self.max_queue_length)
+            queue.clock = self.clock  # type: ignore[method-assign]
+            self.queues[name] = queue
+        return queue
+
+    def _deliver(self, queue: ChannelQueue) -> None:
+        self.counters["delivered"] += queue.deliver()
+        if queue.stalled:
+            self.stalled.add(queue)
+
+    def _push(self, queue: ChannelQueue, body: Any, ttl: float, limit: int) -> bool:
+        """Queue ``body`` unless the queue holds ``limit`` messages."""
+        if len(queue.queue) >= limit:
+            queue._flush_messages()
+            if len(queue.queue) >= limit:
+                self.counters["refused_full"] += 1
+                return False
+        queue.push(DataMessage(body), ttl)
+        self._deliver(queue)
+        return True
+
+    def _check_body(self, body: Any) -> None:
+        if body is None:
+            raise ProtocolError("this command needs a body frame")
+        size = len(body)
+        if size > self.max_body:
+            raise MessageTooLarge(size, self.max_body)
+
+    # -- the one entry point ---------------------------------------------------
+    def handle(self, frames: list, now: float) -> None:
+        """Act on one message from the ROUTER socket: ``[ident, header, body?]``."""
+        self.counters["received"] += 1
+        if len(frames) < 2:
+            if frames:
+                self._error(bytes(frames[0]), 0, ProtocolError("empty message"))
+            return
+        ident = bytes(frames[0])
+        if len(frames) > 3:
+            self._error(ident, 0, ProtocolError(f"{len(frames) - 1} frames; a message has one or two"))
+            return
+        body = frames[2] if len(frames) == 3 else None
+        try:
+            cmd = p.decode_command(frames[1])
+        except ProtocolError as exc:
+            logger.warning("bad message from %r: %s", ident, exc)
+            self._error(ident, 0, exc)
+            return
+        client = self.clients.get(ident)
+        if client is None:
+            client = self.clients[ident] = ClientState(ident, last_seen=now)
+            if not isinstance(cmd, p.Hello):
+                self._reply(ident, p.Welcome(self.instance, self.max_body))
+        client.last_seen = now
+        req = getattr(cmd, "req", 0)
+        try:
+            self._dispatch(client, cmd, body, now)
+        except BrokerError as exc:
+            self._error(ident, req, exc)
+        except Exception as exc:  # a bug must not take the broker down
+            logger.exception("error handling %r from %r", type(cmd).__name__, ident)
+            self._error(ident, req, BrokerError(f"internal error: {exc}"))
+
+    def _dispatch(self, client: ClientState, cmd: Any, body: Any, now: float) -> None:
+        ident = client.ident
+        match cmd:
+            case p.Send(req, channel, ttl, capacity, checked):
+                self._check_body(body)
+                queue = self._queue(channel)
+                limit = capacity if checked else capacity * PIPELINE_SLACK
+                if not self._push(queue, body, ttl, limit):
+                    raise QueueFull(channel, capacity)
+                if checked:
+                    self._reply(ident, p.Reply(req, 0, "", len(queue.queue)))
+            case p.Subscribe(req, channel, credit):
+                endpoint = client.endpoints.get(channel)
+                queue = self._queue(channel)
+                if endpoint is None:
+                    endpoint = Endpoint(
+                        self.socket, [ident], channel.encode(), queue.is_process_channel, time_to_live=None
+                    )
+                endpoint = queue.grant(endpoint, credit)
+                client.endpoints[channel] = endpoint
+                self._deliver(queue)
+            case p.Unsubscribe(req, channel):
+                endpoint = client.endpoints.pop(channel, None)
+                left = 0
+                queue = self.queues.get(channel)
+                if endpoint is not None and queue is not None and endpoint.id in queue.subscribers:
+                    left = endpoint.credit or 0
+                    queue.discard(endpoint)
+                    self._forget_if_empty(queue)
+                self._reply(ident, p.Reply(req, 0, "", left))
+            case p.Return(channel, ttl):
+                self._check_body(body)
+                queue = self._queue(channel)
+                message = DataMessage(body, now + ttl if ttl > 0 else now)
+                if message.deadline > now:
+                    queue.push_front(message)
+                    self._deliver(queue)
+            case p.GroupSend(req, group, ttl, capacity):
+                self._check_body(body)
+                p.check_group_name(group)
+                sent = skipped = 0
+                for channel in self.groups.members(group, now):
+                    if self._push(self._queue(channel), body, ttl, capacity):
+                        sent += 1
+                    else:
+                        skipped += 1
+                if skipped:
+                    logger.info("group_send to %r: %d of %d channels over capacity", group, skipped, sent + skipped)
+                self._reply(ident, p.Reply(req, 0, "", [sent, skipped]))
+            case p.GroupAdd(req, group, channel, ttl):
+                p.check_group_name(group)
+                p.check_channel_name(channel)
+                self.groups.add(group, channel, ttl, now)
+                self._reply(ident, p.Reply(req))
+            case p.GroupDiscard(req, group, channel):
+                p.check_group_name(group)
+                p.check_channel_name(channel)
+                self.groups.discard(group, channel)
+                self._reply(ident, p.Reply(req))
+            case p.Hello(req, client_id, heartbeat):
+                self._drop_endpoints(client)  # a (re)connecting client replays its state
+                client.client_id = client_id
+                client.heartbeat = max(0.05, heartbeat)
+                self._reply(ident, p.Reply(req, 0, "", [self.instance, self.max_body]))
+            case p.Heartbeat(req):
+                self._reply(ident, p.Reply(req, 0, "", self.instance))
+            case p.Flush(req):
+                self.flush()
+                self._reply(ident, p.Reply(req))
+            case p.Stats(req):
+                self._reply(ident, p.Reply(req, 0, "", self.stats()))
+            case p.Bye():
+                self.drop_client(ident)
+            case _:  # the decoder only yields known commands; kept for safety
+                raise ProtocolError(f"unknown command {type(cmd).__name__}")
+
+    # -- state changes ----------------------------------------------------
+    def _forget_if_empty(self, queue: ChannelQueue) -> None:
+        if queue.is_empty():
+            self.queues.pop(queue.name, None)
+            self.stalled.discard(queue)
+
+    def _drop_endpoints(self, client: ClientState) -> None:
+        for channel, endpoint in client.endpoints.items():
+            queue = self.queues.get(channel)
+            if queue is not None and endpoint.id in queue.subscribers:
+                queue.discard(endpoint)
+                self._forget_if_empty(queue)
+        client.endpoints.clear()
+
+    def drop_client(self, ident: bytes) -> None:
+        client = self.clients.pop(ident, None)
+        if client is not None:
+            self._drop_endpoints(client)
+
+    def flush(self) -> None:
+        """Drop every queued message and every group (endpoints stay)."""
+        for queue in list(self.queues.values()):
+            queue.queue.clear()
+            self._forget_if_empty(queue)
+        self.groups.clear()
+
+    def retry_stalled(self) -> None:
+        stalled, self.stalled = self.stalled, set()
+        for queue in stalled:
+            if self.queues.get(queue.name) is queue:
+                self._deliver(queue)
+
+    def sweep(self, now: float) -> None:
+        """Expire messages, endpoints, memberships and silent clients."""
+        for ident, client in list(self.clients.items()):
+            if now - client.last_seen > client.heartbeat * self.missed_heartbeats + 1.0:
+                logger.info("client %s (%r) timed out", client.client_id or "?", ident)
+                self.drop_client(ident)
+        for queue in list(self.queues.values()):
+            if queue.queue:
+                before = queue.expired
+                queue._flush_messages()
+                self.counters["expired"] += queue.expired - before
+            if queue.subscribers:
+                queue._flush_subscribers()
+            self._forget_if_empty(queue)
+        self.groups.sweep(now)
+
+    # -- introspection ----------------------------------------------------
+    def queued(self) -> int:
+        return sum(len(q.queue) for q in self.queues.values())
+
+    def is_idle(self) -> bool:
+        """No clients and nothing queued: safe to exit."""
+        return not self.clients and not any(q.queue for q in self.queues.values())
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance,
+            "clients": len(self.clients),
+            "queues": len(self.queues),
+            "queued": self.queued(),
+            "groups": len(self.groups),
+            "memberships": self.groups.memberships(),
+            **self.counters,
+        }

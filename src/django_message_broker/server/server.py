@@ -1,0 +1,206 @@
+"""The broker process: a zmq.asyncio ROUTER socket around ``Broker``.
+
+How it works. One reader task waits until the socket is readable, then
+reads every message that is ready (non-blocking, up to a batch) and hands
+each to ``Broker.handle``; replies and deliveries are written without
+awaiting. One sweeper task ticks ten times a second: it retries deliveries
+to peers that were busy and, once a second, expires messages, endpoints,
+memberships and silent clients. There is no task or timer per queue.
+
+Use it as ``async with BrokerServer("tcp://127.0.0.1:0") as server: ...``
+(``server.address`` is the bound address) or run ``python -m
+django_message_broker serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any, Optional
+
+import zmq
+import zmq.asyncio
+
+from .broker import DEFAULT_MAX_BODY, Broker
+
+__all__ = ["BrokerServer", "DEFAULT_ADDRESS", "serve"]
+
+logger = logging.getLogger("django_message_broker.server")
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5556"
+_BATCH = 512
+_TICK = 0.1
+
+
+def normalize_bind(address: str) -> str:
+    """``tcp://host:0`` means "any free port" (zmq spells it ``*``)."""
+    if address.startswith("tcp://") and address.endswith(":0"):
+        return address[:-1] + "*"
+    return address
+
+
+class BrokerServer:
+    """The broker, as an async context manager.
+
+    ``idle_timeout``: exit by itself (``wait_closed`` returns) after having no
+    clients and no queued messages for this many seconds; ``None``: never.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        max_body: int = DEFAULT_MAX_BODY,
+        max_queue_length: Optional[int] = None,
+        idle_timeout: Optional[float] = None,
+        context: Optional[zmq.asyncio.Context] = None,
+    ) -> None:
+        self.requested_address = address
+        self.address = address
+        self.max_body = max_body
+        self.max_queue_length = max_queue_length
+        self.idle_timeout = idle_timeout
+        self._context = context
+        self._own_context = context is None
+        self._socket: Optional[zmq.asyncio.Socket] = None
+        self._tasks: list[asyncio.Task] = []
+        self._closed: Optional[asyncio.Event] = None
+        self.broker: Optional[Broker] = None
+
+    async def __aenter__(self) -> "BrokerServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        ctx = self._context or zmq.asyncio.Context()
+        self._context = ctx
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # never drop silently
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client takes its id back
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)  # credit bounds what is in flight to each peer
+        sock.setsockopt(zmq.RCVHWM, 0)
+        # Frames past the body limit get a typed reply; far past it, the
+        # peer is cut off before the frame is read into memory.
+        sock.setsockopt(zmq.MAXMSGSIZE, max(8 * self.max_body, 64 << 20))
+        try:
+            sock.bind(normalize_bind(self.requested_address))
+        except zmq.ZMQError:
+            sock.close(0)
+            if self._own_context:
+                ctx.term()
+            raise
+        self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._socket = sock
+        sync_socket = zmq.Socket.shadow(sock.underlying)  # plain calls on the hot path
+        self.broker = Broker(
+            sync_socket, clock=time.monotonic, max_body=self.max_body, max_queue_length=self.max_queue_length
+        )
+        self._closed = asyncio.Event()
+        self._tasks = [
+            asyncio.create_task(self._read_loop(sync_socket), name="dmb-reader"),
+            asyncio.create_task(self._sweep_loop(), name="dmb-sweeper"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
+        logger.info("broker %s listening on %s", self.broker.instance, self.address)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("broker task %s failed", task.get_name(), exc_info=task.exception())
+        if self._closed is not None:
+            self._closed.set()
+
+    async def _read_loop(self, sock: zmq.Socket) -> None:
+        assert self._socket is not None and self.broker is not None
+        handle = self.broker.handle
+        poll = self._socket.poll
+        recv = sock.recv_multipart
+        while True:
+            await poll(flags=zmq.POLLIN)
+            now = time.monotonic()
+            for _ in range(_BATCH):
+                try:
+                    frames = recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                handle(frames, now)
+            else:
+                await asyncio.sleep(0)  # a long burst: let the sweeper run
+
+    async def _sweep_loop(self) -> None:
+        assert self.broker is not None
+        broker = self.broker
+        last_sweep = idle_since = time.monotonic()
+        while True:
+            await asyncio.sleep(_TICK)
+            now = time.monotonic()
+            if broker.stalled:
+                broker.retry_stalled()
+            if now - last_sweep >= 1.0:
+                last_sweep = now
+                broker.sweep(now)
+            if self.idle_timeout is not None:
+                if not broker.is_idle():
+                    idle_since = now
+                elif now - idle_since >= self.idle_timeout:
+                    logger.info("broker idle for %.0fs: exiting", self.idle_timeout)
+                    return
+
+    async def wait_closed(self) -> None:
+        """Wait until the server stops (``stop()``, idle exit, or a failure)."""
+        assert self._closed is not None
+        await self._closed.wait()
+
+    async def stop(self) -> None:
+        """Stop serving; log what was still queued. Idempotent."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except BaseException:  # noqa: BLE001 - cancelled, or already logged
+                pass
+        if self.broker is not None and self._socket is not None:
+            queued = self.broker.queued()
+            if queued:
+                logger.warning(
+                    "broker stopping with %d queued message(s) in %d channel(s): they are dropped",
+                    queued,
+                    sum(1 for q in self.broker.queues.values() if q.queue),
+                )
+            else:
+                logger.info("broker stopped; no messages were queued")
+        if self._socket is not None:
+            self._socket.close(0)
+            self._socket = None
+        if self._own_context and self._context is not None:
+            self._context.term()
+            self._context = None
+        if self._closed is not None:
+            self._closed.set()
+
+
+async def serve(address: str = DEFAULT_ADDRESS, **options: Any) -> None:
+    """Run a broker until SIGINT/SIGTERM (or idle exit)."""
+    loop = asyncio.get_running_loop()
+    async with BrokerServer(address, **options) as server:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
+                pass
+        print(f"django-message-broker listening on {server.address}", flush=True)
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.wait_closed())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()

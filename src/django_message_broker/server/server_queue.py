@@ -1,0 +1,386 @@
+"""Server queue: one FIFO per channel, delivered round robin to its endpoints.
+
+How it works. A ``ChannelQueue`` holds the channel's messages (a deque, FIFO)
+and its endpoints (a ``RoundRobinDict``, in subscription order). Each
+endpoint holds *credit*: how many more messages it may be sent. ``None`` is
+unlimited (what ``subscribe`` grants, as in the documented API); the broker
+uses ``grant`` so that an endpoint receives only what its process asked
+for. ``deliver`` pops messages and sends each to the next endpoint with
+credit, on its ROUTER socket, without blocking. A send that fails puts the
+message back at the *head* of the queue, so FIFO holds across retries.
+
+Time comes from ``ChannelQueue.clock`` (monotonic seconds; set it on an
+instance to inject a fake clock). Nothing here starts a task or a timer:
+the broker drives ``deliver`` and one broker-wide sweeper calls
+``_flush_messages`` / ``_flush_subscribers``. ``event_loop`` is there for
+code that wants a queue to run on its own; awaiting it is opt-in.
+
+Process channels (name contains ``!``) have exactly one endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import UserDict, deque
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Callable, Deque, FrozenSet, List, Optional, Union
+
+import zmq
+
+from ..exceptions import QueueFull, SubscriptionError
+from ..protocol import Deliver, encode
+from .data_message import DataMessage
+
+__all__ = ["ChannelQueue", "DataMessage", "Endpoint", "RoundRobinDict", "SubscriptionError"]
+
+# Outcomes of one send attempt.
+_SENT, _BUSY, _GONE = 0, 1, 2
+
+
+@dataclass
+class Endpoint:
+    """Provides routing information for subscribers.
+
+    Attributes:
+        socket: zmq.ROUTER socket (anything with ``send_multipart``) to which messages are sent.
+        dealer: Routing frames of the zmq.DEALER to which messages are sent.
+        subscriber_name: Name of the channel the endpoint subscribes to.
+        is_process_channel: The channel is a process channel (one delivery endpoint).
+        time_to_live: Seconds before the endpoint is discarded; ``None``: never.
+        expiry: Wall-clock time when the endpoint will expire (for people;
+            decisions use the monotonic ``deadline``).
+    """
+
+    socket: Union[zmq.Socket, Any]
+    dealer: List = field(default_factory=list)
+    subscriber_name: bytes = b""
+    is_process_channel: bool = False
+    time_to_live: Optional[int] = 86400
+    expiry: Optional[datetime] = None
+    #: Deliveries this endpoint may still be sent; ``None`` is unlimited.
+    credit: Optional[int] = field(default=None, init=False, repr=False, compare=False)
+    #: Monotonic deadline (from the queue's clock); ``inf`` never expires.
+    deadline: float = field(default=math.inf, init=False, repr=False, compare=False)
+
+    @property
+    def id(self) -> FrozenSet:
+        """Returns a unique endpoint id from the routing information and channel name."""
+        return frozenset((*self.dealer, self.subscriber_name))
+
+    @property
+    def ready(self) -> bool:
+        """True while the endpoint may be sent another message."""
+        return self.credit is None or self.credit > 0
+
+
+class RoundRobinDict(UserDict):
+    """Dictionary of endpoints that returns the next endpoint when a next value
+    is requested and continues from the start of the list when the end of the
+    list is reached.
+
+    Notes:
+        1. Returns the value of the dictionary entry, not the key.
+        2. StopIteration is not raised when the dictionary rolls over to the start.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._keys: Optional[list] = None  # cached insertion order
+        self.index = 0  # position of the value the next __next__ returns
+        super().__init__(*args, **kwargs)
+
+    def _key_list(self) -> list:
+        if self._keys is None:
+            self._keys = list(self.data)
+        return self._keys
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key not in self.data:
+            self._keys = None
+        self.data[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        if key not in self.data:
+            raise KeyError(key)
+        if self._key_list().index(key) < self.index:
+            self.index -= 1
+        del self.data[key]
+        self._keys = None
+
+    def move_to_end(self, key: Any) -> None:
+        """Move an entry to the end of the round (as if newly inserted)."""
+        value = self.data[key]
+        del self[key]
+        self[key] = value
+
+    def __next__(self) -> Optional[Endpoint]:
+        """Gets the next value of the next entry in the dictionary, returns to
+        the first entry once the end of the dictionary is reached. Values are
+        returned by insertion order, starting with the first."""
+        if not self.data:
+            return None
+        keys = self._key_list()
+        if self.index >= len(keys):
+            self.index = 0
+        value = self.data[keys[self.index]]
+        self.index += 1
+        return value  # type: ignore[no-any-return]
+
+    def next_ready(self) -> Optional[Endpoint]:
+        """The next endpoint in round-robin order that has credit, if any."""
+        for _ in range(len(self.data)):
+            endpoint = self.__next__()
+            if endpoint is not None and endpoint.ready:
+                return endpoint
+        return None
+
+    def first_key(self) -> Optional[Any]:
+        """Returns the first key in the dictionary by insertion order."""
+        return next(iter(self.data), None)
+
+
+class ChannelQueue:
+    """Provides a managed queue for storing and forwarding messages to
+    endpoints. Messages are delivered to endpoints round robin, in the order
+    the endpoints subscribed; an endpoint that subscribes again moves to the
+    end of the round.
+
+    Channel queues are Process Channels when their name contains ``!``:
+    they have only one endpoint. Adding another endpoint, or changing it,
+    raises ``SubscriptionError``.
+
+    Raises:
+        SubscriptionError: Attempt to add multiple endpoints or change the endpoint of a Process Channel
+    """
+
+    #: Monotonic clock, in seconds. Assign on an instance to inject a fake one.
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+    #: Seconds ``pull_and_send`` waits after a send that found the peer busy.
+    penalty: float = 0.1
+
+    def __init__(self, channel_name: bytes = b"", max_length: Optional[int] = None) -> None:
+        self.channel_name = channel_name
+        self.name = channel_name.decode("utf-8", "replace")
+        self.is_process_channel = b"!" in channel_name
+        self.max_length = max_length
+        self.queue: Deque[DataMessage] = deque()
+        self.subscribers = RoundRobinDict()
+        #: True when a send found a peer busy; the owner should retry later.
+        self.stalled = False
+        self.expired = 0  # messages dropped unsent at their deadline
+        self.stopped = False
+        self._events: Optional[tuple[asyncio.Event, asyncio.Event]] = None
+        self._task: Optional[asyncio.Task] = None
+
+    def __repr__(self) -> str:
+        return f"<ChannelQueue {self.name!r}: {len(self.queue)} messages, {len(self.subscribers)} endpoints>"
+
+    def stop(self) -> None:
+        """Stop the queue's event loop, if one runs. Idempotent."""
+        self.stopped = True
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+
+    # -- events (only made when someone runs event_loop) ------------------
+    def _set_subscribers_available(self) -> None:
+        """Set (or clear) asyncio event if there are subscribers to the queue."""
+        if self._events is not None:
+            event = self._events[0]
+            event.set() if any(e.ready for e in self.subscribers.values()) else event.clear()
+
+    def _set_messages_available(self) -> None:
+        """Set (or clear) asyncio event if there are messages in the queue."""
+        if self._events is not None:
+            event = self._events[1]
+            event.set() if self.queue else event.clear()
+
+    def is_empty(self) -> bool:
+        """Returns true if there are no subscribers and no messages."""
+        return not (self.subscribers or self.queue)
+
+    async def event_loop(self) -> None:
+        """Queue event loop. Waits for subscribers, and if there are messages
+        in the queue pulls them from the queue and sends them to the
+        subscribers. Runs until ``stop()``."""
+        if self.stopped:
+            return
+        self._task = asyncio.current_task()
+        self._events = (asyncio.Event(), asyncio.Event())
+        self._set_subscribers_available()
+        self._set_messages_available()
+        subscribers, messages = self._events
+        try:
+            while not self.stopped:
+                await subscribers.wait()
+                await messages.wait()
+                await self.pull_and_send()
+        except asyncio.CancelledError:
+            if not self.stopped:
+                raise
+        finally:
+            self._task = None
+            self._events = None
+
+    # -- subscriptions ----------------------------------------------------
+    def _renew(self, endpoint: Endpoint) -> None:
+        ttl = endpoint.time_to_live
+        if ttl:
+            endpoint.deadline = self.clock() + ttl
+            endpoint.expiry = datetime.now() + timedelta(seconds=ttl)
+        else:
+            endpoint.deadline = math.inf
+            endpoint.expiry = None
+
+    def _check_process_rule(self, endpoint: Endpoint) -> None:
+        key = endpoint.id
+        if not self.subscribers or (len(self.subscribers) == 1 and key in self.subscribers):
+            return
+        if self.is_process_channel:
+            raise SubscriptionError(f"process channel {self.name!r} already has another endpoint")
+        if endpoint.is_process_channel:
+            raise SubscriptionError(f"channel {self.name!r} has other endpoints: cannot make it a process channel")
+
+    def subscribe(self, endpoint: Endpoint) -> None:
+        """Add (or renew) a subscriber. Multiple endpoints may be registered for
+        normal channels, only one for a process channel. The endpoint goes to
+        the end of the round robin and its expiry is renewed.
+
+        Raises:
+            SubscriptionError: Attempt to change or add multiple endpoints for a Process Channel
+        """
+        self._check_process_rule(endpoint)
+        if endpoint.is_process_channel:
+            self.is_process_channel = True
+        self._renew(endpoint)
+        key = endpoint.id
+        if key in self.subscribers:
+            del self.subscribers[key]
+        self.subscribers[key] = endpoint
+        self._set_subscribers_available()
+
+    def grant(self, endpoint: Endpoint, credit: int) -> Endpoint:
+        """Allow ``credit`` more deliveries to ``endpoint``, subscribing it
+        first if need be (an endpoint already subscribed keeps its place in
+        the round). Returns the endpoint as stored."""
+        current = self.subscribers.get(endpoint.id)
+        if current is None:
+            self.subscribe(endpoint)
+            endpoint.credit = credit
+            current = endpoint
+        else:
+            self._renew(current)
+            if current.credit is not None:
+                current.credit += credit
+        self._set_subscribers_available()
+        return current  # type: ignore[no-any-return]
+
+    def discard(self, endpoint: Endpoint) -> None:
+        """Discards an endpoint from the queue.
+
+        Raises:
+            SubscriptionError: The endpoint is not subscribed.
+        """
+        try:
+            del self.subscribers[endpoint.id]
+        except KeyError:
+            raise SubscriptionError(f"endpoint is not subscribed to {self.name!r}") from None
+        self._set_subscribers_available()
+
+    # -- messages ---------------------------------------------------------
+    def push(self, message: DataMessage, time_to_live: Optional[float] = 60) -> None:
+        """Pushes a message onto the tail of the queue; it expires after
+        ``time_to_live`` seconds (``None`` or 0: never).
+
+        Raises:
+            QueueFull: The queue holds ``max_length`` messages.
+        """
+        if self.max_length is not None and len(self.queue) >= self.max_length:
+            self._flush_messages()
+            if len(self.queue) >= self.max_length:
+                raise QueueFull(self.name, self.max_length)
+        message.deadline = self.clock() + time_to_live if time_to_live else math.inf
+        self.queue.append(message)
+        self._set_messages_available()
+
+    def push_front(self, message: DataMessage) -> None:
+        """Put a message back at the head (a delivery handed back unread).
+        Keeps the message's deadline; ignores ``max_length``, since the
+        message was counted when it first arrived."""
+        self.queue.appendleft(message)
+        self._set_messages_available()
+
+    def _send(self, endpoint: Endpoint, message: DataMessage, now: float) -> int:
+        ttl = message.deadline - now
+        header = encode(Deliver(self.name, ttl))
+        try:
+            endpoint.socket.send_multipart([*endpoint.dealer, header, message.body], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return _BUSY
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return _GONE
+            raise
+        return _SENT
+
+    def deliver(self, limit: Optional[int] = None) -> int:
+        """Send queued messages to endpoints with credit, round robin, until
+        the queue is empty, no endpoint has credit, a peer is busy, or
+        ``limit`` messages went. Never blocks. Returns how many were sent.
+        An unreachable endpoint is dropped; a busy one sets ``stalled``."""
+        sent = 0
+        self.stalled = False
+        if not self.queue or not self.subscribers:
+            return 0
+        now = self.clock()
+        queue = self.queue
+        while queue and (limit is None or sent < limit):
+            message = queue[0]
+            if message.deadline <= now:
+                queue.popleft()
+                self.expired += 1
+                continue
+            endpoint = self.subscribers.next_ready()
+            if endpoint is None:
+                break
+            outcome = self._send(endpoint, message, now)
+            if outcome == _SENT:
+                queue.popleft()
+                sent += 1
+                if endpoint.credit is not None:
+                    endpoint.credit -= 1
+            elif outcome == _GONE:
+                del self.subscribers[endpoint.id]
+            else:
+                self.stalled = True
+                break
+        self._set_messages_available()
+        self._set_subscribers_available()
+        return sent
+
+    async def pull_and_send(self) -> None:
+        """Pulls a message from the head of the queue and sends it to the next
+        endpoint (round robin). If the endpoint is busy the message stays at
+        the head and the queue waits ``penalty`` seconds before going on."""
+        if not self.deliver(limit=1) and self.stalled:
+            await asyncio.sleep(self.penalty)
+        elif not self.stalled:
+            await asyncio.sleep(0)
+
+    def _flush_messages(self) -> None:
+        """Flush expired messages from the queue."""
+        now = self.clock()
+        if any(m.deadline <= now for m in self.queue):
+            kept = deque(m for m in self.queue if m.deadline > now)
+            self.expired += len(self.queue) - len(kept)
+            self.queue = kept
+        self._set_messages_available()
+
+    def _flush_subscribers(self) -> None:
+        """Flush expired subscribers from the queue."""
+        now = self.clock()
+        for key in [k for k, e in self.subscribers.items() if e.deadline <= now]:
+            del self.subscribers[key]
+        self._set_subscribers_available()
