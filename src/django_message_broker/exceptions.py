@@ -89,6 +89,13 @@ class SubscriptionError(BrokerError):
 
     code = 4
 
+    def __init__(self, detail: str = "subscription refused", channel: str = "") -> None:
+        super().__init__(detail)
+        self.channel = channel
+
+    def fields(self) -> dict[str, Any]:
+        return {"detail": str(self), "channel": self.channel}
+
 
 class BrokerUnavailable(BrokerError, TimeoutError):
     """No broker answered within the timeout."""

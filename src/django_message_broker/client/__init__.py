@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from .. import protocol as p
 from ..exceptions import ClientClosed, MessageTooLarge
@@ -20,6 +20,7 @@ from .core import AsyncWaiter, Core, SyncWaiter
 __all__ = ["AsyncClient", "SyncClient", "DEFAULT_ADDRESS"]
 
 _MAX_TRACKED_CHANNELS = 10_000
+_C = TypeVar("_C", bound="_ClientBase")
 
 
 class _ClientBase:
@@ -68,6 +69,14 @@ class _ClientBase:
                     self._core = Core(self.address, on_unreachable=on_unreachable, **self._options)  # type: ignore[arg-type]
                 core = self._core
         return core
+
+    def twin(self, cls: type["_C"]) -> "_C":
+        """A client of another kind (``AsyncClient``/``SyncClient``) sharing
+        this one's connection, receive buffers and send window."""
+        other = cls.__new__(cls)
+        other.__dict__.update(self.__dict__)
+        other._core = self.core
+        return other
 
     @property
     def client_id(self) -> str:

@@ -44,7 +44,7 @@ import msgspec
 import zmq
 
 from .. import protocol as p
-from ..exceptions import BrokerError, BrokerUnavailable, ClientClosed, from_wire
+from ..exceptions import BrokerError, BrokerUnavailable, ClientClosed, SubscriptionError, from_wire
 
 __all__ = ["Core", "AsyncWaiter", "SyncWaiter"]
 
@@ -463,6 +463,15 @@ class Core:
                         logger.info("broker %s is new to this client: restoring state", instance)
                         self._hello()
 
+    def _refuse_channel(self, channel: str, error: BaseException) -> None:
+        """The broker refused this process's receive (another process owns
+        that process channel): fail the waiting receives."""
+        with self._lock:
+            state = self._channels.pop(channel, None)
+            if state is not None:
+                while state.waiters:
+                    state.waiters.popleft().resolve(None, error)
+
     def _on_deliver(self, channel: str, body: bytes, ttl: float) -> None:
         with self._lock:
             state = self._state(channel)
@@ -473,7 +482,9 @@ class Core:
     def _on_reply(self, req: int, code: int, detail: str, value: Any) -> None:
         request = self._requests.pop(req, None)
         if request is None:
-            if code:
+            if code == SubscriptionError.code and isinstance(value, dict) and value.get("channel"):
+                self._refuse_channel(value["channel"], from_wire(code, detail, value))
+            elif code:
                 logger.error("broker refused a message: %s", detail)
             return
         if code:

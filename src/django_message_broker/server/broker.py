@@ -162,7 +162,10 @@ class Broker:
                     endpoint = Endpoint(
                         self.socket, [ident], channel.encode(), queue.is_process_channel, time_to_live=None
                     )
-                endpoint = queue.grant(endpoint, credit)
+                try:
+                    endpoint = queue.grant(endpoint, credit)
+                except SubscriptionError as exc:
+                    raise SubscriptionError(str(exc), channel) from None
                 client.endpoints[channel] = endpoint
                 self._deliver(queue)
             case p.Unsubscribe(req, channel):

@@ -1,0 +1,152 @@
+"""``ProcessClient``: the channel layer's operations for plain worker
+processes (no ASGI server, no event loop needed).
+
+Messages are the same dicts the Channels layer carries, so a worker can post
+to a chat room's group and a consumer receives it. Sync methods have plain
+names; their async twins start with ``a`` (``asend``, ``areceive``...), as
+in Django's async ORM. Configure it with the layer's ``CONFIG`` keys, or let
+it read ``settings.CHANNEL_LAYERS[alias]["CONFIG"]``::
+
+    from django_message_broker import ProcessClient
+
+    with ProcessClient() as client:
+        client.group_send("room-lobby", {"type": "chat.message", "text": "hi"})
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Optional
+
+from . import exceptions
+from .client import AsyncClient, SyncClient
+from .layer import BaseChannelLayer, ChannelFull, MessageTooLarge, compile_capacities, decode_message, encode_message, layer_options
+
+__all__ = ["ProcessClient"]
+
+_LAYER_OPTIONS = {"expiry", "group_expiry", "capacity", "channel_capacity"}
+
+
+def _settings_config(alias: str) -> dict[str, Any]:
+    try:
+        from django.conf import settings
+
+        layers = getattr(settings, "CHANNEL_LAYERS", {}) or {}
+    except Exception:  # Django missing or not configured
+        return {}
+    return dict(layers.get(alias, {}).get("CONFIG", {}))
+
+
+class ProcessClient:
+    """Send, receive and manage groups from a worker process."""
+
+    def __init__(self, config: Optional[dict[str, Any]] = None, *, alias: str = "default", **options: Any) -> None:
+        merged = _settings_config(alias) if config is None and not options else dict(config or {})
+        merged.update(options)
+        self.expiry = float(merged.pop("expiry", 60))
+        self.group_expiry = float(merged.pop("group_expiry", 86400))
+        self.capacity = int(merged.pop("capacity", 100))
+        self.channel_capacity = compile_capacities(merged.pop("channel_capacity", None) or {})
+        self.options = layer_options(merged)
+        self._validator = BaseChannelLayer()
+        self.client_prefix = uuid.uuid4().hex
+        self._sync = SyncClient(**self.options)
+        self._async = self._sync.twin(AsyncClient)
+
+    def __enter__(self) -> "ProcessClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sync.close()
+
+    def get_capacity(self, channel: str) -> int:
+        for pattern, capacity in self.channel_capacity:
+            if pattern.match(channel):
+                return capacity
+        return self.capacity
+
+    def new_channel(self, prefix: str = "specific") -> str:
+        return f"{prefix}.{self.client_prefix}!{uuid.uuid4().hex}"
+
+    def _prepare(self, channel: str, message: Any) -> bytes:
+        self._validator.require_valid_channel_name(channel)
+        return encode_message(message)
+
+    # -- sync ------------------------------------------------------------------
+    def send(self, channel: str, message: dict[str, Any]) -> None:
+        body = self._prepare(channel, message)
+        with _mapped_errors(channel):
+            self._sync.send(channel, body, ttl=self.expiry, capacity=self.get_capacity(channel))
+
+    def receive(self, channel: str, timeout: Optional[float] = None) -> dict[str, Any]:
+        self._validator.require_valid_channel_name(channel)
+        return decode_message(self._sync.receive(channel, timeout))
+
+    def group_add(self, group: str, channel: str) -> None:
+        self._validator.require_valid_group_name(group)
+        self._validator.require_valid_channel_name(channel)
+        self._sync.group_add(group, channel, ttl=self.group_expiry)
+
+    def group_discard(self, group: str, channel: str) -> None:
+        self._validator.require_valid_group_name(group)
+        self._validator.require_valid_channel_name(channel)
+        self._sync.group_discard(group, channel)
+
+    def group_send(self, group: str, message: dict[str, Any]) -> tuple[int, int]:
+        """Returns ``(delivered, skipped)``: members over capacity are skipped."""
+        self._validator.require_valid_group_name(group)
+        body = encode_message(message)
+        with _mapped_errors(group):
+            return self._sync.group_send(group, body, ttl=self.expiry, capacity=self.capacity)
+
+    def flush(self) -> None:
+        self._sync.flush()
+
+    # -- async -----------------------------------------------------------------
+    async def asend(self, channel: str, message: dict[str, Any]) -> None:
+        body = self._prepare(channel, message)
+        with _mapped_errors(channel):
+            await self._async.send(channel, body, ttl=self.expiry, capacity=self.get_capacity(channel))
+
+    async def areceive(self, channel: str) -> dict[str, Any]:
+        self._validator.require_valid_channel_name(channel)
+        return decode_message(await self._async.receive(channel))
+
+    async def agroup_add(self, group: str, channel: str) -> None:
+        self._validator.require_valid_group_name(group)
+        self._validator.require_valid_channel_name(channel)
+        await self._async.group_add(group, channel, ttl=self.group_expiry)
+
+    async def agroup_discard(self, group: str, channel: str) -> None:
+        self._validator.require_valid_group_name(group)
+        self._validator.require_valid_channel_name(channel)
+        await self._async.group_discard(group, channel)
+
+    async def agroup_send(self, group: str, message: dict[str, Any]) -> tuple[int, int]:
+        self._validator.require_valid_group_name(group)
+        body = encode_message(message)
+        with _mapped_errors(group):
+            return await self._async.group_send(group, body, ttl=self.expiry, capacity=self.capacity)
+
+    async def aflush(self) -> None:
+        await self._async.flush()
+
+
+class _mapped_errors:
+    """Raise the layer's classes (Channels' and ours at once)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        if isinstance(exc, exceptions.QueueFull) and not isinstance(exc, ChannelFull):
+            raise ChannelFull(self.name, exc.capacity) from None
+        if isinstance(exc, exceptions.MessageTooLarge) and not isinstance(exc, MessageTooLarge):
+            raise MessageTooLarge(exc.size, exc.limit) from None
+        return False
