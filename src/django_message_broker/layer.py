@@ -76,8 +76,8 @@ def layer_options(config: dict[str, Any]) -> dict[str, Any]:
         "embedded": bool(embedded),
         "timeout": float(config.get("timeout", 5.0)),
         "heartbeat": float(config.get("heartbeat", 1.0)),
-        "prefetch": int(config.get("prefetch", 8)),
-        "process_prefetch": int(config.get("process_prefetch", 64)),
+        "prefetch": int(config.get("prefetch", 16)),
+        "process_prefetch": int(config.get("process_prefetch", 128)),
         "idle_return": float(config.get("idle_return", 1.0)),
         "embedded_idle_timeout": float(config.get("embedded_idle_timeout", 60.0)),
     }

@@ -1,8 +1,9 @@
 """The wire protocol, as data. Pure: no I/O, no asyncio, no zmq.
 
-A message on the wire is one or two ZeroMQ frames::
+A message on the wire is a header frame, followed by body frames for the
+commands that carry messages (Send, GroupSend, Return, Deliver)::
 
-    [header]            or      [header, body]
+    [header]            or      [header, body, body, ...]
 
 ``header`` is one version byte (``VERSION``) followed by a msgpack array
 whose first element is the command tag (a closed union of the structs
@@ -30,7 +31,9 @@ __all__ = [
     "decode",
     "check_channel_name",
     "check_group_name",
+    "MAX_BATCH",
     "MAX_NAME_LENGTH",
+    "PIPELINE_SLACK",
 ]
 
 VERSION = 1
@@ -38,6 +41,10 @@ _VERSION_BYTE = bytes([VERSION])
 
 #: Channels' own limit: names are ``str`` with ``len(name) < 100``.
 MAX_NAME_LENGTH = 100
+#: Most body frames one Send, Return or Deliver may carry.
+MAX_BATCH = 1024
+#: Unchecked (pipelined) sends are refused only past this multiple of capacity.
+PIPELINE_SLACK = 2
 
 
 class _Msg(msgspec.Struct, array_like=True, frozen=True, tag_field="t"):
@@ -54,9 +61,10 @@ class Hello(_Msg, tag=1):
 
 
 class Send(_Msg, tag=2):
-    """Queue the body frame on ``channel``. ``checked``: refuse at
-    ``capacity`` and always reply; unchecked (pipelined) sends are refused
-    only at twice the capacity and are answered only on error."""
+    """Queue the body frames (one or more, in order) on ``channel``.
+    ``checked``: refuse at ``capacity`` (all or nothing) and always reply;
+    unchecked (pipelined) sends are refused only at ``PIPELINE_SLACK`` times
+    the capacity and are answered only on error."""
 
     req: int
     channel: str
@@ -101,11 +109,11 @@ class Unsubscribe(_Msg, tag=7):
 
 
 class Return(_Msg, tag=8):
-    """Hand a delivered, unconsumed message (body frame) back to the head of
-    ``channel``'s queue."""
+    """Hand delivered, unread messages (body frames, oldest first) back to
+    the head of ``channel``'s queue; ``ttls``: seconds each has left."""
 
     channel: str
-    ttl: float
+    ttls: list[float]
 
 
 class Flush(_Msg, tag=9):
@@ -126,10 +134,11 @@ class Bye(_Msg, tag=12):
 
 # --- broker -> client -------------------------------------------------------
 class Deliver(_Msg, tag=20):
-    """A message of ``channel`` (body frame follows); ``ttl``: seconds left."""
+    """Messages of ``channel`` (one body frame each follows, oldest first);
+    ``ttls``: seconds each has left."""
 
     channel: str
-    ttl: float
+    ttls: list[float]
 
 
 class Reply(_Msg, tag=21):

@@ -30,8 +30,8 @@ class _ClientBase:
         *,
         timeout: float = 5.0,
         heartbeat: float = 1.0,
-        prefetch: int = 8,
-        process_prefetch: int = 64,
+        prefetch: int = 16,
+        process_prefetch: int = 128,
         idle_return: float = 1.0,
         embedded: bool = False,
         embedded_idle_timeout: float = 60.0,
@@ -144,7 +144,7 @@ class AsyncClient(_ClientBase):
         core = self.core
         self._check_body(core, body)
         if self._pipelined(core, channel, capacity):
-            core.send_pipelined(p.Send(0, channel, ttl, capacity, False), body)
+            core.send_pipelined(channel, body, ttl, capacity)
             return
         try:
             await self._request(p.Send(0, channel, ttl, capacity, True), body, self._record_depth(channel))
@@ -222,7 +222,7 @@ class SyncClient(_ClientBase):
         core = self.core
         self._check_body(core, body)
         if self._pipelined(core, channel, capacity):
-            core.send_pipelined(p.Send(0, channel, ttl, capacity, False), body)
+            core.send_pipelined(channel, body, ttl, capacity)
             return
         try:
             self._request(p.Send(0, channel, ttl, capacity, True), body, self._record_depth(channel))

@@ -51,6 +51,10 @@ __all__ = ["Core", "AsyncWaiter", "SyncWaiter"]
 logger = logging.getLogger("django_message_broker.client")
 
 _CONNECT_PROBE = 0.5  # seconds to wait for a first answer before starting an embedded broker
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
+_ZERO_COPY_THRESHOLD = 65536  # smaller frames are copied: cheaper than zero-copy bookkeeping
+_PACK_BYTES = 4 << 20  # at most this much body in one packed Send
 
 
 # -- waiters -------------------------------------------------------------------
@@ -158,8 +162,8 @@ class Core:
         *,
         timeout: float = 5.0,
         heartbeat: float = 1.0,
-        prefetch: int = 8,
-        process_prefetch: int = 64,
+        prefetch: int = 16,
+        process_prefetch: int = 128,
         idle_return: float = 1.0,
         on_unreachable: Optional[Callable[[str], None]] = None,
     ) -> None:
@@ -226,14 +230,24 @@ class Core:
             except OSError:
                 pass
 
-    def request(self, msg: Any, body: Optional[bytes], waiter: Optional[Waiter], on_reply: Optional[Callable] = None) -> None:
+    def request(self, msg: Any, body: Optional[bytes] | list, waiter: Optional[Waiter], on_reply: Optional[Callable] = None) -> None:
         """Send a request; its reply resolves ``waiter`` (``on_reply(value)``
         may transform the value, or raise). The I/O thread numbers it."""
         self.call(lambda: self._start_request(msg, body, waiter, on_reply))
 
-    def send_pipelined(self, msg: Any, body: bytes) -> None:
-        """Send a request that is answered only if the broker refuses it."""
-        self.call(lambda: self._start_request(msg, body, None, None, track=False))
+    def send_pipelined(self, channel: str, body: bytes, ttl: float, capacity: int) -> None:
+        """Send without waiting (answered only if the broker refuses it).
+        The I/O thread packs consecutive sends to one channel into one
+        ``Send`` with many bodies."""
+        if self.closed:
+            raise ClientClosed("the client is closed")
+        self._commands.append((channel, ttl, capacity, body))
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
 
     def post(self, msg: Any, body: Optional[bytes] = None) -> None:
         """Send a message that expects no reply."""
@@ -264,8 +278,10 @@ class Core:
             else:
                 waiter = make_waiter()
                 state.waiters.append(waiter)
+            # Top credit up in batches of at least half the window: one
+            # Subscribe per prefetch/2 messages, not one per message.
             want = state.prefetch - state.credit - len(state.buffer)
-            if want > 0 and not state.withdrawing and self.connected:
+            if want > 0 and (waiter is not None or want * 2 >= state.prefetch) and not state.withdrawing and self.connected:
                 state.credit += want
                 self.post(p.Subscribe(0, channel, want))
             elif waiter is not None and not self.connected:
@@ -342,21 +358,50 @@ class Core:
                     if isinstance(waiter, AsyncWaiter) and args[1] is None:
                         waiter.undeliverable(args[0])
 
-    def _frames(self, msg: Any, body: Optional[bytes] = None) -> list:
+    def _frames(self, msg: Any, body: Optional[bytes] | list = None) -> list:
         header = p.encode(msg)
-        return [header] if body is None else [header, body]
+        if body is None:
+            return [header]
+        if isinstance(body, list):
+            return [header, *body]
+        return [header, body]
 
     def _send_frames(self, frames: list) -> bool:
+        """Send one message without blocking; False if no connection is up
+        (with IMMEDIATE only the first frame can fail)."""
+        send = self._socket.send
+        last = len(frames) - 1
         try:
-            self._socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) < 2 or len(frames[1]) < 65536)
-            return True
+            for i, frame in enumerate(frames):
+                big = len(frame) >= _ZERO_COPY_THRESHOLD
+                send(frame, _NOBLOCK if i == last else _MORE_NOBLOCK, copy=not big)
         except zmq.Again:
             return False
+        return True
+
+    def _run_commands(self) -> None:
+        commands = self._commands
+        while commands:
+            item = commands.popleft()
+            if type(item) is not tuple:
+                item()
+                continue
+            channel, ttl, capacity, body = item  # a pipelined send: pack its successors
+            bodies = [body]
+            size = len(body)
+            while commands and len(bodies) < p.MAX_BATCH and size < _PACK_BYTES:
+                following = commands[0]
+                if type(following) is not tuple or following[:3] != item[:3]:
+                    break
+                commands.popleft()
+                bodies.append(following[3])
+                size += len(following[3])
+            self._start_request(p.Send(0, channel, ttl, capacity, False), bodies, None, None, track=False)
 
     def _start_request(
         self,
         msg: Any,
-        body: Optional[bytes],
+        body: Optional[bytes] | list,
         waiter: Optional[Waiter],
         on_reply: Optional[Callable],
         track: bool = True,
@@ -407,8 +452,7 @@ class Core:
                     except BlockingIOError:
                         pass
                 self._wake_pending = False
-                while self._commands:
-                    self._commands.popleft()()
+                self._run_commands()
                 self._read_all()
                 self._tick(time.monotonic())
                 if self._calls:
@@ -440,21 +484,28 @@ class Core:
                     state.waiters.popleft().resolve(None, error)
 
     def _read_all(self) -> None:
-        sock = self._socket
+        recv = self._socket.recv
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frame = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            frames = [frame]
+            while frame.more:
+                frame = recv(_NOBLOCK, copy=False)
+                frames.append(frame)
             self._last_heard = time.monotonic()
             try:
-                msg = p.decode_to_client(frames[0])
+                msg = p.decode_to_client(frames[0].buffer)
             except BrokerError as exc:
                 logger.warning("bad message from broker: %s", exc)
                 continue
             match msg:
-                case p.Deliver(channel, ttl):
-                    self._on_deliver(channel, frames[1] if len(frames) > 1 else b"", ttl)
+                case p.Deliver(channel, ttls):
+                    if len(ttls) == len(frames) - 1:
+                        self._on_deliver(channel, [f.bytes for f in frames[1:]], ttls)
+                    else:
+                        logger.warning("bad Deliver from broker: %d ttls, %d bodies", len(ttls), len(frames) - 1)
                 case p.Reply(req, code, detail, value):
                     self._on_reply(req, code, detail, value)
                 case p.Welcome(instance, max_body):
@@ -472,11 +523,12 @@ class Core:
                 while state.waiters:
                     state.waiters.popleft().resolve(None, error)
 
-    def _on_deliver(self, channel: str, body: bytes, ttl: float) -> None:
+    def _on_deliver(self, channel: str, bodies: list[bytes], ttls: list[float]) -> None:
+        now = time.monotonic()
         with self._lock:
             state = self._state(channel)
-            state.credit = max(0, state.credit - 1)
-            state.buffer.append((body, time.monotonic() + ttl))
+            state.credit = max(0, state.credit - len(bodies))
+            state.buffer.extend(zip(bodies, [now + ttl for ttl in ttls]))
             self._feed(state)
 
     def _on_reply(self, req: int, code: int, detail: str, value: Any) -> None:
@@ -616,11 +668,11 @@ class Core:
                     state.credit = want
                     self._send_frames(self._frames(p.Subscribe(0, state.name, want), None))
                 return
-            returned = list(state.buffer)
+            returned = [(body, deadline) for body, deadline in state.buffer if deadline > now]
             state.buffer.clear()
-        for body, deadline in reversed(returned):  # pushed to the front: newest first
-            if deadline > now:
-                self._send_frames(self._frames(p.Return(state.name, deadline - now), body))
+        for start in range(0, len(returned), p.MAX_BATCH):
+            chunk = returned[start : start + p.MAX_BATCH]
+            self._send_frames(self._frames(p.Return(state.name, [d - now for _, d in chunk]), [b for b, _ in chunk]))
 
 
 class _Stop(Exception):

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import zmq
 
 from .. import protocol as p
+from ..protocol import MAX_BATCH, PIPELINE_SLACK
 from ..exceptions import BrokerError, MessageTooLarge, ProtocolError, QueueFull, SubscriptionError
 from .data_message import DataMessage
 from .groups import Groups
@@ -31,8 +32,8 @@ __all__ = ["Broker", "DEFAULT_MAX_BODY"]
 logger = logging.getLogger("django_message_broker.server")
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
-#: Unchecked (pipelined) sends are refused only past this multiple of capacity.
-PIPELINE_SLACK = 2
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 @dataclass(eq=False)
@@ -70,7 +71,8 @@ class Broker:
     # -- helpers ------------------------------------------------------------
     def _reply(self, ident: bytes, reply: Any) -> None:
         try:
-            self.socket.send_multipart([ident, p.encode(reply)], flags=zmq.NOBLOCK)
+            self.socket.send(ident, _MORE_NOBLOCK)
+            self.socket.send(p.encode(reply), _NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone or its pipe full: a reply cannot wait
             logger.debug("reply to %r dropped: %s", ident, exc)
 
@@ -92,7 +94,7 @@ class Broker:
         if queue.stalled:
             self.stalled.add(queue)
 
-    def _push(self, queue: ChannelQueue, body: Any, ttl: float, limit: int) -> bool:
+    def _push(self, queue: ChannelQueue, body: Any, ttl: float, limit: int, deliver: bool = True) -> bool:
         """Queue ``body`` unless the queue holds ``limit`` messages."""
         if len(queue.queue) >= limit:
             queue._flush_messages()
@@ -100,29 +102,32 @@ class Broker:
                 self.counters["refused_full"] += 1
                 return False
         queue.push(DataMessage(body), ttl)
-        self._deliver(queue)
+        if deliver:
+            self._deliver(queue)
         return True
 
-    def _check_body(self, body: Any) -> None:
-        if body is None:
-            raise ProtocolError("this command needs a body frame")
-        size = len(body)
-        if size > self.max_body:
-            raise MessageTooLarge(size, self.max_body)
+    def _check_bodies(self, bodies: list, count: Optional[int] = None) -> None:
+        if not bodies or (count is not None and len(bodies) != count):
+            expected = "one or more" if count is None else str(count)
+            raise ProtocolError(f"this command needs {expected} body frame(s), not {len(bodies)}")
+        for body in bodies:
+            size = len(body)
+            if size > self.max_body:
+                raise MessageTooLarge(size, self.max_body)
 
     # -- the one entry point ---------------------------------------------------
     def handle(self, frames: list, now: float) -> None:
-        """Act on one message from the ROUTER socket: ``[ident, header, body?]``."""
+        """Act on one message from the ROUTER socket: ``[ident, header, body...]``."""
         self.counters["received"] += 1
         if len(frames) < 2:
             if frames:
                 self._error(bytes(frames[0]), 0, ProtocolError("empty message"))
             return
         ident = bytes(frames[0])
-        if len(frames) > 3:
-            self._error(ident, 0, ProtocolError(f"{len(frames) - 1} frames; a message has one or two"))
+        bodies = frames[2:]
+        if len(bodies) > MAX_BATCH:
+            self._error(ident, 0, ProtocolError(f"{len(bodies)} body frames; at most {MAX_BATCH}"))
             return
-        body = frames[2] if len(frames) == 3 else None
         try:
             cmd = p.decode_command(frames[1])
         except ProtocolError as exc:
@@ -137,24 +142,40 @@ class Broker:
         client.last_seen = now
         req = getattr(cmd, "req", 0)
         try:
-            self._dispatch(client, cmd, body, now)
+            self._dispatch(client, cmd, bodies, now)
         except BrokerError as exc:
             self._error(ident, req, exc)
         except Exception as exc:  # a bug must not take the broker down
             logger.exception("error handling %r from %r", type(cmd).__name__, ident)
             self._error(ident, req, BrokerError(f"internal error: {exc}"))
 
-    def _dispatch(self, client: ClientState, cmd: Any, body: Any, now: float) -> None:
+    def _dispatch(self, client: ClientState, cmd: Any, bodies: list, now: float) -> None:
         ident = client.ident
+        if bodies and not isinstance(cmd, (p.Send, p.GroupSend, p.Return)):
+            raise ProtocolError(f"{type(cmd).__name__} takes no body frames")
         match cmd:
             case p.Send(req, channel, ttl, capacity, checked):
-                self._check_body(body)
+                self._check_bodies(bodies)
                 queue = self._queue(channel)
-                limit = capacity if checked else capacity * PIPELINE_SLACK
-                if not self._push(queue, body, ttl, limit):
-                    raise QueueFull(channel, capacity)
                 if checked:
+                    if len(queue.queue) + len(bodies) > capacity:
+                        queue._flush_messages()
+                        if len(queue.queue) + len(bodies) > capacity:
+                            self.counters["refused_full"] += len(bodies)
+                            raise QueueFull(channel, capacity)
+                    for body in bodies:
+                        queue.push(DataMessage(body), ttl)
+                    self._deliver(queue)
                     self._reply(ident, p.Reply(req, 0, "", len(queue.queue)))
+                else:
+                    limit = capacity * PIPELINE_SLACK
+                    refused = 0
+                    for body in bodies:
+                        if not self._push(queue, body, ttl, limit, deliver=False):
+                            refused += 1
+                    self._deliver(queue)
+                    if refused:
+                        raise QueueFull(channel, capacity)
             case p.Subscribe(req, channel, credit):
                 endpoint = client.endpoints.get(channel)
                 queue = self._queue(channel)
@@ -177,16 +198,17 @@ class Broker:
                     queue.discard(endpoint)
                     self._forget_if_empty(queue)
                 self._reply(ident, p.Reply(req, 0, "", left))
-            case p.Return(channel, ttl):
-                self._check_body(body)
+            case p.Return(channel, ttls):
+                self._check_bodies(bodies, len(ttls))
                 queue = self._queue(channel)
-                message = DataMessage(body, now + ttl if ttl > 0 else now)
-                if message.deadline > now:
-                    queue.push_front(message)
-                    self._deliver(queue)
+                for body, ttl in zip(reversed(bodies), reversed(ttls)):  # newest first to the front
+                    if ttl > 0:
+                        queue.push_front(DataMessage(body, now + ttl))
+                self._deliver(queue)
             case p.GroupSend(req, group, ttl, capacity):
-                self._check_body(body)
+                self._check_bodies(bodies, 1)
                 p.check_group_name(group)
+                body = bodies[0]
                 sent = skipped = 0
                 for channel in self.groups.members(group, now):
                     if self._push(self._queue(channel), body, ttl, capacity):

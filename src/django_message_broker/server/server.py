@@ -121,12 +121,13 @@ class BrokerServer:
         handle = self.broker.handle
         poll = self._socket.poll
         recv = sock.recv_multipart
+        noblock = int(zmq.NOBLOCK)
         while True:
             await poll(flags=zmq.POLLIN)
             now = time.monotonic()
             for _ in range(_BATCH):
                 try:
-                    frames = recv(zmq.NOBLOCK, copy=False)
+                    frames = recv(noblock, copy=False)
                 except zmq.Again:
                     break
                 handle(frames, now)
