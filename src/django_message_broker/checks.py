@@ -25,7 +25,9 @@ def check_channel_layers(app_configs: Any = None, **kwargs: Any) -> list[checks.
         try:
             options = layer_options(config)
         except (TypeError, ValueError) as exc:
-            messages.append(checks.Error(f"CHANNEL_LAYERS[{alias!r}]: bad CONFIG: {exc}", id="django_message_broker.E001"))
+            messages.append(
+                checks.Error(f"CHANNEL_LAYERS[{alias!r}]: bad CONFIG: {exc}", id="django_message_broker.E001")
+            )
             continue
         address = options["address"]
         if not is_local_address(address):
@@ -47,6 +49,8 @@ def check_channel_layers(app_configs: Any = None, **kwargs: Any) -> list[checks.
         capacity = config.get("capacity", 100)
         if not isinstance(capacity, int) or capacity < 1:
             messages.append(
-                checks.Error(f"CHANNEL_LAYERS[{alias!r}]: capacity must be a positive int.", id="django_message_broker.E003")
+                checks.Error(
+                    f"CHANNEL_LAYERS[{alias!r}]: capacity must be a positive int.", id="django_message_broker.E003"
+                )
             )
     return messages

@@ -27,7 +27,7 @@ import zmq
 
 from . import protocol as p
 
-__all__ = ["ensure_broker", "probe", "is_local_address"]
+__all__ = ["ensure_broker", "is_local_address", "probe"]
 
 logger = logging.getLogger("django_message_broker.embedded")
 
@@ -46,7 +46,7 @@ def is_local_address(address: str) -> bool:
 
 def probe(address: str, timeout: float = 0.3) -> bool:
     """True if a broker answers a Hello at ``address`` within ``timeout``."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, b"probe-" + uuid.uuid4().hex.encode())
@@ -94,7 +94,9 @@ def ensure_broker(address: str, *, idle_timeout: Optional[float] = 60.0, timeout
     if probe(address):
         return False
     if not is_local_address(address):
-        raise RuntimeError(f"no broker answers at {address}, and an embedded broker is only started for local addresses")
+        raise RuntimeError(
+            f"no broker answers at {address}, and an embedded broker is only started for local addresses"
+        )
     lock_path, log_path = _paths(address)
     with _host_lock(lock_path):
         if probe(address):
@@ -104,8 +106,12 @@ def ensure_broker(address: str, *, idle_timeout: Optional[float] = 60.0, timeout
             command += ["--idle-timeout", str(idle_timeout)]
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True,
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
             )
         logger.info("started an embedded broker (pid %d) on %s; log: %s", process.pid, address, log_path)
         deadline = time.monotonic() + timeout

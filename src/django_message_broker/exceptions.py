@@ -119,7 +119,15 @@ class ClientClosed(BrokerError):
 
 _BY_CODE: dict[int, type[BrokerError]] = {
     cls.code: cls
-    for cls in (ProtocolError, QueueFull, MessageTooLarge, InvalidName, SubscriptionError, BrokerUnavailable, ClientClosed)
+    for cls in (
+        ProtocolError,
+        QueueFull,
+        MessageTooLarge,
+        InvalidName,
+        SubscriptionError,
+        BrokerUnavailable,
+        ClientClosed,
+    )
 }
 
 

@@ -107,8 +107,16 @@ class ChannelsServerLayer(BaseChannelLayer):
         self.channel_capacity = compile_capacities(channel_capacity or {})
         self.group_expiry = group_expiry
         unknown = set(config) - {
-            "address", "ip_address", "port", "embedded", "timeout", "heartbeat", "prefetch",
-            "process_prefetch", "idle_return", "embedded_idle_timeout",
+            "address",
+            "ip_address",
+            "port",
+            "embedded",
+            "timeout",
+            "heartbeat",
+            "prefetch",
+            "process_prefetch",
+            "idle_return",
+            "embedded_idle_timeout",
         }
         if unknown:
             raise TypeError(f"unknown ChannelsServerLayer option(s): {', '.join(sorted(unknown))}")

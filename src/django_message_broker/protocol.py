@@ -23,17 +23,17 @@ import msgspec
 from .exceptions import BrokerError, InvalidName, ProtocolError
 
 __all__ = [
-    "VERSION",
-    "Command",
-    "Reply",
-    "Deliver",
-    "encode",
-    "decode",
-    "check_channel_name",
-    "check_group_name",
     "MAX_BATCH",
     "MAX_NAME_LENGTH",
     "PIPELINE_SLACK",
+    "VERSION",
+    "Command",
+    "Deliver",
+    "Reply",
+    "check_channel_name",
+    "check_group_name",
+    "decode",
+    "encode",
 ]
 
 VERSION = 1
@@ -47,7 +47,7 @@ MAX_BATCH = 1024
 PIPELINE_SLACK = 2
 
 
-class _Msg(msgspec.Struct, array_like=True, frozen=True, tag_field="t"):
+class _Msg(msgspec.Struct, array_like=True, tag_field="t"):
     pass
 
 
@@ -159,7 +159,9 @@ class Welcome(_Msg, tag=22):
     max_body: int
 
 
-Command = Union[Hello, Send, GroupSend, GroupAdd, GroupDiscard, Subscribe, Unsubscribe, Return, Flush, Heartbeat, Stats, Bye]
+Command = Union[
+    Hello, Send, GroupSend, GroupAdd, GroupDiscard, Subscribe, Unsubscribe, Return, Flush, Heartbeat, Stats, Bye
+]
 ToClient = Union[Deliver, Reply, Welcome]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -16,11 +16,20 @@ it read ``settings.CHANNEL_LAYERS[alias]["CONFIG"]``::
 from __future__ import annotations
 
 import uuid
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 from . import exceptions
 from .client import AsyncClient, SyncClient
-from .layer import BaseChannelLayer, ChannelFull, MessageTooLarge, compile_capacities, decode_message, encode_message, layer_options
+from .layer import (
+    BaseChannelLayer,
+    ChannelFull,
+    MessageTooLarge,
+    compile_capacities,
+    decode_message,
+    encode_message,
+    layer_options,
+)
 
 __all__ = ["ProcessClient"]
 
@@ -53,7 +62,7 @@ class ProcessClient:
         self._sync = SyncClient(**self.options)
         self._async = self._sync.twin(AsyncClient)
 
-    def __enter__(self) -> "ProcessClient":
+    def __enter__(self) -> ProcessClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -135,18 +144,14 @@ class ProcessClient:
         await self._async.flush()
 
 
-class _mapped_errors:
+@contextmanager
+def _mapped_errors(name: str) -> Iterator[None]:
     """Raise the layer's classes (Channels' and ours at once)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
-        if isinstance(exc, exceptions.QueueFull) and not isinstance(exc, ChannelFull):
-            raise ChannelFull(self.name, exc.capacity) from None
-        if isinstance(exc, exceptions.MessageTooLarge) and not isinstance(exc, MessageTooLarge):
-            raise MessageTooLarge(exc.size, exc.limit) from None
-        return False
+    try:
+        yield
+    except (ChannelFull, MessageTooLarge):
+        raise
+    except exceptions.QueueFull as exc:
+        raise ChannelFull(name, exc.capacity) from None
+    except exceptions.MessageTooLarge as exc:
+        raise MessageTooLarge(exc.size, exc.limit) from None

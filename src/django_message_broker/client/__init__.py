@@ -17,7 +17,7 @@ from ..exceptions import ClientClosed, MessageTooLarge
 from ..server.server import DEFAULT_ADDRESS
 from .core import AsyncWaiter, Core, SyncWaiter
 
-__all__ = ["AsyncClient", "SyncClient", "DEFAULT_ADDRESS"]
+__all__ = ["DEFAULT_ADDRESS", "AsyncClient", "SyncClient"]
 
 _MAX_TRACKED_CHANNELS = 10_000
 _C = TypeVar("_C", bound="_ClientBase")
@@ -40,7 +40,11 @@ class _ClientBase:
         self.timeout = timeout
         self.embedded = embedded
         self._options = dict(
-            timeout=timeout, heartbeat=heartbeat, prefetch=prefetch, process_prefetch=process_prefetch, idle_return=idle_return
+            timeout=timeout,
+            heartbeat=heartbeat,
+            prefetch=prefetch,
+            process_prefetch=process_prefetch,
+            idle_return=idle_return,
         )
         self._embedded_idle_timeout = embedded_idle_timeout
         self._core: Optional[Core] = None
@@ -70,7 +74,7 @@ class _ClientBase:
                 core = self._core
         return core
 
-    def twin(self, cls: type["_C"]) -> "_C":
+    def twin(self, cls: type[_C]) -> _C:
         """A client of another kind (``AsyncClient``/``SyncClient``) sharing
         this one's connection, receive buffers and send window."""
         other = cls.__new__(cls)
@@ -125,7 +129,7 @@ class _ClientBase:
 class AsyncClient(_ClientBase):
     """Asyncio client. Every method may be awaited from any event loop."""
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -205,7 +209,7 @@ class AsyncClient(_ClientBase):
 class SyncClient(_ClientBase):
     """Blocking client for worker processes and threads."""
 
-    def __enter__(self) -> "SyncClient":
+    def __enter__(self) -> SyncClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:

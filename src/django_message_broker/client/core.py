@@ -31,12 +31,14 @@ group memberships it added that have not expired.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import os
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from typing import Any, Callable, Optional
 
@@ -46,7 +48,7 @@ import zmq
 from .. import protocol as p
 from ..exceptions import BrokerError, BrokerUnavailable, ClientClosed, SubscriptionError, from_wire
 
-__all__ = ["Core", "AsyncWaiter", "SyncWaiter"]
+__all__ = ["AsyncWaiter", "Core", "SyncWaiter"]
 
 logger = logging.getLogger("django_message_broker.client")
 
@@ -55,6 +57,17 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
 _ZERO_COPY_THRESHOLD = 65536  # smaller frames are copied: cheaper than zero-copy bookkeeping
 _PACK_BYTES = 4 << 20  # at most this much body in one packed Send
+_SCAN_INTERVAL = 0.02
+_CLOSE_LINGER_MS = 1000  # how long close() lets queued messages drain
+
+_live_cores: weakref.WeakSet[Core] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_cores() -> None:
+    """A script that sends and exits without close() still sends."""
+    for core in list(_live_cores):
+        core.close(timeout=1.0)
 
 
 # -- waiters -------------------------------------------------------------------
@@ -62,9 +75,9 @@ class AsyncWaiter:
     """A result for a coroutine on ``loop``. ``resolve`` is called on the I/O
     thread with the client lock held; the outcome is decided on the loop."""
 
-    __slots__ = ("loop", "future", "core", "channel")
+    __slots__ = ("channel", "core", "future", "loop")
 
-    def __init__(self, core: "Core", channel: Optional[str] = None) -> None:
+    def __init__(self, core: Core, channel: Optional[str] = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.future: asyncio.Future = self.loop.create_future()
         self.core = core
@@ -95,7 +108,7 @@ class AsyncWaiter:
 class SyncWaiter:
     """A result for a blocked thread. Resolved under the client lock."""
 
-    __slots__ = ("event", "value", "error", "abandoned", "channel")
+    __slots__ = ("abandoned", "channel", "error", "event", "value")
 
     def __init__(self, channel: Optional[str] = None) -> None:
         self.event = threading.Event()
@@ -111,7 +124,7 @@ class SyncWaiter:
         self.value, self.error = value, error
         self.event.set()
 
-    def wait(self, core: "Core", timeout: Optional[float]) -> Any:
+    def wait(self, core: Core, timeout: Optional[float]) -> Any:
         if not self.event.wait(timeout):
             with core._lock:
                 if not self.event.is_set():
@@ -128,7 +141,7 @@ Waiter = Any  # AsyncWaiter | SyncWaiter
 class _Channel:
     """Receive state of one channel in this process."""
 
-    __slots__ = ("name", "buffer", "waiters", "credit", "last_wanted", "withdrawing", "prefetch")
+    __slots__ = ("buffer", "credit", "last_wanted", "name", "prefetch", "waiters", "withdrawing")
 
     def __init__(self, name: str, prefetch: int) -> None:
         self.name = name
@@ -141,7 +154,7 @@ class _Channel:
 
 
 class _Request:
-    __slots__ = ("waiter", "deadline", "on_reply", "frames", "sent", "track")
+    __slots__ = ("deadline", "frames", "on_reply", "sent", "track", "waiter")
 
     def __init__(self, waiter: Optional[Waiter], deadline: float, on_reply: Optional[Callable], frames: list) -> None:
         self.waiter = waiter
@@ -181,7 +194,7 @@ class Core:
         self.closed = False
 
         self._lock = threading.RLock()
-        self._commands: deque[Callable[[], None]] = deque()
+        self._commands: deque[Any] = deque()  # callables, or pipelined sends as tuples
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._wake_pending = False
@@ -194,12 +207,14 @@ class Core:
         self._last_heard = 0.0
         self._last_hello = 0.0
         self._heartbeat_req = 0
+        self._next_scan = 0.0  # timeouts, liveness and idle channels are checked every _SCAN_INTERVAL
         self._unreachable_reported = False
         self._ready = threading.Event()
         self._context = zmq.Context()
         self._socket = self._new_socket()
         self._thread = threading.Thread(target=self._run, name=f"dmb-client-{self.client_id[:8]}", daemon=True)
         self._thread.start()
+        _live_cores.add(self)
 
     # ------------------------------------------------------------------ setup
     def _new_socket(self) -> zmq.Socket:
@@ -218,7 +233,7 @@ class Core:
         return self._ready.wait(timeout)
 
     # ------------------------------------------------------- cross-thread API
-    def call(self, fn: Callable[[], None]) -> None:
+    def call(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on the I/O thread (soon, in order)."""
         if self.closed:
             raise ClientClosed("the client is closed")
@@ -230,7 +245,9 @@ class Core:
             except OSError:
                 pass
 
-    def request(self, msg: Any, body: Optional[bytes] | list, waiter: Optional[Waiter], on_reply: Optional[Callable] = None) -> None:
+    def request(
+        self, msg: Any, body: Optional[bytes] | list, waiter: Optional[Waiter], on_reply: Optional[Callable] = None
+    ) -> None:
         """Send a request; its reply resolves ``waiter`` (``on_reply(value)``
         may transform the value, or raise). The I/O thread numbers it."""
         self.call(lambda: self._start_request(msg, body, waiter, on_reply))
@@ -261,7 +278,9 @@ class Core:
             state = self._channels[channel] = _Channel(channel, prefetch)
         return state
 
-    def take(self, channel: str, make_waiter: Callable[[], Waiter]) -> tuple[Optional[tuple[bytes, float]], Optional[Waiter]]:
+    def take(
+        self, channel: str, make_waiter: Callable[[], Waiter]
+    ) -> tuple[Optional[tuple[bytes, float]], Optional[Waiter]]:
         """The next message of ``channel`` if one is here, else a new waiter
         (from ``make_waiter``) that the next delivery resolves with
         ``(body, deadline)``. Grants the broker credit as needed."""
@@ -281,7 +300,12 @@ class Core:
             # Top credit up in batches of at least half the window: one
             # Subscribe per prefetch/2 messages, not one per message.
             want = state.prefetch - state.credit - len(state.buffer)
-            if want > 0 and (waiter is not None or want * 2 >= state.prefetch) and not state.withdrawing and self.connected:
+            if (
+                want > 0
+                and (waiter is not None or want * 2 >= state.prefetch)
+                and not state.withdrawing
+                and self.connected
+            ):
                 state.credit += want
                 self.post(p.Subscribe(0, channel, want))
             elif waiter is not None and not self.connected:
@@ -467,8 +491,9 @@ class Core:
             self._fail_all(ClientClosed("the client is closed"))
             with self._lock:
                 self._flush_calls()
-            self._socket.close(0)
+            self._socket.close(linger=_CLOSE_LINGER_MS if self.connected else 0)
             self._context.term()
+            _live_cores.discard(self)
             os.close(self._wake_r)
             os.close(self._wake_w)
 
@@ -548,7 +573,7 @@ class Core:
             if request.on_reply is not None:
                 try:
                     result = request.on_reply(value)
-                except BaseException as exc:  # noqa: BLE001 - reported to the caller
+                except BaseException as exc:
                     error = exc
         if request.waiter is not None:
             with self._lock:
@@ -569,10 +594,10 @@ class Core:
         self._start_request(p.Hello(0, self.client_id, self.heartbeat), None, None, welcomed, first=True)
 
     def _on_connected(self, restarted: bool) -> None:
-        self.connected = True
         self._unreachable_reported = False
         now = time.monotonic()
         with self._lock:
+            self.connected = True  # under the lock: take() must not grant while credit is reset
             for state in self._channels.values():
                 state.credit = 0
                 state.withdrawing = False
@@ -591,6 +616,9 @@ class Core:
     def _tick(self, now: float) -> None:
         if self._backlog:
             self._drain_backlog()
+        if now < self._next_scan:
+            return
+        self._next_scan = now + _SCAN_INTERVAL
         # request timeouts
         expired = [req for req, r in self._requests.items() if r.deadline <= now]
         for req in expired:
@@ -650,7 +678,9 @@ class Core:
 
             self._start_request(p.Unsubscribe(0, state.name), None, None, withdrawn)
         with self._lock:
-            for name in [n for n, s in self._channels.items() if not (s.waiters or s.buffer or s.credit or s.withdrawing)]:
+            for name in [
+                n for n, s in self._channels.items() if not (s.waiters or s.buffer or s.credit or s.withdrawing)
+            ]:
                 if now - self._channels[name].last_wanted >= self.idle_return:
                     del self._channels[name]
 
@@ -686,5 +716,3 @@ def _nothing() -> None:
 def _run_batch(batch: list) -> None:
     for fn, args in batch:
         fn(*args)
-
-

@@ -2,4 +2,4 @@
 
 from .server import DEFAULT_ADDRESS, BrokerServer, serve
 
-__all__ = ["BrokerServer", "DEFAULT_ADDRESS", "serve"]
+__all__ = ["DEFAULT_ADDRESS", "BrokerServer", "serve"]

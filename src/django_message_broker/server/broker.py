@@ -21,13 +21,13 @@ from typing import Any, Callable, Optional
 import zmq
 
 from .. import protocol as p
-from ..protocol import MAX_BATCH, PIPELINE_SLACK
 from ..exceptions import BrokerError, MessageTooLarge, ProtocolError, QueueFull, SubscriptionError
+from ..protocol import MAX_BATCH, PIPELINE_SLACK
 from .data_message import DataMessage
 from .groups import Groups
 from .server_queue import ChannelQueue, Endpoint
 
-__all__ = ["Broker", "DEFAULT_MAX_BODY"]
+__all__ = ["DEFAULT_MAX_BODY", "Broker"]
 
 logger = logging.getLogger("django_message_broker.server")
 
@@ -192,11 +192,11 @@ class Broker:
             case p.Unsubscribe(req, channel):
                 endpoint = client.endpoints.pop(channel, None)
                 left = 0
-                queue = self.queues.get(channel)
-                if endpoint is not None and queue is not None and endpoint.id in queue.subscribers:
+                subscribed = self.queues.get(channel)
+                if endpoint is not None and subscribed is not None and endpoint.id in subscribed.subscribers:
                     left = endpoint.credit or 0
-                    queue.discard(endpoint)
-                    self._forget_if_empty(queue)
+                    subscribed.discard(endpoint)
+                    self._forget_if_empty(subscribed)
                 self._reply(ident, p.Reply(req, 0, "", left))
             case p.Return(channel, ttls):
                 self._check_bodies(bodies, len(ttls))

@@ -25,7 +25,7 @@ import zmq.asyncio
 
 from .broker import DEFAULT_MAX_BODY, Broker
 
-__all__ = ["BrokerServer", "DEFAULT_ADDRESS", "serve"]
+__all__ = ["DEFAULT_ADDRESS", "BrokerServer", "serve"]
 
 logger = logging.getLogger("django_message_broker.server")
 
@@ -69,7 +69,7 @@ class BrokerServer:
         self._closed: Optional[asyncio.Event] = None
         self.broker: Optional[Broker] = None
 
-    async def __aenter__(self) -> "BrokerServer":
+    async def __aenter__(self) -> BrokerServer:
         await self.start()
         return self
 
@@ -97,7 +97,7 @@ class BrokerServer:
             raise
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._socket = sock
-        sync_socket = zmq.Socket.shadow(sock.underlying)  # plain calls on the hot path
+        sync_socket: zmq.Socket = zmq.Socket.shadow(sock.underlying)  # plain calls on the hot path
         self.broker = Broker(
             sync_socket, clock=time.monotonic, max_body=self.max_body, max_queue_length=self.max_queue_length
         )
@@ -123,7 +123,7 @@ class BrokerServer:
         recv = sock.recv_multipart
         noblock = int(zmq.NOBLOCK)
         while True:
-            await poll(flags=zmq.POLLIN)
+            await poll()
             now = time.monotonic()
             for _ in range(_BATCH):
                 try:
@@ -166,7 +166,7 @@ class BrokerServer:
         for task in tasks:
             try:
                 await task
-            except BaseException:  # noqa: BLE001 - cancelled, or already logged
+            except BaseException:
                 pass
         if self.broker is not None and self._socket is not None:
             queued = self.broker.queued()
