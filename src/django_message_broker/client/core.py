@@ -553,7 +553,7 @@ class Core:
         with self._lock:
             state = self._state(channel)
             state.credit = max(0, state.credit - len(bodies))
-            state.buffer.extend(zip(bodies, [now + ttl for ttl in ttls]))
+            state.buffer.extend(zip(bodies, [now + ttl for ttl in ttls], strict=True))
             self._feed(state)
 
     def _on_reply(self, req: int, code: int, detail: str, value: Any) -> None:

@@ -201,7 +201,7 @@ class Broker:
             case p.Return(channel, ttls):
                 self._check_bodies(bodies, len(ttls))
                 queue = self._queue(channel)
-                for body, ttl in zip(reversed(bodies), reversed(ttls)):  # newest first to the front
+                for body, ttl in zip(reversed(bodies), reversed(ttls), strict=True):  # newest first to the front
                     if ttl > 0:
                         queue.push_front(DataMessage(body, now + ttl))
                 self._deliver(queue)
