@@ -1,0 +1,1 @@
+"""The demo chat site: rooms are Channels groups on django-message-broker."""
