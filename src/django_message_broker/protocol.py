@@ -184,6 +184,8 @@ def _decode(decoder: msgspec.msgpack.Decoder, header: Any) -> Any:
         return decoder.decode(view[1:])
     except msgspec.DecodeError as exc:  # ValidationError is a subclass
         raise ProtocolError(f"malformed header: {exc}") from None
+    except RecursionError:  # msgspec recurses into nesting, even in ignored trailing fields
+        raise ProtocolError("malformed header: nested too deeply") from None
 
 
 def decode_command(header: Any) -> Command:

@@ -87,22 +87,27 @@ class AsyncWaiter:
         return not self.future.done()
 
     def resolve(self, value: Any = None, error: Optional[BaseException] = None) -> None:
+        if error is None and self.channel is not None:
+            # A message is on its way to this receive: until the loop has
+            # decided whether the receive still wants it, later messages of
+            # the channel must wait behind it (see Core.take).
+            self.core._state(self.channel).handoffs += 1
         self.core._schedule(self.loop, self._settle, value, error)
 
     def _settle(self, value: Any, error: Optional[BaseException]) -> None:
-        if self.future.done():  # cancelled meanwhile: nothing is lost
-            if error is None and self.channel is not None:
-                self.core._put_back(self.channel, value)
+        if error is not None or self.channel is None:
+            if not self.future.done():
+                self.future.set_exception(error) if error is not None else self.future.set_result(value)
             return
-        if error is not None:
-            self.future.set_exception(error)
-        else:
-            self.future.set_result(value)
+        self.core._settle_handoff(self.channel, value, self.future)
 
     def undeliverable(self, value: Any) -> None:
-        """The loop is gone (closed): put a message back."""
+        """The loop is gone (closed): put the message back (lock held)."""
         if self.channel is not None:
-            self.core._put_back(self.channel, value, locked=True)
+            state = self.core._state(self.channel)
+            state.handoffs -= 1
+            state.buffer.appendleft(value)
+            self.core._feed(state)
 
 
 class SyncWaiter:
@@ -141,7 +146,7 @@ Waiter = Any  # AsyncWaiter | SyncWaiter
 class _Channel:
     """Receive state of one channel in this process."""
 
-    __slots__ = ("buffer", "credit", "last_wanted", "name", "prefetch", "waiters", "withdrawing")
+    __slots__ = ("buffer", "credit", "handoffs", "last_wanted", "name", "prefetch", "waiters", "withdrawing")
 
     def __init__(self, name: str, prefetch: int) -> None:
         self.name = name
@@ -151,6 +156,7 @@ class _Channel:
         self.last_wanted = 0.0
         self.withdrawing = False
         self.prefetch = prefetch
+        self.handoffs = 0  # messages on their way to a receive's event loop
 
 
 class _Request:
@@ -289,7 +295,7 @@ class Core:
         with self._lock:
             state = self._state(channel)
             state.last_wanted = now
-            while state.buffer and not state.waiters:
+            while state.buffer and not state.waiters and not state.handoffs:
                 candidate = state.buffer.popleft()
                 if candidate[1] > now:
                     item = candidate
@@ -312,19 +318,33 @@ class Core:
                 self.call(_nothing)  # wake the I/O thread: it grants credit once connected
         return item, waiter
 
-    def _put_back(self, channel: str, item: tuple[bytes, float], locked: bool = False) -> None:
-        """A delivery whose receive was cancelled: first in line again."""
+    def _put_back(self, channel: str, item: tuple[bytes, float]) -> None:
+        """A message whose receive was cancelled: first in line again."""
         with self._lock:
             state = self._state(channel)
             state.buffer.appendleft(item)
             self._feed(state)
-            if not locked:
-                self._flush_calls_if_not_io()
+            self._flush_calls_if_not_io()
+
+    def _settle_handoff(self, channel: str, item: tuple[bytes, float], future: asyncio.Future) -> None:
+        """On the receive's loop: give it the message, or, if it was
+        cancelled, put the message back first in line."""
+        with self._lock:
+            state = self._state(channel)
+            state.handoffs -= 1
+            if future.done():
+                state.buffer.appendleft(item)
+            else:
+                future.set_result(item)
+            self._feed(state)
+            self._flush_calls_if_not_io()
 
     def _feed(self, state: _Channel) -> None:
-        """Hand buffered messages to live waiters (lock held)."""
+        """Hand buffered messages to live waiters (lock held). One hand-off
+        to an event loop at a time per channel: if that receive turns out to
+        be cancelled, its message must still be first for the next one."""
         now = time.monotonic()
-        while state.buffer and state.waiters:
+        while state.buffer and state.waiters and not state.handoffs:
             waiter = state.waiters[0]
             if not waiter.alive():
                 state.waiters.popleft()
@@ -679,7 +699,7 @@ class Core:
             self._start_request(p.Unsubscribe(0, state.name), None, None, withdrawn)
         with self._lock:
             for name in [
-                n for n, s in self._channels.items() if not (s.waiters or s.buffer or s.credit or s.withdrawing)
+                n for n, s in self._channels.items() if not (s.waiters or s.buffer or s.credit or s.withdrawing or s.handoffs)
             ]:
                 if now - self._channels[name].last_wanted >= self.idle_return:
                     del self._channels[name]

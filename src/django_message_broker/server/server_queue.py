@@ -130,6 +130,11 @@ class RoundRobinDict(UserDict):
         self.index += 1
         return value  # type: ignore[no-any-return]
 
+    def _unget(self) -> None:
+        """The value the last ``__next__`` returned comes again next."""
+        if self.index > 0:
+            self.index -= 1
+
     def next_ready(self) -> Optional[Endpoint]:
         """The next endpoint in round-robin order that has credit, if any."""
         for _ in range(len(self.data)):
@@ -341,72 +346,61 @@ class ChannelQueue:
 
     def deliver(self, limit: Optional[int] = None) -> int:
         """Send queued messages to endpoints with credit, round robin, until
-        the queue is empty, no endpoint has credit, or ``limit`` messages
-        went. What one endpoint gets in one round travels as one Deliver (at
-        most ``MAX_BATCH`` messages). Never blocks. Returns how many were
-        sent. An unreachable endpoint is dropped and a busy one sets
-        ``stalled``; their messages go back to the head of the queue, in
-        order."""
+        the queue is empty, no endpoint has credit, a peer is busy, or
+        ``limit`` messages went. Never blocks. Returns how many were sent.
+
+        Messages leave strictly in queue order. A run of consecutive
+        messages for the same endpoint (one endpoint with credit, the usual
+        case) travels as one Deliver of at most ``MAX_BATCH``. A run that
+        fails goes back to the head of the queue, in order, and nothing
+        after it is sent in this call: what went out is always a prefix of
+        the queue, so no endpoint ever sees a message after a later one.
+        An unreachable endpoint is dropped; a busy one sets ``stalled``."""
         self.stalled = False
+        if not self.queue or not self.subscribers:
+            return 0
+        now = self.clock()
+        queue = self.queue
         sent = 0
-        while self.queue and self.subscribers and not self.stalled:
-            count, capped = self._deliver_round(None if limit is None else limit - sent)
-            sent += count
-            if not capped or (limit is not None and sent >= limit):
+        run: list[DataMessage] = []
+        run_to: Optional[Endpoint] = None  # endpoint of the run being built
+        chosen: Optional[Endpoint] = None  # picked for the head message, not yet in a run
+        while True:
+            if queue and len(run) < MAX_BATCH and (limit is None or sent + len(run) < limit):
+                if queue[0].deadline <= now:
+                    queue.popleft()
+                    self.expired += 1
+                    continue
+                if chosen is None:
+                    chosen = self.subscribers.next_ready()
+                if chosen is not None and (run_to is None or chosen is run_to):
+                    run_to, chosen = chosen, None
+                    run.append(queue.popleft())
+                    if run_to.credit is not None:
+                        run_to.credit -= 1
+                    continue
+            if run_to is None:
                 break
+            outcome = self._send(run_to, run, now)
+            if outcome == _SENT:
+                sent += len(run)
+            else:
+                queue.extendleft(reversed(run))  # back to the head, in order
+                if outcome == _GONE:
+                    self.subscribers.pop(run_to.id, None)
+                    if chosen is run_to:
+                        chosen = None
+                else:
+                    if run_to.credit is not None:
+                        run_to.credit += len(run)
+                    self.stalled = True
+                    break
+            run, run_to = [], None
+        if chosen is not None:  # picked but not served: first in line next time
+            self.subscribers._unget()
         self._set_messages_available()
         self._set_subscribers_available()
         return sent
-
-    def _deliver_round(self, limit: Optional[int]) -> tuple[int, bool]:
-        """One round of ``deliver``: returns (messages sent, whether a batch
-        reached ``MAX_BATCH``, so that another round may be due)."""
-        now = self.clock()
-        queue = self.queue
-        batches: dict[int, tuple[Endpoint, list[DataMessage]]] = {}  # by id(endpoint)
-        taken_in_order: list[DataMessage] = []
-        taken = 0
-        capped = False
-        while queue and (limit is None or taken < limit):
-            if queue[0].deadline <= now:
-                queue.popleft()
-                self.expired += 1
-                continue
-            endpoint = self.subscribers.next_ready()
-            if endpoint is None:
-                break
-            batch = batches.get(id(endpoint))
-            if batch is None:
-                batch = batches[id(endpoint)] = (endpoint, [])
-            elif len(batch[1]) >= MAX_BATCH:
-                capped = True
-                break
-            message = queue.popleft()
-            batch[1].append(message)
-            taken_in_order.append(message)
-            taken += 1
-            if endpoint.credit is not None:
-                endpoint.credit -= 1
-        sent = 0
-        failed: list[DataMessage] = []
-        for endpoint, messages in batches.values():
-            outcome = self._send(endpoint, messages, now)
-            if outcome == _SENT:
-                sent += len(messages)
-                continue
-            failed.extend(messages)
-            if outcome == _GONE:
-                self.subscribers.pop(endpoint.id, None)
-            else:
-                self.stalled = True
-                if endpoint.credit is not None:
-                    endpoint.credit += len(messages)
-        if failed:  # back to the head, in the order they were queued
-            if len(batches) > 1:
-                position = {id(m): i for i, m in enumerate(taken_in_order)}
-                failed.sort(key=lambda m: position[id(m)])
-            queue.extendleft(reversed(failed))
-        return sent, capped
 
     async def pull_and_send(self) -> None:
         """Pulls a message from the head of the queue and sends it to the next

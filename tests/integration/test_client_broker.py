@@ -1,0 +1,465 @@
+"""Clients against a real broker (the ``broker`` fixture), over real zmq."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import msgspec
+import psutil
+import pytest
+import zmq
+import zmq.asyncio
+from asgiref.sync import async_to_sync
+
+from django_message_broker import AsyncClient, SyncClient
+from django_message_broker import protocol as p
+from django_message_broker.exceptions import BrokerUnavailable, MessageTooLarge, QueueFull, from_wire
+
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., Any]]:
+    """``clients(cls, address, **options)``: a client closed at teardown."""
+    made: list[Any] = []
+
+    def make(cls: type, address: str, **options: Any) -> Any:
+        client = cls(address, **options)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def numbered(n: int, prefix: bytes = b"") -> list[bytes]:
+    return [prefix + b"%d" % i for i in range(n)]
+
+
+def ready_endpoints(broker: Any, channel: str) -> int:
+    """How many endpoints hold credit for ``channel`` on the broker."""
+
+    def look() -> int:
+        queue = broker.server.broker.queues.get(channel)
+        return 0 if queue is None else sum(1 for e in queue.subscribers.values() if e.ready)
+
+    return broker.call(look)  # type: ignore[no-any-return]
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+# -- basics -------------------------------------------------------------------------
+async def test_async_send_and_receive(broker, clients):
+    tx, rx = clients(AsyncClient, broker.address), clients(AsyncClient, broker.address)
+    await tx.send("basic", b"hello")
+    assert await asyncio.wait_for(rx.receive("basic"), 5) == b"hello"
+
+
+def test_sync_send_and_receive_and_a_timed_out_receive_loses_nothing(broker, clients):
+    tx, rx = clients(SyncClient, broker.address), clients(SyncClient, broker.address)
+    tx.send("sync", b"one")
+    assert rx.receive("sync", timeout=5) == b"one"
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        rx.receive("sync", timeout=0.2)
+    assert 0.15 <= time.monotonic() - started < 2
+    tx.send("sync", b"two")
+    assert rx.receive("sync", timeout=5) == b"two"
+
+
+async def test_group_send_reaches_members(broker, clients):
+    tx, rx = clients(AsyncClient, broker.address), clients(AsyncClient, broker.address)
+    await rx.group_add("room", "member.one")
+    await rx.group_add("room", "member.two")
+    assert await tx.group_send("room", b"hi") == (2, 0)
+    assert await asyncio.wait_for(rx.receive("member.one"), 5) == b"hi"
+    assert await asyncio.wait_for(rx.receive("member.two"), 5) == b"hi"
+    await rx.group_discard("room", "member.two")
+    assert await tx.group_send("room", b"again") == (1, 0)
+    assert await asyncio.wait_for(rx.receive("member.one"), 5) == b"again"
+
+
+# -- ordering and exactly-once --------------------------------------------------------
+async def test_fifo_of_5000_messages_between_two_async_clients(broker, clients):
+    tx, rx = clients(AsyncClient, broker.address), clients(AsyncClient, broker.address)
+    expected = numbered(5000)
+
+    async def produce() -> None:
+        for body in expected:
+            await tx.send("fifo", body, capacity=10_000)
+
+    async def consume() -> list[bytes]:
+        return [await rx.receive("fifo") for _ in expected]
+
+    _, got = await asyncio.wait_for(asyncio.gather(produce(), consume()), 30)
+    assert got == expected
+
+
+def test_fifo_of_5000_messages_between_two_sync_clients_in_threads(broker, clients):
+    tx, rx = clients(SyncClient, broker.address), clients(SyncClient, broker.address)
+    expected = numbered(5000)
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            for body in expected:
+                tx.send("fifo.sync", body, capacity=10_000)
+        except BaseException as exc:
+            errors.append(exc)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    got = [rx.receive("fifo.sync", timeout=10) for _ in expected]
+    producer.join(10)
+    assert not errors
+    assert got == expected
+
+
+async def test_two_receivers_on_a_normal_channel_get_each_message_once(broker, clients):
+    tx = clients(AsyncClient, broker.address)
+    receivers = [clients(AsyncClient, broker.address) for _ in range(2)]
+    n = 2000
+    got: list[list[int]] = [[], []]
+    done = asyncio.Event()
+
+    async def consume(i: int) -> None:
+        while True:
+            got[i].append(int(await receivers[i].receive("shared")))
+            if len(got[0]) + len(got[1]) >= n:
+                done.set()
+
+    tasks = [asyncio.create_task(consume(i)) for i in range(2)]
+    for body in numbered(n):
+        await tx.send("shared", body, capacity=10_000)
+    await asyncio.wait_for(done.wait(), 20)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert sorted(got[0] + got[1]) == list(range(n))  # each exactly once
+    assert got[0] and got[1]  # both took part
+    for mine in got:  # each sees its share in FIFO order
+        assert mine == sorted(mine)
+
+
+async def test_a_receiver_that_stops_strands_nothing(broker, clients):
+    """One consumer takes a message and stops receiving; the other still gets
+    everything sent afterwards (the idle one hands back what it prefetched)."""
+    tx = clients(AsyncClient, broker.address)
+    idle = clients(AsyncClient, broker.address, idle_return=0.2)
+    busy = clients(AsyncClient, broker.address)
+    await tx.send("stranded", b"first")
+    assert await asyncio.wait_for(idle.receive("stranded"), 5) == b"first"
+    receiving = asyncio.create_task(busy.receive("stranded"))
+    await until(lambda: ready_endpoints(broker, "stranded") == 2)  # both hold credit
+    expected = numbered(50)
+    for body in expected:
+        await tx.send("stranded", body, capacity=1000)
+    got = [await asyncio.wait_for(receiving, 10)]
+    for _ in range(len(expected) - 1):
+        got.append(await asyncio.wait_for(busy.receive("stranded"), 10))
+    assert sorted(got, key=int) == expected
+
+
+async def test_cancelled_receive_loses_nothing(broker, clients):
+    """Cancel receives at many points while messages arrive: every message
+    still reaches a receive exactly once. (Order under cancellation is
+    pinned down deterministically by the next test.)"""
+    tx, rx = clients(AsyncClient, broker.address), clients(AsyncClient, broker.address)
+    n = 300
+    got: list[bytes] = []
+    cancelled = completed = 0
+    for i in range(n):
+        task = asyncio.create_task(rx.receive("cancel"))
+        if i % 2:
+            await tx.send("cancel", b"%d" % i, capacity=10_000)
+        for _ in range(i % 11):
+            await asyncio.sleep(0)
+        if i % 5 == 0:
+            await asyncio.sleep(0.0005 * (i % 4))  # give the I/O thread a moment
+        if i % 2 == 0:
+            await tx.send("cancel", b"%d" % i, capacity=10_000)
+        task.cancel()
+        try:
+            got.append(await task)
+            completed += 1
+        except asyncio.CancelledError:
+            cancelled += 1
+    while len(got) < n:
+        got.append(await asyncio.wait_for(rx.receive("cancel"), 5))
+    assert cancelled > 0  # the test did cancel pending receives
+    assert sorted(got, key=int) == numbered(n)  # nothing lost, nothing twice
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(rx.receive("cancel"), 0.3)
+
+
+def _block_loop_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Hold the event loop (no yielding) until the client's I/O thread has
+    done something: this opens a race window on purpose."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the I/O thread did not get there"
+        time.sleep(0.001)
+
+
+async def test_the_next_receive_gets_the_message_of_a_cancelled_one(broker, clients):
+    """A delivery reaches a receive that is cancelled before it resumes; a
+    later message is already buffered. The next receive must get the first
+    message (the cancelled receive's), not the later one."""
+    # A SyncClient sends from this thread without ever yielding to the loop.
+    tx, rx = clients(SyncClient, broker.address), clients(AsyncClient, broker.address)
+    assert await asyncio.to_thread(tx.wait_connected, 5)
+    assert await asyncio.to_thread(rx.wait_connected, 5)
+    first = asyncio.create_task(rx.receive("next.gets.it"))
+    await asyncio.sleep(0)  # the receive is waiting
+    state = rx.core._channels["next.gets.it"]
+    assert len(state.waiters) == 1
+    tx.send("next.gets.it", b"m1")
+    tx.send("next.gets.it", b"m2")
+    # m1 resolves the waiting receive (its result is on its way to this
+    # loop), m2 waits in the client's buffer.
+    _block_loop_until(lambda: len(state.buffer) == 1 and not state.waiters)
+    assert not first.done()  # the race window is open
+    first.cancel()
+    received = [await rx.receive("next.gets.it")]  # something is buffered: no wait
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    received.append(await asyncio.wait_for(rx.receive("next.gets.it"), 5))
+    assert sorted(received) == [b"m1", b"m2"]  # nothing lost
+    assert received == [b"m1", b"m2"], "a cancelled receive's message was overtaken by a later one"
+
+
+async def test_receive_pending_on_one_loop_while_another_threads_loop_sends(broker, clients):
+    client = clients(AsyncClient, broker.address)  # one client, shared by two loops
+    result: dict[str, Any] = {}
+    pending = threading.Event()
+
+    def other_thread() -> None:
+        async def main() -> bytes:
+            task = asyncio.create_task(client.receive("cross.loop"))
+            await asyncio.sleep(0)
+            pending.set()
+            return await asyncio.wait_for(task, 10)
+
+        try:
+            result["value"] = asyncio.run(main())
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    assert await asyncio.to_thread(pending.wait, 5)
+    await until(lambda: ready_endpoints(broker, "cross.loop") == 1)  # waiting on the other loop
+    assert "value" not in result
+    await client.send("cross.loop", b"from-main-loop")
+    await asyncio.to_thread(thread.join, 10)
+    assert result == {"value": b"from-main-loop"}
+
+
+# -- limits ---------------------------------------------------------------------------
+async def test_capacity_3_three_sends_pass_the_fourth_raises(broker, clients):
+    tx = clients(AsyncClient, broker.address)
+    for body in numbered(3):
+        await tx.send("cap3", body, capacity=3)
+    with pytest.raises(QueueFull) as info:
+        await tx.send("cap3", b"3", capacity=3)
+    assert info.value.channel == "cap3" and info.value.capacity == 3
+    rx = clients(AsyncClient, broker.address)
+    assert [await asyncio.wait_for(rx.receive("cap3"), 5) for _ in range(3)] == numbered(3)
+    with pytest.raises(asyncio.TimeoutError):  # the refused one is not there
+        await asyncio.wait_for(rx.receive("cap3"), 0.3)
+
+
+def test_capacity_3_sync(broker, clients):
+    tx = clients(SyncClient, broker.address)
+    for body in numbered(3):
+        tx.send("cap3.sync", body, capacity=3)
+    with pytest.raises(QueueFull):
+        tx.send("cap3.sync", b"3", capacity=3)
+
+
+async def test_message_too_large(broker, clients):
+    tx, rx = clients(AsyncClient, broker.address), clients(AsyncClient, broker.address)
+    exactly = os.urandom(MiB)
+    await tx.send("big", exactly)
+    assert await asyncio.wait_for(rx.receive("big"), 10) == exactly
+    with pytest.raises(MessageTooLarge) as info:
+        await tx.send("big", b"x" * (MiB + 1))
+    assert info.value.size == MiB + 1 and info.value.limit == MiB
+    with pytest.raises(MessageTooLarge):
+        await tx.group_send("room", b"x" * (MiB + 1))
+
+
+def test_message_too_large_sync(broker, clients):
+    tx = clients(SyncClient, broker.address)
+    with pytest.raises(MessageTooLarge):
+        tx.send("big.sync", b"x" * (MiB + 1))
+    tx.send("big.sync", b"x" * MiB)
+
+
+# -- many loops, no leaks --------------------------------------------------------------
+def test_1000_async_to_sync_sends_leak_nothing_and_lose_nothing(broker, clients):
+    client = clients(AsyncClient, broker.address)
+    send = async_to_sync(client.send)
+    receive = async_to_sync(client.receive)
+    send("warm", b"x")  # start the I/O thread and socket first
+    assert receive("warm") == b"x"
+    gc.collect()
+    proc = psutil.Process()
+    fds, threads = proc.num_fds(), proc.num_threads()
+
+    expected = numbered(1000)
+    for body in expected:
+        send("a2s", body, capacity=10_000)
+    got = [receive("a2s") for _ in expected]
+    assert got == expected
+
+    deadline = time.monotonic() + 5  # executor threads may take a moment to go
+    while time.monotonic() < deadline:
+        gc.collect()
+        if proc.num_fds() <= fds and proc.num_threads() <= threads:
+            break
+        time.sleep(0.02)
+    assert proc.num_fds() <= fds, "file descriptors leaked"
+    assert proc.num_threads() <= threads, "threads leaked"
+
+
+# -- no broker, restarted broker ----------------------------------------------------
+async def test_no_broker_raises_broker_unavailable_within_timeout(clients):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    client = clients(AsyncClient, address, timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable) as info:
+        await client.send("nobody", b"x")
+    elapsed = time.monotonic() - started
+    assert 0.4 <= elapsed < 1.5
+    assert isinstance(info.value, TimeoutError)
+    assert info.value.address == address and info.value.timeout == 0.5
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        await client.group_add("room", "nobody")
+    assert time.monotonic() - started < 1.5
+
+
+def test_no_broker_raises_broker_unavailable_within_timeout_sync(clients):
+    client = clients(SyncClient, f"tcp://127.0.0.1:{free_port()}", timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        client.send("nobody", b"x")
+    assert 0.4 <= time.monotonic() - started < 1.5
+
+
+async def test_broker_restart_pending_receive_and_groups_survive(broker, broker_factory, clients):
+    rx = clients(AsyncClient, broker.address, heartbeat=0.2)
+    tx = clients(AsyncClient, broker.address, heartbeat=0.2)
+    await rx.group_add("restart.room", "restart.inbox")
+    assert await tx.group_send("restart.room", b"before") == (1, 0)
+    assert await asyncio.wait_for(rx.receive("restart.inbox"), 5) == b"before"
+
+    pending = asyncio.create_task(rx.receive("restart.inbox"))
+    await until(lambda: ready_endpoints(broker, "restart.inbox") == 1)  # the old broker knows it
+    address = broker.address
+    await asyncio.to_thread(broker.stop)
+    assert not pending.done()
+    restarted = await asyncio.to_thread(broker_factory, address)
+    assert restarted.address == address
+
+    await tx.send("restart.inbox", b"after-restart")
+    assert await asyncio.wait_for(pending, 10) == b"after-restart"
+
+    # The membership added before the restart is replayed by rx.
+    deadline = time.monotonic() + 10
+    while True:
+        sent, skipped = await tx.group_send("restart.room", b"group-after")
+        if sent or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert (sent, skipped) == (1, 0), "group membership was not replayed"
+    assert await asyncio.wait_for(rx.receive("restart.inbox"), 5) == b"group-after"
+
+
+# -- a hostile peer -----------------------------------------------------------------
+def _hostile_messages() -> list[tuple[str, list[bytes], int]]:
+    """(name, frames, expected error code)."""
+    proto = p.ProtocolError.code
+    send = p.encode(p.Send(1, "hostile", 60, 10))
+    random_junk = os.urandom(64)
+    if random_junk[:1] == b"\x01":
+        random_junk = b"\x00" + random_junk[1:]
+    return [
+        ("random bytes", [random_junk], proto),
+        ("random after version", [b"\x01" + bytes([0xC1]) + os.urandom(32)], proto),
+        ("truncated header", [send[:4]], proto),
+        ("version only", [b"\x01"], proto),
+        ("empty frame", [b""], proto),
+        ("wrong version", [b"\x07" + send[1:], b"body"], proto),
+        ("four frames", [p.encode(p.Heartbeat(2)), b"a", b"b"], proto),
+        ("unknown tag", [b"\x01" + msgspec.msgpack.encode([99, 1, "x"])], proto),
+        ("reply tag", [p.encode(p.Reply(1))], proto),
+        ("deep nesting", [b"\x01\x93\x0a\x01" + b"\x91" * 200_000], proto),
+        ("send without body", [send], proto),
+        ("oversized 2 MiB", [send, b"x" * (2 * MiB)], MessageTooLarge.code),
+    ]
+
+
+async def test_garbage_from_a_raw_dealer_gets_errors_and_the_broker_keeps_serving(broker, clients):
+    tx, rx = clients(AsyncClient, broker.address), clients(AsyncClient, broker.address)
+    ctx = zmq.asyncio.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(broker.address)
+    stop = asyncio.Event()
+
+    async def well_behaved() -> int:
+        i = 0
+        while not stop.is_set():
+            await tx.send("good", b"%d" % i)
+            assert await asyncio.wait_for(rx.receive("good"), 5) == b"%d" % i
+            i += 1
+        return i
+
+    async def next_reply() -> p.Reply:
+        while True:
+            frames = await asyncio.wait_for(dealer.recv_multipart(), 5)
+            msg = p.decode_to_client(frames[0])
+            if isinstance(msg, p.Reply):
+                return msg
+            assert isinstance(msg, p.Welcome)  # the broker may greet an unknown peer first
+
+    serving = asyncio.create_task(well_behaved())
+    try:
+        for name, frames, code in _hostile_messages():
+            await dealer.send_multipart(frames)
+            reply = await next_reply()
+            assert reply.code == code, (name, reply)
+            error = from_wire(reply.code, reply.detail, reply.value)
+            assert error.code == code and str(error), name
+            assert not serving.done(), name
+        await dealer.send_multipart([p.encode(p.Hello(77, "raw", 1.0))])
+        reply = await next_reply()
+        assert reply.req == 77 and reply.code == 0  # this peer is still served too
+    finally:
+        stop.set()
+        done = await asyncio.wait_for(serving, 10)
+        dealer.close(0)
+        ctx.term()
+    assert done > 0
+    stats = await tx.stats()
+    assert stats["errors"] >= len(_hostile_messages())
