@@ -158,6 +158,11 @@ class _Channel:
         self.prefetch = prefetch
         self.handoffs = 0  # messages on their way to a receive's event loop
 
+    def unused(self, now: float, idle: float) -> bool:
+        """Nothing here, nothing owed, nobody asked for ``idle`` seconds."""
+        busy = self.waiters or self.buffer or self.credit or self.withdrawing or self.handoffs
+        return not busy and now - self.last_wanted >= idle
+
 
 class _Request:
     __slots__ = ("deadline", "frames", "on_reply", "sent", "track", "waiter")
@@ -698,11 +703,8 @@ class Core:
 
             self._start_request(p.Unsubscribe(0, state.name), None, None, withdrawn)
         with self._lock:
-            for name in [
-                n for n, s in self._channels.items() if not (s.waiters or s.buffer or s.credit or s.withdrawing or s.handoffs)
-            ]:
-                if now - self._channels[name].last_wanted >= self.idle_return:
-                    del self._channels[name]
+            for name in [n for n, state in self._channels.items() if state.unused(now, self.idle_return)]:
+                del self._channels[name]
 
     def _finish_withdraw(self, state: _Channel) -> None:
         # Every delivery the broker sent before our Unsubscribe has arrived
