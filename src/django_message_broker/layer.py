@@ -31,7 +31,7 @@ from .client import AsyncClient
 from .embedded import is_local_address
 from .server.server import DEFAULT_ADDRESS
 
-__all__ = ["ChannelFull", "ChannelsServerLayer", "MessageTooLarge", "layer_options"]
+__all__ = ["ChannelFull", "ChannelsServerLayer", "MessageTooLarge", "capacity_rules", "layer_options"]
 
 logger = logging.getLogger("django_message_broker.layer")
 
@@ -90,6 +90,12 @@ def compile_capacities(channel_capacity: dict[Any, int]) -> list[tuple[re.Patter
     return BaseChannelLayer.compile_capacities(None, channel_capacity or {})  # type: ignore[arg-type]
 
 
+def capacity_rules(compiled: list[tuple[re.Pattern, int]]) -> list[tuple[str, int]]:
+    """The rules as the broker takes them (pattern source, capacity), so that
+    ``group_send`` gives each member its own capacity."""
+    return [(pattern.pattern, capacity) for pattern, capacity in compiled]
+
+
 class ChannelsServerLayer(BaseChannelLayer):
     """A Channels layer on django-message-broker. See the module docstring."""
 
@@ -105,6 +111,7 @@ class ChannelsServerLayer(BaseChannelLayer):
     ) -> None:
         super().__init__(expiry=expiry, capacity=capacity, channel_capacity=channel_capacity)
         self.channel_capacity = compile_capacities(channel_capacity or {})
+        self._capacity_rules = capacity_rules(self.channel_capacity)
         self.group_expiry = group_expiry
         unknown = set(config) - {
             "address",
@@ -130,7 +137,7 @@ class ChannelsServerLayer(BaseChannelLayer):
     @property
     def client(self) -> AsyncClient:
         if self._client is None:
-            self._client = AsyncClient(**self.options)
+            self._client = AsyncClient(**self.options, shared=True)
         return self._client
 
     # -- the contract ---------------------------------------------------------
@@ -169,7 +176,9 @@ class ChannelsServerLayer(BaseChannelLayer):
         self.require_valid_group_name(group)
         body = encode_message(message)
         try:
-            sent, skipped = await self.client.group_send(group, body, ttl=self.expiry, capacity=self.capacity)
+            sent, skipped = await self.client.group_send(
+                group, body, ttl=self.expiry, capacity=self.capacity, capacities=self._capacity_rules
+            )
         except exceptions.MessageTooLarge as exc:
             raise MessageTooLarge(exc.size, exc.limit) from None
         if skipped:

@@ -74,10 +74,16 @@ class Send(_Msg, tag=2):
 
 
 class GroupSend(_Msg, tag=3):
+    """Queue the body on every member of ``group``. A member's capacity is
+    that of the first ``capacities`` rule (regex, capacity) whose pattern
+    matches its name (``re.match``), else ``capacity``; full members are
+    skipped."""
+
     req: int
     group: str
     ttl: float
     capacity: int
+    capacities: list[tuple[str, int]] = []
 
 
 class GroupAdd(_Msg, tag=4):
@@ -159,10 +165,14 @@ class Welcome(_Msg, tag=22):
     max_body: int
 
 
+class Flushed(_Msg, tag=23):
+    """The broker was flushed: drop messages delivered here and not yet read."""
+
+
 Command = Union[
     Hello, Send, GroupSend, GroupAdd, GroupDiscard, Subscribe, Unsubscribe, Return, Flush, Heartbeat, Stats, Bye
 ]
-ToClient = Union[Deliver, Reply, Welcome]
+ToClient = Union[Deliver, Reply, Welcome, Flushed]
 
 _encoder = msgspec.msgpack.Encoder()
 _command_decoder = msgspec.msgpack.Decoder(Command)
@@ -193,7 +203,7 @@ def decode_command(header: Any) -> Command:
     return _decode(_command_decoder, header)  # type: ignore[no-any-return]
 
 
-def decode_to_client(header: Any) -> Deliver | Reply | Welcome:
+def decode_to_client(header: Any) -> Deliver | Reply | Welcome | Flushed:
     """Decode a broker's header; raises ``ProtocolError``."""
     return _decode(_to_client_decoder, header)  # type: ignore[no-any-return]
 

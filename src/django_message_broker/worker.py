@@ -25,6 +25,7 @@ from .layer import (
     BaseChannelLayer,
     ChannelFull,
     MessageTooLarge,
+    capacity_rules,
     compile_capacities,
     decode_message,
     encode_message,
@@ -56,10 +57,11 @@ class ProcessClient:
         self.group_expiry = float(merged.pop("group_expiry", 86400))
         self.capacity = int(merged.pop("capacity", 100))
         self.channel_capacity = compile_capacities(merged.pop("channel_capacity", None) or {})
+        self._capacity_rules = capacity_rules(self.channel_capacity)
         self.options = layer_options(merged)
         self._validator = BaseChannelLayer()
         self.client_prefix = uuid.uuid4().hex
-        self._sync = SyncClient(**self.options)
+        self._sync = SyncClient(**self.options, shared=True)
         self._async = self._sync.twin(AsyncClient)
 
     def __enter__(self) -> ProcessClient:
@@ -109,7 +111,9 @@ class ProcessClient:
         self._validator.require_valid_group_name(group)
         body = encode_message(message)
         with _mapped_errors(group):
-            return self._sync.group_send(group, body, ttl=self.expiry, capacity=self.capacity)
+            return self._sync.group_send(
+                group, body, ttl=self.expiry, capacity=self.capacity, capacities=self._capacity_rules
+            )
 
     def flush(self) -> None:
         self._sync.flush()
@@ -138,7 +142,9 @@ class ProcessClient:
         self._validator.require_valid_group_name(group)
         body = encode_message(message)
         with _mapped_errors(group):
-            return await self._async.group_send(group, body, ttl=self.expiry, capacity=self.capacity)
+            return await self._async.group_send(
+                group, body, ttl=self.expiry, capacity=self.capacity, capacities=self._capacity_rules
+            )
 
     async def aflush(self) -> None:
         await self._async.flush()

@@ -41,6 +41,8 @@ def _for_type(t: msgspec.inspect.Type) -> st.SearchStrategy:
         return st.binary(max_size=40)
     if isinstance(t, mi.ListType):
         return st.lists(_for_type(t.item_type), max_size=8)
+    if isinstance(t, mi.TupleType):
+        return st.tuples(*[_for_type(item) for item in t.item_types])
     if isinstance(t, mi.AnyType):
         return msgpack_values
     if isinstance(t, mi.UnionType):
@@ -64,7 +66,7 @@ def test_the_unions_are_what_the_peers_speak():
         "Hello", "Send", "GroupSend", "GroupAdd", "GroupDiscard", "Subscribe",
         "Unsubscribe", "Return", "Flush", "Heartbeat", "Stats", "Bye",
     }  # fmt: skip
-    assert {c.__name__ for c in TO_CLIENT} == {"Deliver", "Reply", "Welcome"}
+    assert {c.__name__ for c in TO_CLIENT} == {"Deliver", "Reply", "Welcome", "Flushed"}
     tags = [msgspec.inspect.type_info(c).tag for c in COMMANDS + TO_CLIENT]
     assert len(set(tags)) == len(tags)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from .. import protocol as p
 from ..exceptions import ClientClosed, MessageTooLarge
@@ -21,6 +21,8 @@ __all__ = ["DEFAULT_ADDRESS", "AsyncClient", "SyncClient"]
 
 _MAX_TRACKED_CHANNELS = 10_000
 _C = TypeVar("_C", bound="_ClientBase")
+_shared_lock = threading.Lock()
+_shared_cores: dict[tuple, list] = {}  # settings -> [core, number of clients using it]
 
 
 class _ClientBase:
@@ -35,6 +37,7 @@ class _ClientBase:
         idle_return: float = 1.0,
         embedded: bool = False,
         embedded_idle_timeout: float = 60.0,
+        shared: bool = False,
     ) -> None:
         self.address = address
         self.timeout = timeout
@@ -47,11 +50,14 @@ class _ClientBase:
             idle_return=idle_return,
         )
         self._embedded_idle_timeout = embedded_idle_timeout
+        # Shared clients with the same settings use one connection per process,
+        # so that their messages keep one order on one pipe.
+        self._shared_key: Optional[tuple] = (
+            (address, embedded, embedded_idle_timeout, *sorted(self._options.items())) if shared else None
+        )
         self._core: Optional[Core] = None
         self._lock = threading.Lock()
         self._closed = False
-        # channel -> messages this client believes are queued (see _pipelined)
-        self._depth: dict[str, int] = {}
 
     @property
     def core(self) -> Core:
@@ -61,22 +67,35 @@ class _ClientBase:
                 if self._closed:
                     raise ClientClosed("the client is closed")
                 if self._core is None:
-                    on_unreachable: Optional[Callable[[str], None]] = None
-                    if self.embedded:
-                        from ..embedded import ensure_broker
-
-                        idle = self._embedded_idle_timeout
-
-                        def on_unreachable(address: str) -> None:
-                            ensure_broker(address, idle_timeout=idle)
-
-                    self._core = Core(self.address, on_unreachable=on_unreachable, **self._options)  # type: ignore[arg-type]
+                    key = self._shared_key
+                    if key is None:
+                        self._core = self._new_core()
+                    else:
+                        with _shared_lock:
+                            entry = _shared_cores.get(key)
+                            if entry is None or entry[0].closed:
+                                entry = _shared_cores[key] = [self._new_core(), 0]
+                            entry[1] += 1
+                            self._core = entry[0]
                 core = self._core
         return core
 
+    def _new_core(self) -> Core:
+        on_unreachable: Optional[Callable[[str], None]] = None
+        if self.embedded:
+            from ..embedded import ensure_broker
+
+            idle = self._embedded_idle_timeout
+
+            def on_unreachable(address: str) -> None:
+                ensure_broker(address, idle_timeout=idle)
+
+        return Core(self.address, on_unreachable=on_unreachable, **self._options)  # type: ignore[arg-type]
+
     def twin(self, cls: type[_C]) -> _C:
         """A client of another kind (``AsyncClient``/``SyncClient``) sharing
-        this one's connection, receive buffers and send window."""
+        this one's connection, receive buffers and send window. Close the
+        original, not the twin."""
         other = cls.__new__(cls)
         other.__dict__.update(self.__dict__)
         other._core = self.core
@@ -96,8 +115,17 @@ class _ClientBase:
         with self._lock:
             self._closed = True
             core, self._core = self._core, None
-        if core is not None:
-            core.close()
+        if core is None:
+            return
+        if self._shared_key is not None:
+            with _shared_lock:
+                entry = _shared_cores.get(self._shared_key)
+                if entry is not None and entry[0] is core:
+                    entry[1] -= 1
+                    if entry[1] > 0:
+                        return
+                    del _shared_cores[self._shared_key]
+        core.close()
 
     # -- shared rules -------------------------------------------------------
     def _check_body(self, core: Core, body: bytes) -> None:
@@ -108,22 +136,20 @@ class _ClientBase:
         """Send without waiting while the channel is known to be at most half
         full (the last depth the broker reported plus our own sends since).
         Near capacity, wait for the broker's answer: exact ``QueueFull``."""
-        depth = self._depth.get(channel, 0)
+        depths = core.depth
+        depth = depths.get(channel, 0)
         if core.connected and depth < capacity // 2:
-            self._depth[channel] = depth + 1
+            depths[channel] = depth + 1
             return True
         return False
 
-    def _record_depth(self, channel: str) -> Callable[[Any], None]:
+    def _record_depth(self, core: Core, channel: str) -> Callable[[Any], None]:
         def record(depth: Any) -> None:
-            if len(self._depth) >= _MAX_TRACKED_CHANNELS:
-                self._depth.clear()
-            self._depth[channel] = int(depth)
+            if len(core.depth) >= _MAX_TRACKED_CHANNELS:
+                core.depth.clear()
+            core.depth[channel] = int(depth)
 
         return record
-
-    def _forget_depth(self, channel: str) -> None:
-        self._depth.pop(channel, None)
 
 
 class AsyncClient(_ClientBase):
@@ -151,9 +177,9 @@ class AsyncClient(_ClientBase):
             core.send_pipelined(channel, body, ttl, capacity)
             return
         try:
-            await self._request(p.Send(0, channel, ttl, capacity, True), body, self._record_depth(channel))
+            await self._request(p.Send(0, channel, ttl, capacity, True), body, self._record_depth(core, channel))
         except BaseException:
-            self._forget_depth(channel)
+            core.depth.pop(channel, None)
             raise
 
     async def receive(self, channel: str) -> bytes:
@@ -189,17 +215,25 @@ class AsyncClient(_ClientBase):
         core.call(lambda: core._groups.pop((group, channel), None))
         await self._request(p.GroupDiscard(0, group, channel))
 
-    async def group_send(self, group: str, body: bytes, *, ttl: float = 60.0, capacity: int = 100) -> tuple[int, int]:
-        """Send to every member; full members are skipped. Returns
+    async def group_send(
+        self,
+        group: str,
+        body: bytes,
+        *,
+        ttl: float = 60.0,
+        capacity: int = 100,
+        capacities: Sequence[tuple[str, int]] = (),
+    ) -> tuple[int, int]:
+        """Send to every member; full members are skipped. ``capacities``:
+        (regex, capacity) rules for members, first match wins. Returns
         ``(delivered, skipped)``."""
         p.check_group_name(group)
         self._check_body(self.core, body)
-        sent, skipped = await self._request(p.GroupSend(0, group, ttl, capacity), body)
+        sent, skipped = await self._request(p.GroupSend(0, group, ttl, capacity, list(capacities)), body)
         return sent, skipped
 
     async def flush(self) -> None:
         """Drop every queued message and group on the broker."""
-        self._depth.clear()
         await self._request(p.Flush(0))
 
     async def stats(self) -> dict[str, Any]:
@@ -229,9 +263,9 @@ class SyncClient(_ClientBase):
             core.send_pipelined(channel, body, ttl, capacity)
             return
         try:
-            self._request(p.Send(0, channel, ttl, capacity, True), body, self._record_depth(channel))
+            self._request(p.Send(0, channel, ttl, capacity, True), body, self._record_depth(core, channel))
         except BaseException:
-            self._forget_depth(channel)
+            core.depth.pop(channel, None)
             raise
 
     def receive(self, channel: str, timeout: Optional[float] = None) -> bytes:
@@ -263,14 +297,21 @@ class SyncClient(_ClientBase):
         core.call(lambda: core._groups.pop((group, channel), None))
         self._request(p.GroupDiscard(0, group, channel))
 
-    def group_send(self, group: str, body: bytes, *, ttl: float = 60.0, capacity: int = 100) -> tuple[int, int]:
+    def group_send(
+        self,
+        group: str,
+        body: bytes,
+        *,
+        ttl: float = 60.0,
+        capacity: int = 100,
+        capacities: Sequence[tuple[str, int]] = (),
+    ) -> tuple[int, int]:
         p.check_group_name(group)
         self._check_body(self.core, body)
-        sent, skipped = self._request(p.GroupSend(0, group, ttl, capacity), body)
+        sent, skipped = self._request(p.GroupSend(0, group, ttl, capacity, list(capacities)), body)
         return sent, skipped
 
     def flush(self) -> None:
-        self._depth.clear()
         self._request(p.Flush(0))
 
     def stats(self) -> dict[str, Any]:

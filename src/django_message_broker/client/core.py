@@ -214,6 +214,9 @@ class Core:
         self._backlog: deque[int] = deque()  # requests not yet on the wire (no connection)
         self._channels: dict[str, _Channel] = {}
         self._groups: dict[tuple[str, str], float] = {}  # memberships to replay -> local deadline
+        #: channel -> messages the senders here believe are queued (see the
+        #: clients' pipelining rule); shared by every client of this core.
+        self.depth: dict[str, int] = {}
         self._calls: dict[Any, list] = {}  # loop -> [(fn, args)] to run there this batch
         self._last_heard = 0.0
         self._last_hello = 0.0
@@ -558,11 +561,22 @@ class Core:
                         logger.warning("bad Deliver from broker: %d ttls, %d bodies", len(ttls), len(frames) - 1)
                 case p.Reply(req, code, detail, value):
                     self._on_reply(req, code, detail, value)
+                case p.Flushed():
+                    self._on_flushed()
                 case p.Welcome(instance, max_body):
                     self.max_body = max_body
                     if instance != self.instance:
                         logger.info("broker %s is new to this client: restoring state", instance)
                         self._hello()
+
+    def _on_flushed(self) -> None:
+        """The broker dropped every queued message and group: drop what was
+        delivered here and not read, and what we knew of depths and groups."""
+        with self._lock:
+            for state in self._channels.values():
+                state.buffer.clear()
+        self._groups.clear()
+        self.depth.clear()
 
     def _refuse_channel(self, channel: str, error: BaseException) -> None:
         """The broker refused this process's receive (another process owns

@@ -13,8 +13,10 @@ once a second. No asyncio here.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -34,6 +36,24 @@ logger = logging.getLogger("django_message_broker.server")
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
+
+
+_MAX_RULES = 64
+
+
+@functools.lru_cache(maxsize=256)
+def _compile_pattern(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+def _compile_rules(rules: list[tuple[str, int]]) -> list[tuple[re.Pattern, int]]:
+    """A sender's ``channel_capacity`` rules, compiled once and cached."""
+    if len(rules) > _MAX_RULES:
+        raise ProtocolError(f"{len(rules)} capacity rules; at most {_MAX_RULES}")
+    try:
+        return [(_compile_pattern(pattern), cap) for pattern, cap in rules]
+    except re.error as exc:
+        raise ProtocolError(f"bad capacity pattern: {exc}") from None
 
 
 @dataclass(eq=False)
@@ -70,11 +90,14 @@ class Broker:
 
     # -- helpers ------------------------------------------------------------
     def _reply(self, ident: bytes, reply: Any) -> None:
+        self._send_raw(ident, p.encode(reply))
+
+    def _send_raw(self, ident: bytes, header: bytes) -> None:
         try:
             self.socket.send(ident, _MORE_NOBLOCK)
-            self.socket.send(p.encode(reply), _NOBLOCK)
+            self.socket.send(header, _NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone or its pipe full: a reply cannot wait
-            logger.debug("reply to %r dropped: %s", ident, exc)
+            logger.debug("message to %r dropped: %s", ident, exc)
 
     def _error(self, ident: bytes, req: int, exc: BrokerError) -> None:
         self.counters["errors"] += 1
@@ -205,13 +228,15 @@ class Broker:
                     if ttl > 0:
                         queue.push_front(DataMessage(body, now + ttl))
                 self._deliver(queue)
-            case p.GroupSend(req, group, ttl, capacity):
+            case p.GroupSend(req, group, ttl, capacity, capacities):
                 self._check_bodies(bodies, 1)
                 p.check_group_name(group)
+                rules = _compile_rules(capacities)
                 body = bodies[0]
                 sent = skipped = 0
                 for channel in self.groups.members(group, now):
-                    if self._push(self._queue(channel), body, ttl, capacity):
+                    limit = next((cap for pattern, cap in rules if pattern.match(channel)), capacity)
+                    if self._push(self._queue(channel), body, ttl, limit):
                         sent += 1
                     else:
                         skipped += 1
@@ -237,6 +262,11 @@ class Broker:
                 self._reply(ident, p.Reply(req, 0, "", self.instance))
             case p.Flush(req):
                 self.flush()
+                # Every client drops what it was delivered and has not read;
+                # the flusher sees the notice before its reply (one pipe).
+                notice = p.encode(p.Flushed())
+                for other in self.clients:
+                    self._send_raw(other, notice)
                 self._reply(ident, p.Reply(req))
             case p.Stats(req):
                 self._reply(ident, p.Reply(req, 0, "", self.stats()))
