@@ -8,6 +8,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+import zmq
+
 from .server.broker import DEFAULT_MAX_BODY
 from .server.server import DEFAULT_ADDRESS, serve
 
@@ -41,7 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 idle_timeout=args.idle_timeout,
             )
         )
-    except OSError as exc:  # zmq.ZMQError is an OSError: address in use, bad address
+    except (OSError, zmq.ZMQError) as exc:  # address in use, bad address
         print(f"cannot serve on {args.bind}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -53,7 +53,7 @@ def encode_message(message: Any) -> bytes:
         raise TypeError(f"a channel layer message must be a dict, not {type(message).__name__}")
     try:
         return _encoder.encode(message)
-    except (TypeError, msgspec.EncodeError) as exc:
+    except (TypeError, OverflowError, msgspec.EncodeError) as exc:
         raise TypeError(f"message cannot be serialized: {exc}") from None
 
 

@@ -45,6 +45,10 @@ MAX_NAME_LENGTH = 100
 MAX_BATCH = 1024
 #: Unchecked (pipelined) sends are refused only past this multiple of capacity.
 PIPELINE_SLACK = 2
+#: Most credit one Subscribe may grant, and one endpoint may hold.
+MAX_CREDIT = 1 << 16
+#: Longest time-to-live, in seconds (a year); ttls must be finite and positive.
+MAX_TTL = 366 * 86400.0
 
 
 class _Msg(msgspec.Struct, array_like=True, tag_field="t"):
@@ -196,6 +200,8 @@ def _decode(decoder: msgspec.msgpack.Decoder, header: Any) -> Any:
         raise ProtocolError(f"malformed header: {exc}") from None
     except RecursionError:  # msgspec recurses into nesting, even in ignored trailing fields
         raise ProtocolError("malformed header: nested too deeply") from None
+    except (UnicodeDecodeError, ValueError, OverflowError) as exc:  # e.g. invalid UTF-8 in a string
+        raise ProtocolError(f"malformed header: {exc}") from None
 
 
 def decode_command(header: Any) -> Command:

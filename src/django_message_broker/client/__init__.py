@@ -13,13 +13,15 @@ import threading
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from .. import protocol as p
-from ..exceptions import ClientClosed, MessageTooLarge
+from ..exceptions import ClientClosed, MessageTooLarge, QueueFull
 from ..server.server import DEFAULT_ADDRESS
 from .core import AsyncWaiter, Core, SyncWaiter
 
 __all__ = ["DEFAULT_ADDRESS", "AsyncClient", "SyncClient"]
 
 _MAX_TRACKED_CHANNELS = 10_000
+#: Pipelined (unanswered) sends a process may have in flight before one waits.
+MAX_UNACKED = 4096
 _C = TypeVar("_C", bound="_ClientBase")
 _shared_lock = threading.Lock()
 _shared_cores: dict[tuple, list] = {}  # settings -> [core, number of clients using it]
@@ -134,17 +136,29 @@ class _ClientBase:
 
     def _pipelined(self, core: Core, channel: str, capacity: int) -> bool:
         """Send without waiting while the channel is known to be at most half
-        full (the last depth the broker reported plus our own sends since).
-        Near capacity, wait for the broker's answer: exact ``QueueFull``."""
+        full (the last depth the broker reported plus our own sends since)
+        and this process has fewer than ``MAX_UNACKED`` unanswered sends in
+        all. Near capacity, wait for the broker's answer: exact
+        ``QueueFull``. Every answered send resets the process-wide count, so
+        a producer never runs more than one window ahead of the broker."""
         depths = core.depth
         depth = depths.get(channel, 0)
-        if core.connected and depth < capacity // 2:
+        if core.connected and depth < capacity // 2 and core.unacked < MAX_UNACKED:
             depths[channel] = depth + 1
+            core.unacked += 1
             return True
         return False
 
+    def _send_failed(self, core: Core, channel: str, capacity: int, error: BaseException) -> None:
+        # Full: the next sends must ask the broker too. Anything else: unknown.
+        if isinstance(error, QueueFull):
+            core.depth[channel] = capacity
+        else:
+            core.depth.pop(channel, None)
+
     def _record_depth(self, core: Core, channel: str) -> Callable[[Any], None]:
         def record(depth: Any) -> None:
+            core.unacked = 0  # the broker has read everything sent before this
             if len(core.depth) >= _MAX_TRACKED_CHANNELS:
                 core.depth.clear()
             core.depth[channel] = int(depth)
@@ -178,8 +192,8 @@ class AsyncClient(_ClientBase):
             return
         try:
             await self._request(p.Send(0, channel, ttl, capacity, True), body, self._record_depth(core, channel))
-        except BaseException:
-            core.depth.pop(channel, None)
+        except BaseException as error:
+            self._send_failed(core, channel, capacity, error)
             raise
 
     async def receive(self, channel: str) -> bytes:
@@ -264,8 +278,8 @@ class SyncClient(_ClientBase):
             return
         try:
             self._request(p.Send(0, channel, ttl, capacity, True), body, self._record_depth(core, channel))
-        except BaseException:
-            core.depth.pop(channel, None)
+        except BaseException as error:
+            self._send_failed(core, channel, capacity, error)
             raise
 
     def receive(self, channel: str, timeout: Optional[float] = None) -> bytes:

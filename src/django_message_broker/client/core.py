@@ -58,6 +58,7 @@ _MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
 _ZERO_COPY_THRESHOLD = 65536  # smaller frames are copied: cheaper than zero-copy bookkeeping
 _PACK_BYTES = 4 << 20  # at most this much body in one packed Send
 _SCAN_INTERVAL = 0.02
+_MAX_BACKLOG = 10_000  # messages waiting for a connection; past it the oldest is dropped
 _CLOSE_LINGER_MS = 1000  # how long close() lets queued messages drain
 
 _live_cores: weakref.WeakSet[Core] = weakref.WeakSet()
@@ -221,6 +222,8 @@ class Core:
         self._last_heard = 0.0
         self._last_hello = 0.0
         self._heartbeat_req = 0
+        #: pipelined sends not yet known to have reached the broker (approximate)
+        self.unacked = 0
         self._next_scan = 0.0  # timeouts, liveness and idle channels are checked every _SCAN_INTERVAL
         self._unreachable_reported = False
         self._ready = threading.Event()
@@ -420,7 +423,8 @@ class Core:
 
     def _send_frames(self, frames: list) -> bool:
         """Send one message without blocking; False if no connection is up
-        (with IMMEDIATE only the first frame can fail)."""
+        (with IMMEDIATE only the first frame can fail). Losing the connection
+        ends pipelining at once: later sends wait for an answer."""
         send = self._socket.send
         last = len(frames) - 1
         try:
@@ -428,6 +432,11 @@ class Core:
                 big = len(frame) >= _ZERO_COPY_THRESHOLD
                 send(frame, _NOBLOCK if i == last else _MORE_NOBLOCK, copy=not big)
         except zmq.Again:
+            if self.connected:
+                with self._lock:
+                    self.connected = False
+                self._ready.clear()
+                logger.warning("lost the connection to the broker at %s", self.address)
             return False
         return True
 
@@ -464,15 +473,32 @@ class Core:
         answers them only to refuse, which is logged."""
         req = next(self._reqs)
         frames = self._frames(msgspec.structs.replace(msg, req=req), body)
+        now = time.monotonic()
         if not self._backlog and self._send_frames(frames):
             if track:
-                self._requests[req] = _Request(waiter, time.monotonic() + self.timeout, on_reply, [])
+                self._requests[req] = _Request(waiter, now + self.timeout, on_reply, [])
                 self._requests[req].sent = True
             return req
-        self._requests[req] = _Request(waiter, time.monotonic() + self.timeout, on_reply, frames)
-        self._requests[req].track = track
+        # No connection. A pipelined send already returned to its caller: it
+        # waits for a broker as long as its message would live (then it is
+        # dropped, with a log line); a request waits for its timeout.
+        deadline = now + (msg.ttl if not track else self.timeout)
+        request = self._requests[req] = _Request(waiter, deadline, on_reply, frames)
+        request.track = track
         self._backlog.appendleft(req) if first else self._backlog.append(req)
+        if len(self._backlog) > _MAX_BACKLOG:
+            self._drop_request(self._backlog.popleft(), "the backlog is full")
         return req
+
+    def _drop_request(self, req: int, why: str) -> None:
+        request = self._requests.pop(req, None)
+        if request is None:
+            return
+        if not request.track:
+            logger.error("a message was dropped: no broker answered at %s (%s)", self.address, why)
+        if request.waiter is not None:
+            with self._lock:
+                request.waiter.resolve(None, BrokerUnavailable(self.address, self.timeout))
 
     def _drain_backlog(self) -> None:
         while self._backlog:
@@ -635,6 +661,9 @@ class Core:
     def _on_connected(self, restarted: bool) -> None:
         self._unreachable_reported = False
         now = time.monotonic()
+        self.unacked = 0
+        if restarted:
+            self.depth.clear()  # a new broker holds nothing
         with self._lock:
             self.connected = True  # under the lock: take() must not grant while credit is reset
             for state in self._channels.values():
@@ -659,14 +688,8 @@ class Core:
             return
         self._next_scan = now + _SCAN_INTERVAL
         # request timeouts
-        expired = [req for req, r in self._requests.items() if r.deadline <= now]
-        for req in expired:
-            request = self._requests.pop(req)
-            if not request.track:
-                logger.error("a message was dropped: no broker answered at %s within %gs", self.address, self.timeout)
-            if request.waiter is not None:
-                with self._lock:
-                    request.waiter.resolve(None, BrokerUnavailable(self.address, self.timeout))
+        for req in [req for req, r in self._requests.items() if r.deadline <= now]:
+            self._drop_request(req, "timed out")
         # liveness
         silent = now - self._last_heard
         if self.connected and silent > self.heartbeat * 3:

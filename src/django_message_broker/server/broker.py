@@ -24,7 +24,7 @@ import zmq
 
 from .. import protocol as p
 from ..exceptions import BrokerError, MessageTooLarge, ProtocolError, QueueFull, SubscriptionError
-from ..protocol import MAX_BATCH, PIPELINE_SLACK
+from ..protocol import MAX_BATCH, MAX_CREDIT, MAX_TTL, PIPELINE_SLACK
 from .data_message import DataMessage
 from .groups import Groups
 from .server_queue import ChannelQueue, Endpoint
@@ -44,6 +44,12 @@ _MAX_RULES = 64
 @functools.lru_cache(maxsize=256)
 def _compile_pattern(pattern: str) -> re.Pattern:
     return re.compile(pattern)
+
+
+def _check_ttl(ttl: float) -> float:
+    if not 0 < ttl <= MAX_TTL:  # also refuses NaN
+        raise ProtocolError(f"ttl must be a number of seconds in (0, {MAX_TTL:g}], not {ttl!r}")
+    return ttl
 
 
 def _compile_rules(rules: list[tuple[str, int]]) -> list[tuple[re.Pattern, int]]:
@@ -86,6 +92,8 @@ class Broker:
         self.groups = Groups()
         self.clients: dict[bytes, ClientState] = {}
         self.stalled: set[ChannelQueue] = set()
+        self._bad_inputs = 0
+        self._next_bad_input_log = 0.0
         self.counters = {"received": 0, "delivered": 0, "refused_full": 0, "errors": 0, "expired": 0}
 
     # -- helpers ------------------------------------------------------------
@@ -98,6 +106,16 @@ class Broker:
             self.socket.send(header, _NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone or its pipe full: a reply cannot wait
             logger.debug("message to %r dropped: %s", ident, exc)
+
+    def _warn_bad_input(self, ident: bytes, exc: BrokerError, now: float) -> None:
+        """One log line per second at most: bad input must not cost more
+        than it takes to refuse it."""
+        self._bad_inputs += 1
+        if now >= self._next_bad_input_log:
+            self._next_bad_input_log = now + 1.0
+            more = f" ({self._bad_inputs - 1} more since the last report)" if self._bad_inputs > 1 else ""
+            logger.warning("bad message from %r: %s%s", ident, exc, more)
+            self._bad_inputs = 0
 
     def _error(self, ident: bytes, req: int, exc: BrokerError) -> None:
         self.counters["errors"] += 1
@@ -154,7 +172,7 @@ class Broker:
         try:
             cmd = p.decode_command(frames[1])
         except ProtocolError as exc:
-            logger.warning("bad message from %r: %s", ident, exc)
+            self._warn_bad_input(ident, exc, now)
             self._error(ident, 0, exc)
             return
         client = self.clients.get(ident)
@@ -179,6 +197,7 @@ class Broker:
         match cmd:
             case p.Send(req, channel, ttl, capacity, checked):
                 self._check_bodies(bodies)
+                _check_ttl(ttl)
                 queue = self._queue(channel)
                 if checked:
                     if len(queue.queue) + len(bodies) > capacity:
@@ -200,6 +219,8 @@ class Broker:
                     if refused:
                         raise QueueFull(channel, capacity)
             case p.Subscribe(req, channel, credit):
+                if not 0 < credit <= MAX_CREDIT:
+                    raise ProtocolError(f"credit must be in [1, {MAX_CREDIT}], not {credit}")
                 endpoint = client.endpoints.get(channel)
                 queue = self._queue(channel)
                 if endpoint is None:
@@ -224,12 +245,20 @@ class Broker:
             case p.Return(channel, ttls):
                 self._check_bodies(bodies, len(ttls))
                 queue = self._queue(channel)
+                # The hard cap (--max-queue-length) holds for returned messages
+                # too: what does not fit is refused, counted and logged.
+                room = None if queue.max_length is None else max(queue.max_length - len(queue.queue), 0)
+                if room is not None and room < len(bodies):
+                    self.counters["refused_full"] += len(bodies) - room
+                    logger.warning("%d returned message(s) refused: %r is at its hard cap", len(bodies) - room, channel)
+                    bodies, ttls = bodies[:room], ttls[:room]  # the oldest stay first
                 for body, ttl in zip(reversed(bodies), reversed(ttls), strict=True):  # newest first to the front
-                    if ttl > 0:
+                    if 0 < ttl <= MAX_TTL:  # expired (or nonsense) ttls are dropped
                         queue.push_front(DataMessage(body, now + ttl))
                 self._deliver(queue)
             case p.GroupSend(req, group, ttl, capacity, capacities):
                 self._check_bodies(bodies, 1)
+                _check_ttl(ttl)
                 p.check_group_name(group)
                 rules = _compile_rules(capacities)
                 body = bodies[0]
@@ -244,6 +273,7 @@ class Broker:
                     logger.info("group_send to %r: %d of %d channels over capacity", group, skipped, sent + skipped)
                 self._reply(ident, p.Reply(req, 0, "", [sent, skipped]))
             case p.GroupAdd(req, group, channel, ttl):
+                _check_ttl(ttl)
                 p.check_group_name(group)
                 p.check_channel_name(channel)
                 self.groups.add(group, channel, ttl, now)

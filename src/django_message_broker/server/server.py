@@ -31,6 +31,7 @@ logger = logging.getLogger("django_message_broker.server")
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5556"
 _BATCH = 512
+_PEER_HWM = 50_000
 _TICK = 0.1
 
 
@@ -68,6 +69,8 @@ class BrokerServer:
         self._tasks: list[asyncio.Task] = []
         self._closed: Optional[asyncio.Event] = None
         self.broker: Optional[Broker] = None
+        #: Why the server stopped by itself, if it failed (``serve`` re-raises it).
+        self.failure: Optional[BaseException] = None
 
     async def __aenter__(self) -> BrokerServer:
         await self.start()
@@ -83,7 +86,10 @@ class BrokerServer:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # never drop silently
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client takes its id back
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)  # credit bounds what is in flight to each peer
+        # Credit bounds deliveries; this bounds what queues for a peer that
+        # stops reading its replies (past it, replies to that peer are dropped
+        # and deliveries wait in their queues).
+        sock.setsockopt(zmq.SNDHWM, _PEER_HWM)
         sock.setsockopt(zmq.RCVHWM, 0)
         # Frames past the body limit get a typed reply; far past it, the
         # peer is cut off before the frame is read into memory.
@@ -112,7 +118,8 @@ class BrokerServer:
 
     def _task_done(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
-            logger.error("broker task %s failed", task.get_name(), exc_info=task.exception())
+            self.failure = task.exception()
+            logger.error("broker task %s failed", task.get_name(), exc_info=self.failure)
         if self._closed is not None:
             self._closed.set()
 
@@ -130,7 +137,10 @@ class BrokerServer:
                     frames = recv(noblock, copy=False)
                 except zmq.Again:
                     break
-                handle(frames, now)
+                try:
+                    handle(frames, now)
+                except Exception:  # Broker.handle answers errors itself; this is a bug's last guard
+                    logger.exception("unexpected error handling a message: dropped it")
             else:
                 await asyncio.sleep(0)  # a long burst: let the sweeper run
 
@@ -205,3 +215,5 @@ async def serve(address: str = DEFAULT_ADDRESS, **options: Any) -> None:
         finally:
             for w in waiters:
                 w.cancel()
+        if server.failure is not None:
+            raise RuntimeError("the broker failed") from server.failure

@@ -31,7 +31,7 @@ from typing import Any, Callable, Deque, FrozenSet, List, Optional, Union
 import zmq
 
 from ..exceptions import QueueFull, SubscriptionError
-from ..protocol import MAX_BATCH, Deliver, encode
+from ..protocol import MAX_BATCH, MAX_CREDIT, Deliver, encode
 from .data_message import DataMessage
 
 __all__ = ["ChannelQueue", "DataMessage", "Endpoint", "RoundRobinDict", "SubscriptionError"]
@@ -280,7 +280,7 @@ class ChannelQueue:
         else:
             self._renew(current)
             if current.credit is not None:
-                current.credit += credit
+                current.credit = min(current.credit + credit, MAX_CREDIT)
         self._set_subscribers_available()
         return current  # type: ignore[no-any-return]
 

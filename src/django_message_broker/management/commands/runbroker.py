@@ -7,6 +7,7 @@ import asyncio
 import logging
 from typing import Any
 
+import zmq
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
@@ -33,5 +34,5 @@ class Command(BaseCommand):
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             asyncio.run(serve(address, max_body=options["max_body"], idle_timeout=options["idle_timeout"]))
-        except OSError as exc:
+        except (OSError, zmq.ZMQError) as exc:
             raise CommandError(f"cannot serve on {address}: {exc}") from None
