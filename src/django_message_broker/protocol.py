@@ -144,11 +144,14 @@ class Bye(_Msg, tag=12):
 
 # --- broker -> client -------------------------------------------------------
 class Deliver(_Msg, tag=20):
-    """Messages of ``channel`` (one body frame each follows, oldest first);
-    ``ttls``: seconds each has left."""
+    """Messages (one body frame each follows, oldest first); ``ttls``:
+    seconds each has left. All belong to ``channel``, unless ``channels``
+    is given: then body *i* belongs to ``channels[i]`` (one message to a
+    process for many of its channels, e.g. after a group_send)."""
 
     channel: str
     ttls: list[float]
+    channels: list[str] = []
 
 
 class Reply(_Msg, tag=21):

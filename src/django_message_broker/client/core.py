@@ -580,9 +580,9 @@ class Core:
                 logger.warning("bad message from broker: %s", exc)
                 continue
             match msg:
-                case p.Deliver(channel, ttls):
-                    if len(ttls) == len(frames) - 1:
-                        self._on_deliver(channel, [f.bytes for f in frames[1:]], ttls)
+                case p.Deliver(channel, ttls, channels):
+                    if len(ttls) == len(frames) - 1 and (not channels or len(channels) == len(ttls)):
+                        self._on_deliver(channels or [channel] * len(ttls), [f.bytes for f in frames[1:]], ttls)
                     else:
                         logger.warning("bad Deliver from broker: %d ttls, %d bodies", len(ttls), len(frames) - 1)
                 case p.Reply(req, code, detail, value):
@@ -613,13 +613,18 @@ class Core:
                 while state.waiters:
                     state.waiters.popleft().resolve(None, error)
 
-    def _on_deliver(self, channel: str, bodies: list[bytes], ttls: list[float]) -> None:
+    def _on_deliver(self, channels: list[str], bodies: list[bytes], ttls: list[float]) -> None:
         now = time.monotonic()
         with self._lock:
-            state = self._state(channel)
-            state.credit = max(0, state.credit - len(bodies))
-            state.buffer.extend(zip(bodies, [now + ttl for ttl in ttls], strict=True))
-            self._feed(state)
+            touched: dict[str, _Channel] = {}
+            for channel, body, ttl in zip(channels, bodies, ttls, strict=True):
+                state = touched.get(channel)
+                if state is None:
+                    state = touched[channel] = self._state(channel)
+                state.credit = max(0, state.credit - 1)
+                state.buffer.append((body, now + ttl))
+            for state in touched.values():
+                self._feed(state)
 
     def _on_reply(self, req: int, code: int, detail: str, value: Any) -> None:
         request = self._requests.pop(req, None)

@@ -27,6 +27,7 @@ from ..exceptions import BrokerError, MessageTooLarge, ProtocolError, QueueFull,
 from ..protocol import MAX_BATCH, MAX_CREDIT, MAX_TTL, PIPELINE_SLACK
 from .data_message import DataMessage
 from .groups import Groups
+from .outbox import Outbox
 from .server_queue import ChannelQueue, Endpoint
 
 __all__ = ["DEFAULT_MAX_BODY", "Broker"]
@@ -34,6 +35,7 @@ __all__ = ["DEFAULT_MAX_BODY", "Broker"]
 logger = logging.getLogger("django_message_broker.server")
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
+_KEEP_AS_FRAME = 65536
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
 
@@ -81,8 +83,13 @@ class Broker:
         max_body: int = DEFAULT_MAX_BODY,
         max_queue_length: Optional[int] = None,
         missed_heartbeats: int = 3,
+        autoflush: bool = True,
     ) -> None:
         self.socket = socket
+        #: Deliveries wait here until ``send_deliveries`` (after each message
+        #: with ``autoflush``, else when the server has read a batch).
+        self.outbox = Outbox(socket)
+        self.autoflush = autoflush
         self.clock = clock
         self.max_body = max_body
         self.max_queue_length = max_queue_length
@@ -101,6 +108,8 @@ class Broker:
         self._send_raw(ident, p.encode(reply))
 
     def _send_raw(self, ident: bytes, header: bytes) -> None:
+        if self.outbox:  # what was decided for this peer goes first
+            self._count_flush(*self.outbox.flush_peer(ident, self.clock()))
         try:
             self.socket.send(ident, _MORE_NOBLOCK)
             self.socket.send(header, _NOBLOCK)
@@ -130,8 +139,19 @@ class Broker:
             self.queues[name] = queue
         return queue
 
+    def send_deliveries(self) -> None:
+        """Send what the outbox holds (one message per peer per batch)."""
+        if self.outbox:
+            self._count_flush(*self.outbox.flush(self.clock()))
+
+    def _count_flush(self, sent: int, retry: set[ChannelQueue]) -> None:
+        self.counters["delivered"] += sent
+        for queue in retry:
+            if self.queues.get(queue.name) is queue:
+                self.stalled.add(queue)
+
     def _deliver(self, queue: ChannelQueue) -> None:
-        self.counters["delivered"] += queue.deliver()
+        queue.deliver()
         if queue.stalled:
             self.stalled.add(queue)
 
@@ -165,10 +185,12 @@ class Broker:
                 self._error(bytes(frames[0]), 0, ProtocolError("empty message"))
             return
         ident = bytes(frames[0])
-        bodies = frames[2:]
-        if len(bodies) > MAX_BATCH:
-            self._error(ident, 0, ProtocolError(f"{len(bodies)} body frames; at most {MAX_BATCH}"))
+        if len(frames) - 2 > MAX_BATCH:
+            self._error(ident, 0, ProtocolError(f"{len(frames) - 2} body frames; at most {MAX_BATCH}"))
             return
+        # Small bodies are kept as bytes: a zmq.Frame costs ~200 bytes more and
+        # pins libzmq's receive buffer. Large ones stay frames (never copied).
+        bodies = [f.bytes if type(f) is zmq.Frame and len(f) < _KEEP_AS_FRAME else f for f in frames[2:]]
         try:
             cmd = p.decode_command(frames[1])
         except ProtocolError as exc:
@@ -189,6 +211,8 @@ class Broker:
         except Exception as exc:  # a bug must not take the broker down
             logger.exception("error handling %r from %r", type(cmd).__name__, ident)
             self._error(ident, req, BrokerError(f"internal error: {exc}"))
+        if self.autoflush:
+            self.send_deliveries()
 
     def _dispatch(self, client: ClientState, cmd: Any, bodies: list, now: float) -> None:
         ident = client.ident
@@ -225,7 +249,7 @@ class Broker:
                 queue = self._queue(channel)
                 if endpoint is None:
                     endpoint = Endpoint(
-                        self.socket, [ident], channel.encode(), queue.is_process_channel, time_to_live=None
+                        self.outbox, [ident], channel.encode(), queue.is_process_channel, time_to_live=None
                     )
                 try:
                     endpoint = queue.grant(endpoint, credit)
@@ -336,6 +360,7 @@ class Broker:
         for queue in stalled:
             if self.queues.get(queue.name) is queue:
                 self._deliver(queue)
+        self.send_deliveries()
 
     def sweep(self, now: float) -> None:
         """Expire messages, endpoints, memberships and silent clients."""

@@ -105,7 +105,11 @@ class BrokerServer:
         self._socket = sock
         sync_socket: zmq.Socket = zmq.Socket.shadow(sock.underlying)  # plain calls on the hot path
         self.broker = Broker(
-            sync_socket, clock=time.monotonic, max_body=self.max_body, max_queue_length=self.max_queue_length
+            sync_socket,
+            clock=time.monotonic,
+            max_body=self.max_body,
+            max_queue_length=self.max_queue_length,
+            autoflush=False,  # deliveries go out once per batch read (see _read_loop)
         )
         self._closed = asyncio.Event()
         self._tasks = [
@@ -129,19 +133,23 @@ class BrokerServer:
         poll = self._socket.poll
         recv = sock.recv_multipart
         noblock = int(zmq.NOBLOCK)
+        broker = self.broker
         while True:
             await poll()
             now = time.monotonic()
+            burst = True
             for _ in range(_BATCH):
                 try:
                     frames = recv(noblock, copy=False)
                 except zmq.Again:
+                    burst = False
                     break
                 try:
                     handle(frames, now)
                 except Exception:  # Broker.handle answers errors itself; this is a bug's last guard
                     logger.exception("unexpected error handling a message: dropped it")
-            else:
+            broker.send_deliveries()  # one Deliver per peer for the whole batch
+            if burst:
                 await asyncio.sleep(0)  # a long burst: let the sweeper run
 
     async def _sweep_loop(self) -> None:

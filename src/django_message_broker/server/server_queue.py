@@ -321,7 +321,12 @@ class ChannelQueue:
 
     def _send(self, endpoint: Endpoint, messages: list[DataMessage], now: float) -> int:
         """Send ``messages`` to ``endpoint`` as one Deliver (one header, a
-        body frame each). Never blocks."""
+        body frame each). Never blocks. If the endpoint's socket collects
+        deliveries (the broker's ``Outbox``), hand them over instead."""
+        defer = getattr(endpoint.socket, "defer", None)
+        if defer is not None:
+            defer(self, endpoint, messages)
+            return _SENT
         header = encode(Deliver(self.name, [m.deadline - now for m in messages]))
         send = endpoint.socket.send
         try:
