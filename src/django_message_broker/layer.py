@@ -29,6 +29,7 @@ from channels.layers import BaseChannelLayer
 from . import exceptions
 from .client import AsyncClient
 from .embedded import is_local_address
+from .protocol import NameCache
 from .server.server import DEFAULT_ADDRESS
 
 __all__ = ["ChannelFull", "ChannelsServerLayer", "MessageTooLarge", "capacity_rules", "layer_options"]
@@ -133,6 +134,17 @@ class ChannelsServerLayer(BaseChannelLayer):
         #: across processes and unaffected by ``random.seed()``.
         self.client_prefix = uuid.uuid4().hex
         self._client: Optional[AsyncClient] = None
+        self._valid_names = NameCache()
+
+    def require_valid_channel_name(self, name: Any, receive: bool = False) -> bool:
+        """Channels' check, remembered for names that passed (it is on every
+        send and receive)."""
+        if not receive and name in self._valid_names:
+            return True
+        super().require_valid_channel_name(name, receive=receive)
+        if not receive:
+            self._valid_names.add(name)
+        return True
 
     @property
     def client(self) -> AsyncClient:

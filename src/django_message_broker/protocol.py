@@ -229,10 +229,33 @@ _CHANNEL_RE = re.compile(r"[a-zA-Z\d\-_.]+(\![\d\w\-_.]*)?")
 _GROUP_RE = re.compile(r"[a-zA-Z\d\-_.]+")
 
 
+class NameCache:
+    """Names already found valid (a bounded set): checking a name costs a
+    regex match, and the same few names are checked on every message."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._names: dict[str, None] = {}
+        self._size = size
+
+    def __contains__(self, name: Any) -> bool:
+        return type(name) is str and name in self._names
+
+    def add(self, name: str) -> None:
+        if len(self._names) >= self._size:
+            self._names.clear()
+        self._names[name] = None
+
+
+_valid_channels = NameCache()
+
+
 def check_channel_name(name: Any) -> str:
     """Channels' rules for a channel name; raises ``InvalidName``."""
+    if name in _valid_channels:
+        return name  # type: ignore[no-any-return]
     if not isinstance(name, str) or len(name) >= MAX_NAME_LENGTH or not _CHANNEL_RE.fullmatch(name):
         raise InvalidName(name, "invalid channel name")
+    _valid_channels.add(name)
     return name
 
 
