@@ -1,0 +1,72 @@
+"""System checks for risky CHANNEL_LAYERS configurations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.core import checks
+from django.test.utils import override_settings
+
+BACKEND = "django_message_broker.ChannelsServerLayer"
+
+
+def run(config: dict[str, Any], backend: str = BACKEND) -> dict[str, checks.CheckMessage]:
+    with override_settings(CHANNEL_LAYERS={"default": {"BACKEND": backend, "CONFIG": config}}):
+        messages = checks.run_checks(tags=["django_message_broker"])
+    return {m.id: m for m in messages if (m.id or "").startswith("django_message_broker.")}
+
+
+def test_our_check_is_registered_under_its_tag():
+    assert "django_message_broker" in checks.registry.registry.tags_available()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"address": "tcp://127.0.0.1:5556"},
+        {"address": "tcp://127.0.0.2:5556", "embedded": True},
+        {"address": "tcp://localhost:5556"},
+        {"address": "tcp://[::1]:5556"},
+        {"address": "ipc:///tmp/dmb-check.sock", "embedded": True},
+        {"ip_address": "127.0.0.1", "port": 5556},
+        {},
+    ],
+    ids=["loopback", "loopback-embedded", "localhost", "ipv6-loopback", "ipc", "predecessor-loopback", "defaults"],
+)
+def test_local_addresses_pass(config):
+    assert run(config) == {}
+
+
+def test_non_loopback_address_warns():
+    found = run({"address": "tcp://10.1.2.3:5556", "embedded": False})
+    assert set(found) == {"django_message_broker.W001"}
+    warning = found["django_message_broker.W001"]
+    assert warning.level == checks.WARNING
+    assert "tcp://10.1.2.3:5556" in warning.msg
+    assert warning.hint
+
+
+def test_non_loopback_address_in_predecessor_spelling_warns():
+    found = run({"ip_address": "0.0.0.0", "port": 5556})
+    assert set(found) == {"django_message_broker.W001"}
+    assert "tcp://0.0.0.0:5556" in found["django_message_broker.W001"].msg
+
+
+def test_embedded_with_non_local_address_is_an_error():
+    found = run({"address": "tcp://192.168.1.20:5556", "embedded": True})
+    assert set(found) == {"django_message_broker.W001", "django_message_broker.E002"}
+    assert found["django_message_broker.E002"].level == checks.ERROR
+    assert found["django_message_broker.E002"].is_serious()
+
+
+@pytest.mark.parametrize("capacity", [0, -1, "100"])
+def test_bad_capacity_is_an_error(capacity):
+    found = run({"address": "tcp://127.0.0.1:5556", "capacity": capacity})
+    assert set(found) == {"django_message_broker.E003"}
+
+
+def test_other_backends_are_not_checked():
+    assert run({"hosts": [("10.1.2.3", 6379)]}, backend="channels_redis.core.RedisChannelLayer") == {}
+    found = run({"address": "tcp://10.9.9.9:1"}, backend="django_message_broker.layer.ChannelsServerLayer")
+    assert set(found) == {"django_message_broker.W001"}
