@@ -47,13 +47,18 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run the django-message-broker demo chat site.")
     parser.add_argument("--host", default=env.get("DEMO_HOST", "127.0.0.1"), help="interface of the web servers")
     parser.add_argument(
-        "--ports", type=int, nargs=2, metavar=("PORT1", "PORT2"),
+        "--ports",
+        type=int,
+        nargs=2,
+        metavar=("PORT1", "PORT2"),
         default=[int(p) for p in env.get("DEMO_PORTS", "8000,8001").split(",")],
         help="ports of the two web servers (default 8000 8001)",
     )
     parser.add_argument("--room", default=env.get("DEMO_ROOM", "lobby"), help="room the background worker posts to")
     parser.add_argument(
-        "--interval", type=float, default=float(env.get("DEMO_INTERVAL", "5")),
+        "--interval",
+        type=float,
+        default=float(env.get("DEMO_INTERVAL", "5")),
         help="seconds between the worker's posts (default 5)",
     )
     parser.add_argument("--address", default=env.get("DMB_ADDRESS"), help="broker address (default: the settings')")
@@ -95,7 +100,11 @@ class Child:
     def __init__(self, name: str, command: list[str], env: dict[str, str]) -> None:
         self.name = name
         self.process = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches this script only; it stops the children in order
         )
         self._pump = threading.Thread(target=self._copy, args=(self.process.stdout,), daemon=True)
@@ -177,8 +186,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         for port in args.ports:
             command = [
-                sys.executable, "-m", "uvicorn", "chat.asgi:application", "--app-dir", str(HERE),
-                "--host", args.host, "--port", str(port), "--lifespan", "off", "--timeout-graceful-shutdown", "3",
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "chat.asgi:application",
+                "--app-dir",
+                str(HERE),
+                "--host",
+                args.host,
+                "--port",
+                str(port),
+                "--lifespan",
+                "off",
+                "--timeout-graceful-shutdown",
+                "3",
             ]
             children.append(Child(f"web:{port}", command, env))
         worker = [sys.executable, str(HERE / "worker.py"), "--room", args.room, "--interval", str(args.interval)]
@@ -201,8 +222,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
 
         say(f"Demo running: {urls[0]} and {urls[1]} — both share the embedded broker; Ctrl-C to stop")
-        say(f"[demo] broker {address}; the worker posts to room {args.room!r} every {args.interval:g}s "
-            f"(open {urls[0]}room/{args.room}/ and {urls[1]}room/{args.room}/)")
+        say(
+            f"[demo] broker {address}; the worker posts to room {args.room!r} every {args.interval:g}s "
+            f"(open {urls[0]}room/{args.room}/ and {urls[1]}room/{args.room}/)"
+        )
         while not stopping.wait(0.5):
             dead = [c for c in children if c.process.poll() is not None]
             if dead:

@@ -34,7 +34,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--room", default=os.environ.get("DEMO_ROOM", "lobby"), help="room to post to (default lobby)")
     parser.add_argument(
-        "--interval", type=float, default=float(os.environ.get("DEMO_INTERVAL", "5")), help="seconds between posts",
+        "--interval",
+        type=float,
+        default=float(os.environ.get("DEMO_INTERVAL", "5")),
+        help="seconds between posts",
     )
     args = parser.parse_args(argv)
     if args.interval <= 0:
@@ -64,8 +67,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except BrokerError as exc:  # broker restarting: try again next tick
                 logger.warning("worker: tick %d not posted: %s", tick, exc)
             else:
-                logger.info("worker: tick %d -> %d member(s) of %s%s", tick, delivered, group,
-                            f" ({skipped} full, skipped)" if skipped else "")
+                logger.info(
+                    "worker: tick %d -> %d member(s) of %s%s",
+                    tick,
+                    delivered,
+                    group,
+                    f" ({skipped} full, skipped)" if skipped else "",
+                )
             stop.wait(args.interval)
     logger.info("worker: stopped after %d tick(s)", tick)
     return 0

@@ -42,7 +42,7 @@ class BrokerThread:
 
         self.loop.run_until_complete(main())
 
-    def start(self) -> "BrokerThread":
+    def start(self) -> BrokerThread:
         self._thread.start()
         if not self._started.wait(10):
             raise RuntimeError("broker did not start")
@@ -52,6 +52,7 @@ class BrokerThread:
 
     def call(self, fn: Any, *args: Any) -> Any:
         """Run ``fn(*args)`` on the broker's loop and return its result."""
+
         async def run() -> Any:
             return fn(*args)
 

@@ -721,7 +721,9 @@ async def test_flush_from_another_instance_removes_completed_sends(make_layer, l
     sender, flusher = make_layer(separate=True, capacity=1), make_layer(separate=True, capacity=1)
     assert separate_connections(layer_kind, sender, flusher)
     survived = await _sends_surviving_a_flush(sender, flusher)
-    assert not survived, f"acknowledged sends: {len(survived)} of 20 survived a flush from another connection: {survived}"
+    assert not survived, (
+        f"acknowledged sends: {len(survived)} of 20 survived a flush from another connection: {survived}"
+    )
 
 
 def test_extensions(layer):
