@@ -149,6 +149,24 @@ class _ClientBase:
             return True
         return False
 
+    def _send_now_or_request(self, channel: str, body: bytes, ttl: float, capacity: int) -> tuple[Core, Any]:
+        """Check a send; pipeline it if the rules allow (returns no request),
+        else return the checked ``Send`` to wait for."""
+        p.check_channel_name(channel)
+        core = self.core
+        self._check_body(core, body)
+        if self._pipelined(core, channel, capacity):
+            core.send_pipelined(channel, body, ttl, capacity)
+            return core, None
+        return core, p.Send(0, channel, ttl, capacity, True)
+
+    def _group_send(
+        self, group: str, body: bytes, ttl: float, capacity: int, capacities: Sequence[tuple[str, int]]
+    ) -> p.GroupSend:
+        p.check_group_name(group)
+        self._check_body(self.core, body)
+        return p.GroupSend(0, group, ttl, capacity, list(capacities))
+
     def _send_failed(self, core: Core, channel: str, capacity: int, error: BaseException) -> None:
         # Full: the next sends must ask the broker too. Anything else: unknown.
         if isinstance(error, QueueFull):
@@ -184,14 +202,11 @@ class AsyncClient(_ClientBase):
     async def send(self, channel: str, body: bytes, *, ttl: float = 60.0, capacity: int = 100) -> None:
         """Queue ``body`` on ``channel``. Raises ``QueueFull`` at capacity,
         ``MessageTooLarge``, ``InvalidName``, ``BrokerUnavailable``."""
-        p.check_channel_name(channel)
-        core = self.core
-        self._check_body(core, body)
-        if self._pipelined(core, channel, capacity):
-            core.send_pipelined(channel, body, ttl, capacity)
+        core, msg = self._send_now_or_request(channel, body, ttl, capacity)
+        if msg is None:
             return
         try:
-            await self._request(p.Send(0, channel, ttl, capacity, True), body, self._record_depth(core, channel))
+            await self._request(msg, body, self._record_depth(core, channel))
         except BaseException as error:
             self._send_failed(core, channel, capacity, error)
             raise
@@ -216,18 +231,13 @@ class AsyncClient(_ClientBase):
         return item[0]  # type: ignore[no-any-return]
 
     async def group_add(self, group: str, channel: str, *, ttl: float = 86400.0) -> None:
-        p.check_group_name(group)
-        p.check_channel_name(channel)
-        core = self.core
-        await self._request(p.GroupAdd(0, group, channel, ttl))
-        core.call(lambda: core._groups.__setitem__((group, channel), _deadline(ttl)))
+        await self._request(_group_add(group, channel, ttl))
+        self.core.remember_group(group, channel, ttl)
 
     async def group_discard(self, group: str, channel: str) -> None:
-        p.check_group_name(group)
-        p.check_channel_name(channel)
-        core = self.core
-        core.call(lambda: core._groups.pop((group, channel), None))
-        await self._request(p.GroupDiscard(0, group, channel))
+        msg = _group_discard(group, channel)
+        self.core.forget_group(group, channel)
+        await self._request(msg)
 
     async def group_send(
         self,
@@ -241,9 +251,7 @@ class AsyncClient(_ClientBase):
         """Send to every member; full members are skipped. ``capacities``:
         (regex, capacity) rules for members, first match wins. Returns
         ``(delivered, skipped)``."""
-        p.check_group_name(group)
-        self._check_body(self.core, body)
-        sent, skipped = await self._request(p.GroupSend(0, group, ttl, capacity, list(capacities)), body)
+        sent, skipped = await self._request(self._group_send(group, body, ttl, capacity, capacities), body)
         return sent, skipped
 
     async def flush(self) -> None:
@@ -270,14 +278,12 @@ class SyncClient(_ClientBase):
         return waiter.wait(core, None)  # the core times requests out
 
     def send(self, channel: str, body: bytes, *, ttl: float = 60.0, capacity: int = 100) -> None:
-        p.check_channel_name(channel)
-        core = self.core
-        self._check_body(core, body)
-        if self._pipelined(core, channel, capacity):
-            core.send_pipelined(channel, body, ttl, capacity)
+        """As ``AsyncClient.send``, blocking."""
+        core, msg = self._send_now_or_request(channel, body, ttl, capacity)
+        if msg is None:
             return
         try:
-            self._request(p.Send(0, channel, ttl, capacity, True), body, self._record_depth(core, channel))
+            self._request(msg, body, self._record_depth(core, channel))
         except BaseException as error:
             self._send_failed(core, channel, capacity, error)
             raise
@@ -298,18 +304,13 @@ class SyncClient(_ClientBase):
         return item[0]  # type: ignore[no-any-return]
 
     def group_add(self, group: str, channel: str, *, ttl: float = 86400.0) -> None:
-        p.check_group_name(group)
-        p.check_channel_name(channel)
-        core = self.core
-        self._request(p.GroupAdd(0, group, channel, ttl))
-        core.call(lambda: core._groups.__setitem__((group, channel), _deadline(ttl)))
+        self._request(_group_add(group, channel, ttl))
+        self.core.remember_group(group, channel, ttl)
 
     def group_discard(self, group: str, channel: str) -> None:
-        p.check_group_name(group)
-        p.check_channel_name(channel)
-        core = self.core
-        core.call(lambda: core._groups.pop((group, channel), None))
-        self._request(p.GroupDiscard(0, group, channel))
+        msg = _group_discard(group, channel)
+        self.core.forget_group(group, channel)
+        self._request(msg)
 
     def group_send(
         self,
@@ -320,9 +321,8 @@ class SyncClient(_ClientBase):
         capacity: int = 100,
         capacities: Sequence[tuple[str, int]] = (),
     ) -> tuple[int, int]:
-        p.check_group_name(group)
-        self._check_body(self.core, body)
-        sent, skipped = self._request(p.GroupSend(0, group, ttl, capacity, list(capacities)), body)
+        """As ``AsyncClient.group_send``, blocking."""
+        sent, skipped = self._request(self._group_send(group, body, ttl, capacity, capacities), body)
         return sent, skipped
 
     def flush(self) -> None:
@@ -332,7 +332,13 @@ class SyncClient(_ClientBase):
         return self._request(p.Stats(0))  # type: ignore[no-any-return]
 
 
-def _deadline(ttl: float) -> float:
-    import time
+def _group_add(group: str, channel: str, ttl: float) -> p.GroupAdd:
+    p.check_group_name(group)
+    p.check_channel_name(channel)
+    return p.GroupAdd(0, group, channel, ttl)
 
-    return time.monotonic() + ttl
+
+def _group_discard(group: str, channel: str) -> p.GroupDiscard:
+    p.check_group_name(group)
+    p.check_channel_name(channel)
+    return p.GroupDiscard(0, group, channel)

@@ -366,6 +366,14 @@ class Core:
             state.waiters.popleft()
             waiter.resolve(item)
 
+    def remember_group(self, group: str, channel: str, ttl: float) -> None:
+        """A membership this process added: replayed after a broker restart."""
+        deadline = time.monotonic() + ttl
+        self.call(lambda: self._groups.__setitem__((group, channel), deadline))
+
+    def forget_group(self, group: str, channel: str) -> None:
+        self.call(lambda: self._groups.pop((group, channel), None))
+
     def forget_waiter(self, channel: str, waiter: Waiter) -> None:
         with self._lock:
             state = self._channels.get(channel)
