@@ -44,6 +44,7 @@ from typing import Any, Callable, Optional
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .. import protocol as p
 from ..exceptions import BrokerError, BrokerUnavailable, ClientClosed, SubscriptionError, from_wire
@@ -527,6 +528,10 @@ class Core:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        # ZeroMQ reconnects by itself; its monitor tells us when, so that a
+        # restarted broker hears Hello at once rather than at our next heartbeat.
+        monitor = self._socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        poller.register(monitor, zmq.POLLIN)
         self._hello()
         try:
             while True:
@@ -538,6 +543,8 @@ class Core:
                     except BlockingIOError:
                         pass
                 self._wake_pending = False
+                if monitor in events:
+                    self._on_monitor_events(monitor)
                 self._run_commands()
                 self._read_all()
                 self._tick(time.monotonic())
@@ -553,11 +560,27 @@ class Core:
             self._fail_all(ClientClosed("the client is closed"))
             with self._lock:
                 self._flush_calls()
+            self._socket.disable_monitor()
+            monitor.close(0)
             self._socket.close(linger=_CLOSE_LINGER_MS if self.connected else 0)
             self._context.term()
             _live_cores.discard(self)
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+    def _on_monitor_events(self, monitor: zmq.Socket) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(monitor, _NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_DISCONNECTED and self.connected:
+                logger.warning("lost the connection to the broker at %s", self.address)
+                with self._lock:
+                    self.connected = False
+                self._ready.clear()
+            elif event == zmq.EVENT_CONNECTED and self.instance is not None:
+                self._hello()  # a reconnection: maybe a new broker; Hello restores our state
 
     def _fail_all(self, error: BrokerError) -> None:
         requests, self._requests = self._requests, {}
