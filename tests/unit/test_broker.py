@@ -312,6 +312,22 @@ def test_group_send_skips_full_members_and_counts(rig):
     assert rig.broker.counters["refused_full"] == 1
 
 
+def test_group_send_skips_members_at_the_hard_cap_without_failing():
+    """``--max-queue-length`` is a hard cap below any sender's capacity; a
+    member at it is skipped like a full one, and group_send still succeeds."""
+    rig = Rig(max_queue_length=1)
+    rig.hello(A)
+    for req, channel in enumerate(("a", "b", "c"), 1):
+        rig.handle(A, p.GroupAdd(req, "room", channel, 60))
+    rig.send(A, "b", b"filler", capacity=100)
+    rig.sock.take(A)
+    rig.handle(A, p.GroupSend(9, "room", 60, 100), b"hello")
+    assert rig.sock.replies(A) == [p.Reply(9, 0, "", [2, 1])]
+    assert [m.body for m in rig.broker.queues["a"].queue] == [b"hello"]
+    assert [m.body for m in rig.broker.queues["b"].queue] == [b"filler"]
+    assert [m.body for m in rig.broker.queues["c"].queue] == [b"hello"]
+
+
 def test_group_send_reaches_subscribers(rig):
     rig.hello(A, B)
     rig.handle(A, p.GroupAdd(1, "room", "b.inbox", 60))

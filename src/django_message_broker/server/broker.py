@@ -156,7 +156,10 @@ class Broker:
             self.stalled.add(queue)
 
     def _push(self, queue: ChannelQueue, body: Any, ttl: float, limit: int, deliver: bool = True) -> bool:
-        """Queue ``body`` unless the queue holds ``limit`` messages."""
+        """Queue ``body`` unless the queue holds ``limit`` messages (or is at
+        its hard cap, ``max_queue_length``)."""
+        if queue.max_length is not None and queue.max_length < limit:
+            limit = queue.max_length
         if len(queue.queue) >= limit:
             queue._flush_messages()
             if len(queue.queue) >= limit:
