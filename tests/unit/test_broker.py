@@ -328,6 +328,16 @@ def test_group_send_skips_members_at_the_hard_cap_without_failing():
     assert [m.body for m in rig.broker.queues["c"].queue] == [b"hello"]
 
 
+def test_a_checked_send_over_the_hard_cap_queues_nothing():
+    rig = Rig(max_queue_length=2)
+    rig.hello(A)
+    rig.handle(A, p.Send(5, "ch", 60, 100, True), b"1", b"2", b"3")
+    [reply] = rig.sock.replies(A)
+    err = ex.from_wire(reply.code, reply.detail, reply.value)
+    assert type(err) is ex.QueueFull and err.capacity == 2
+    assert "ch" not in rig.broker.queues or not rig.broker.queues["ch"].queue
+
+
 def test_group_send_reaches_subscribers(rig):
     rig.hello(A, B)
     rig.handle(A, p.GroupAdd(1, "room", "b.inbox", 60))

@@ -226,12 +226,13 @@ class Broker:
                 self._check_bodies(bodies)
                 _check_ttl(ttl)
                 queue = self._queue(channel)
-                if checked:
-                    if len(queue.queue) + len(bodies) > capacity:
+                if checked:  # all or nothing, within capacity and the hard cap
+                    limit = capacity if queue.max_length is None else min(capacity, queue.max_length)
+                    if len(queue.queue) + len(bodies) > limit:
                         queue._flush_messages()
-                        if len(queue.queue) + len(bodies) > capacity:
+                        if len(queue.queue) + len(bodies) > limit:
                             self.counters["refused_full"] += len(bodies)
-                            raise QueueFull(channel, capacity)
+                            raise QueueFull(channel, limit)
                     for body in bodies:
                         queue.push(DataMessage(body), ttl)
                     self._deliver(queue)
