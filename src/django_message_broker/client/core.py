@@ -181,9 +181,14 @@ class Core:
     # ------------------------------------------------------- cross-thread API
     def call(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on the I/O thread (soon, in order)."""
+        self._enqueue(fn)
+
+    def _enqueue(self, command: Any) -> None:
+        """Queue a command (a callable, or a pipelined send's tuple) and wake
+        the I/O thread if it may be asleep."""
         if self.closed:
             raise ClientClosed("the client is closed")
-        self._commands.append(fn)
+        self._commands.append(command)
         if not self._wake_pending:
             self._wake_pending = True
             try:
@@ -202,15 +207,7 @@ class Core:
         """Send without waiting (answered only if the broker refuses it).
         The I/O thread packs consecutive sends to one channel into one
         ``Send`` with many bodies."""
-        if self.closed:
-            raise ClientClosed("the client is closed")
-        self._commands.append((channel, ttl, capacity, body))
-        if not self._wake_pending:
-            self._wake_pending = True
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
+        self._enqueue((channel, ttl, capacity, body))
 
     def post(self, msg: Any, body: Optional[bytes] = None) -> None:
         """Send a message that expects no reply."""
