@@ -230,19 +230,27 @@ def percentile(values: list[float], q: float) -> float:
 # -------------------------------------------------------------------- scenarios
 
 
-def run_throughput(env: Env, factory: LayerFactory, p: dict) -> Outcome:
-    """(1) and (7): ``n`` small messages A->B; the server's CPU meanwhile."""
+def _a_to_b(
+    env: Env, factory: LayerFactory, p: dict, measure_cpu: bool
+) -> tuple[Outcome, float, Optional[float], Optional[str]]:
+    """A producer process sends ``n`` messages to a consumer process.
+    Returns the outcome (raw timings filled in), the seconds from the first
+    send to the last receive, the server's CPU seconds meanwhile, and the
+    consumer's failure, if any."""
     spec = env.spec(factory)
+    cpu0 = cpu1 = None
     with Team(env, p["timeout"]) as team:
         consumer = team.spawn("consumer", spec, p)
         producer = team.spawn("producer", spec, p)
         channel = consumer.expect("ready")["channel"]
         producer.expect("ready")
-        cpu0 = env.server_cpu(factory)
+        if measure_cpu:
+            cpu0 = env.server_cpu(factory)
         producer.tell("go", {"channel": channel})
         sent = producer.expect("result")
-        consumer.expect("done")
-        cpu1 = env.server_cpu(factory)
+        if measure_cpu:
+            consumer.expect("done")
+            cpu1 = env.server_cpu(factory)
         got = consumer.expect("result")
     out = Outcome(check=got["check"])
     elapsed = got["last"] - sent["first"]
@@ -252,37 +260,28 @@ def run_throughput(env: Env, factory: LayerFactory, p: dict) -> Outcome:
         "producer_cpu": sent["cpu"],
         "consumer_cpu": got["cpu"],
     }
-    if got["failure"] is None and elapsed > 0:
+    cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+    return out, elapsed, cpu, got["failure"]
+
+
+def run_throughput(env: Env, factory: LayerFactory, p: dict) -> Outcome:
+    """(1) and (7): ``n`` small messages A->B; the server's CPU meanwhile."""
+    out, elapsed, cpu, failure = _a_to_b(env, factory, p, measure_cpu=True)
+    if failure is None and elapsed > 0:
         out.metrics["msgs_per_s"] = p["n"] / elapsed
-        if cpu0 is not None and cpu1 is not None:
-            out.raw["server_cpu"] = cpu1 - cpu0
-            out.metrics["server_cpu_per_10k"] = (cpu1 - cpu0) * 10_000 / p["n"]
-    return out.verify(got["failure"])
+        if cpu is not None:
+            out.raw["server_cpu"] = cpu
+            out.metrics["server_cpu_per_10k"] = cpu * 10_000 / p["n"]
+    return out.verify(failure)
 
 
 def run_large(env: Env, factory: LayerFactory, p: dict) -> Outcome:
     """(5): ``n`` messages of ``size`` bytes A->B."""
     p = dict(p, head=os.urandom(16))
-    spec = env.spec(factory)
-    with Team(env, p["timeout"]) as team:
-        consumer = team.spawn("consumer", spec, p)
-        producer = team.spawn("producer", spec, p)
-        channel = consumer.expect("ready")["channel"]
-        producer.expect("ready")
-        producer.tell("go", {"channel": channel})
-        sent = producer.expect("result")
-        got = consumer.expect("result")
-    out = Outcome(check=got["check"])
-    elapsed = got["last"] - sent["first"]
-    out.raw = {
-        "seconds": elapsed,
-        "send_seconds": sent["sent"] - sent["first"],
-        "producer_cpu": sent["cpu"],
-        "consumer_cpu": got["cpu"],
-    }
-    if got["failure"] is None and elapsed > 0:
+    out, elapsed, _, failure = _a_to_b(env, factory, p, measure_cpu=False)
+    if failure is None and elapsed > 0:
         out.metrics["mb_per_s"] = p["n"] * p["size"] / elapsed / 1e6
-    return out.verify(got["failure"])
+    return out.verify(failure)
 
 
 def run_rtt(env: Env, factory: LayerFactory, p: dict) -> Outcome:
