@@ -36,7 +36,9 @@ __all__ = [
     "encode",
 ]
 
-VERSION = 1
+#: Version 2: receivers report what they consumed (``Consumed``), so that a
+#: message delivered to a process and not yet read counts against capacity.
+VERSION = 2
 _VERSION_BYTE = bytes([VERSION])
 
 #: Channels' own limit: names are ``str`` with ``len(name) < 100``.
@@ -120,10 +122,13 @@ class Unsubscribe(_Msg, tag=7):
 
 class Return(_Msg, tag=8):
     """Hand delivered, unread messages (body frames, oldest first) back to
-    the head of ``channel``'s queue; ``ttls``: seconds each has left."""
+    the head of ``channel``'s queue; ``ttls``: seconds each has left.
+    ``epoch``: the flush epoch the client knew when it sent them (messages
+    of an earlier epoch were flushed and are dropped)."""
 
     channel: str
     ttls: list[float]
+    epoch: int = 0
 
 
 class Flush(_Msg, tag=9):
@@ -140,6 +145,16 @@ class Stats(_Msg, tag=11):
 
 class Bye(_Msg, tag=12):
     """The client is closing: drop its endpoints now."""
+
+
+class Consumed(_Msg, tag=13):
+    """Receives here returned ``counts[i]`` messages of ``channels[i]`` since
+    the last report: they no longer count against those channels' capacity.
+    Reports of an earlier flush ``epoch`` are ignored. Never answered."""
+
+    epoch: int
+    channels: list[str]
+    counts: list[int]
 
 
 # --- broker -> client -------------------------------------------------------
@@ -173,11 +188,26 @@ class Welcome(_Msg, tag=22):
 
 
 class Flushed(_Msg, tag=23):
-    """The broker was flushed: drop messages delivered here and not yet read."""
+    """The broker was flushed: drop messages delivered here and not yet read.
+    ``epoch`` is the broker's new flush epoch (see ``Consumed``)."""
+
+    epoch: int = 0
 
 
 Command = Union[
-    Hello, Send, GroupSend, GroupAdd, GroupDiscard, Subscribe, Unsubscribe, Return, Flush, Heartbeat, Stats, Bye
+    Hello,
+    Send,
+    GroupSend,
+    GroupAdd,
+    GroupDiscard,
+    Subscribe,
+    Unsubscribe,
+    Return,
+    Flush,
+    Heartbeat,
+    Stats,
+    Bye,
+    Consumed,
 ]
 ToClient = Union[Deliver, Reply, Welcome, Flushed]
 

@@ -164,6 +164,31 @@ async def test_send_capacity(make_layer):
     await assert_nothing(layer, "full-channel")
 
 
+@pytest.mark.parametrize("receiver", ["same", "other"])
+async def test_send_capacity_right_after_a_receive(make_layer, receiver):
+    """A receive a moment ago (by this instance or another in the process)
+    changes nothing: ``ChannelFull`` comes at exactly ``capacity``. (Our
+    layer prefetches for receivers; a message delivered to a process and
+    not yet received still counts against the channel.)"""
+    sender = make_layer(capacity=3)
+    reader = sender if receiver == "same" else make_layer(capacity=3)
+    channel = unique("received-then-full")
+    for warm in range(2):
+        await sender.send(channel, {"type": "warm", "n": warm})
+        assert (await recv(reader, channel))["n"] == warm
+    for n in range(3):
+        await sender.send(channel, {"type": "test.n", "n": n})
+    with pytest.raises(ChannelFull):
+        await sender.send(channel, {"type": "test.n", "n": 3})
+    assert [(await recv(reader, channel))["n"] for _ in range(3)] == [0, 1, 2]
+    await assert_nothing(reader, channel)
+    # Received, so room again: exactly three more.
+    for n in range(3):
+        await sender.send(channel, {"type": "test.n", "n": n})
+    with pytest.raises(ChannelFull):
+        await sender.send(channel, {"type": "test.n", "n": 3})
+
+
 async def test_channel_capacity_glob_and_regex(make_layer):
     layer = make_layer(capacity=100, channel_capacity={"one": 1, "glob-*": 1, re.compile(r"^two$"): 2})
     message = {"type": "test.message"}

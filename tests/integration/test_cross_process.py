@@ -115,3 +115,58 @@ def test_two_processes_exchange_10000_messages_in_order(broker_process, tmp_path
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(5) == 0
     assert not probe(address, 0.2)
+
+
+RECEIVER = textwrap.dedent(
+    """
+    import sys
+    from django_message_broker import SyncClient
+
+    address, channel = sys.argv[1], sys.argv[2]
+    with SyncClient(address, timeout=10) as client:
+        for line in sys.stdin:  # one receive per line; the parent says when
+            if line.strip() != "receive":
+                break
+            print(client.receive(channel, timeout=10).decode(), flush=True)
+    """
+)
+
+
+def test_capacity_counts_what_another_process_prefetched(broker_process, tmp_path: Path):
+    """Messages delivered to another process's prefetch buffer and not yet
+    received there still count: the sender's ChannelFull comes at exactly
+    ``capacity``, right after that process received from the channel."""
+    from django_message_broker import QueueFull, SyncClient
+
+    _, address = broker_process
+    (tmp_path / "receiver.py").write_text(RECEIVER)
+    receiver = subprocess.Popen(
+        [sys.executable, str(tmp_path / "receiver.py"), address, "xproc.capacity"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert receiver.stdin is not None and receiver.stdout is not None
+    try:
+        with SyncClient(address, timeout=10) as sender:
+            sender.send("xproc.capacity", b"warm", capacity=3)
+            receiver.stdin.write("receive\n")
+            receiver.stdin.flush()
+            assert receiver.stdout.readline().strip() == "warm"
+            # The receiver now has credit: what follows is delivered to its
+            # buffer at once, yet still counts against the capacity.
+            for n in range(3):
+                sender.send("xproc.capacity", b"%d" % n, capacity=3)
+            with pytest.raises(QueueFull):
+                sender.send("xproc.capacity", b"3", capacity=3)
+            receiver.stdin.write("receive\n")
+            receiver.stdin.flush()
+            assert receiver.stdout.readline().strip() == "0"
+            sender.send("xproc.capacity", b"4", capacity=3)  # one received: room for one
+            with pytest.raises(QueueFull):
+                sender.send("xproc.capacity", b"5", capacity=3)
+            stats = sender.stats()
+            assert stats["queued"] + stats["held"] == 3
+    finally:
+        receiver.stdin.close()
+        receiver.wait(10)

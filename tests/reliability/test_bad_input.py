@@ -208,7 +208,10 @@ def valid_command(rng: random.Random) -> tuple[Any, list[bytes]]:
     Flush: that would empty the good client's channel too)."""
     req = rng.randrange(1, 1 << 30)
     body = [rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.choice([1, 1, 1, 2, 3]))]
-    kind = rng.randrange(11)
+    kind = rng.randrange(12)
+    if kind == 10:
+        names = [_valid_name(rng) for _ in range(rng.randrange(0, 4))]
+        return p.Consumed(rng.choice([0, 0, 1]), names, [rng.randrange(0, 5) for _ in names]), []
     if kind == 0:
         ttl, capacity = rng.choice([1.0, 5.0, 30.0]), rng.randrange(1, 50)
         return p.Send(req, _valid_name(rng), ttl, capacity, rng.random() < 0.5), body
@@ -237,7 +240,7 @@ def _safe(frames: list[bytes]) -> list[bytes]:
     """Replace an input that decodes to Flush (possible after mutation)."""
     try:
         if isinstance(p.decode_command(frames[0]), p.Flush):
-            return [b"\x01\xff"]
+            return [V + b"\xff"]
     except Exception:
         pass
     return frames
@@ -330,7 +333,7 @@ def gen_bad_names(rng: random.Random) -> list[bytes]:
         bad += " "  # the random text happened to be valid: make it invalid
     good = _valid_name(rng)
     body = [b"x"]
-    kind = rng.randrange(8)
+    kind = rng.randrange(9)
     cmd: Any
     if kind == 0:
         cmd, frames = p.Send(req, bad, 5.0, 10, rng.random() < 0.5), body
@@ -346,6 +349,8 @@ def gen_bad_names(rng: random.Random) -> list[bytes]:
         cmd, frames = p.Subscribe(req, bad, 5), []
     elif kind == 6:
         cmd, frames = p.Unsubscribe(req, bad), []
+    elif kind == 7:
+        cmd, frames = p.Consumed(0, [bad], [1]), []
     else:
         cmd, frames = p.Return(bad, [5.0]), body
     return [p.encode(cmd), *frames]
@@ -374,7 +379,7 @@ def gen_weird_values(rng: random.Random) -> list[bytes]:
     req = rng.randrange(1, 1 << 30)
     f = rng.choice(WEIRD_FLOATS)
     i = rng.choice(WEIRD_INTS)
-    kind = rng.randrange(6)
+    kind = rng.randrange(7)
     if kind == 0:
         return [p.encode(p.Send(req, _valid_name(rng), f, max(i, -(2**62)), rng.random() < 0.5)), b"w"]
     if kind == 1:
@@ -384,7 +389,11 @@ def gen_weird_values(rng: random.Random) -> list[bytes]:
     if kind == 3:
         return [p.encode(p.Subscribe(req, _valid_name(rng), i))]
     if kind == 4:
-        return [p.encode(p.Return(_valid_name(rng), [f])), b"w"]
+        return [p.encode(p.Return(_valid_name(rng), [f], max(i, -(2**62)))), b"w"]
+    if kind == 5:
+        names = [_valid_name(rng) for _ in range(rng.randrange(0, 3))]
+        counts = [max(rng.choice(WEIRD_INTS), -(2**62)) for _ in range(rng.choice([len(names), len(names) + 1]))]
+        return [p.encode(p.Consumed(max(i, -(2**62)), names, counts))]
     return [p.encode(p.Hello(req, "fuzz-" + str(i), f))]
 
 
@@ -525,7 +534,7 @@ def _msgpack_str(raw: bytes) -> bytes:
         V + b"\x96\x02\x01" + _msgpack_str(b"ch\xff") + b"\xcb" + struct.pack(">d", 5.0) + b"\x0a\xc3",  # Send
         V + b"\x94\x01\x01" + _msgpack_str(b"\xc3\x28") + b"\xcb" + struct.pack(">d", 1.0),  # Hello
         V + b"\x93\x07\x01" + _msgpack_str(b"\xed\xa0\x80"),  # Unsubscribe, a UTF-8 surrogate
-        b"\x01\x94\x05\xce)#\xf8\x83\xa5fz\xde-0\xa4fz-50i",  # GroupDiscard, as the fuzzer found it
+        V + b"\x94\x05\xce)#\xf8\x83\xa5fz\xde-0\xa4fz-50i",  # GroupDiscard, as the fuzzer found it
     ],
     ids=["send-channel", "hello-client-id", "unsubscribe-surrogate", "found-by-fuzzer"],
 )

@@ -13,6 +13,7 @@ from django_message_broker import protocol as p
 from django_message_broker.server.broker import Broker
 
 A, B, C = b"client-a", b"client-b", b"client-c"
+V = bytes([p.VERSION])
 
 
 class FakeRouter:
@@ -104,10 +105,10 @@ def rig() -> Rig:
 
 
 # -- connection -----------------------------------------------------------------
-def test_hello_is_answered_with_instance_and_max_body(rig):
+def test_hello_is_answered_with_instance_max_body_and_flush_epoch(rig):
     rig.handle(A, p.Hello(7, "client-a", 1.0))
     [(reply, bodies)] = rig.sock.take(A)
-    assert reply == p.Reply(7, 0, "", [rig.broker.instance, rig.broker.max_body])
+    assert reply == p.Reply(7, 0, "", [rig.broker.instance, rig.broker.max_body, rig.broker.epoch])
     assert bodies == []
     assert A in rig.broker.clients and rig.broker.clients[A].client_id == "client-a"
 
@@ -143,7 +144,8 @@ def test_subscribe_then_send_delivers_at_once(rig):
     assert rig.sock.take(B) == []  # Subscribe has no answer
     rig.send(A, "ch", b"x", req=2)
     assert rig.sock.delivered(B) == [b"x"]
-    assert rig.sock.replies(A) == [p.Reply(2, 0, "", 0)]
+    # The depth counts the message B holds and has not reported consumed.
+    assert rig.sock.replies(A) == [p.Reply(2, 0, "", 1)]
 
 
 def test_ttl_left_travels_with_the_delivery(rig):
@@ -538,12 +540,12 @@ def test_no_frames_at_all_is_ignored(rig):
         [p.encode(p.Hello(1, "a", 1.0)), b"x"],
         [p.encode(p.Send(1, "ch", 60, 10))],  # a Send needs a body
         [b"garbage"],
-        [b"\x01garbage"],
-        [b"\x01\x93\x63\x01\x02"],  # unknown tag 99
-        [b"\x02" + p.encode(p.Heartbeat(1))[1:]],  # wrong version
+        [V + b"garbage"],
+        [V + b"\x93\x63\x01\x02"],  # unknown tag 99
+        [bytes([p.VERSION + 1]) + p.encode(p.Heartbeat(1))[1:]],  # wrong version
         [b""],
-        [b"\x01"],
-        [b"\x01\x93\x0a\x01" + b"\x91" * 100_000],  # nested past the recursion limit
+        [V],
+        [V + b"\x93\x0a\x01" + b"\x91" * 100_000],  # nested past the recursion limit
         [p.encode(p.Send(1, "ch", 60, 10)), *([b"x"] * (p.MAX_BATCH + 1))],
     ],
     ids=[

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from django_message_broker import exceptions as ex
 from django_message_broker import protocol as p
 
+V = bytes([p.VERSION])  # the version byte that starts every header
+
 COMMANDS = typing.get_args(p.Command)
 TO_CLIENT = typing.get_args(p.ToClient)
 
@@ -64,7 +66,7 @@ to_client = st.one_of([struct_strategy(c) for c in TO_CLIENT])
 def test_the_unions_are_what_the_peers_speak():
     assert {c.__name__ for c in COMMANDS} == {
         "Hello", "Send", "GroupSend", "GroupAdd", "GroupDiscard", "Subscribe",
-        "Unsubscribe", "Return", "Flush", "Heartbeat", "Stats", "Bye",
+        "Unsubscribe", "Return", "Flush", "Heartbeat", "Stats", "Bye", "Consumed",
     }  # fmt: skip
     assert {c.__name__ for c in TO_CLIENT} == {"Deliver", "Reply", "Welcome", "Flushed"}
     tags = [msgspec.inspect.type_info(c).tag for c in COMMANDS + TO_CLIENT]
@@ -133,21 +135,21 @@ def _decode_or_protocol_error(decoder, data):
 
 
 # Headers whose trailing (ignored) element nests deeper than the decoder recurses.
-DEEP_EXTRA = b"\x01\x93\x0a\x01" + b"\x91" * 200_000  # Heartbeat(1, <deep array>)
-DEEP_MAP = b"\x01\x93\x0a\x01" + b"\x81\x00" * 200_000 + b"\x00"
-DEEP_VALUE = b"\x01\x95\x15\x01\x00\xa0" + b"\x91" * 200_000  # Reply(value=<deep array>)
+DEEP_EXTRA = V + b"\x93\x0a\x01" + b"\x91" * 200_000  # Heartbeat(1, <deep array>)
+DEEP_MAP = V + b"\x93\x0a\x01" + b"\x81\x00" * 200_000 + b"\x00"
+DEEP_VALUE = V + b"\x95\x15\x01\x00\xa0" + b"\x91" * 200_000  # Reply(value=<deep array>)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.binary(max_size=200))
 @example(data=b"")
-@example(data=b"\x01")
-@example(data=b"\x01\xc1")  # never-used msgpack byte
-@example(data=b"\x01\xdd\xff\xff\xff\xff")  # an array that claims 4 G elements
+@example(data=bytes([p.VERSION]))
+@example(data=bytes([p.VERSION]) + b"\xc1")  # never-used msgpack byte
+@example(data=bytes([p.VERSION]) + b"\xdd\xff\xff\xff\xff")  # an array that claims 4 G elements
 def test_arbitrary_bytes_raise_only_protocol_error(data):
     for decoder in (p.decode_command, p.decode_to_client):
         _decode_or_protocol_error(decoder, data)
-        _decode_or_protocol_error(decoder, b"\x01" + data)  # past the version byte
+        _decode_or_protocol_error(decoder, V + data)  # past the version byte
 
 
 @pytest.mark.parametrize("data", [DEEP_EXTRA, DEEP_MAP, DEEP_VALUE], ids=["deep-extra", "deep-map", "deep-value"])
@@ -172,7 +174,7 @@ def test_deeply_nested_header_raises_protocol_error(data):
     fields=st.lists(msgpack_values, max_size=6),
 )
 def test_well_formed_msgpack_with_wrong_fields_raises_only_protocol_error(tag, fields):
-    header = b"\x01" + msgspec.msgpack.encode([tag, *fields])
+    header = V + msgspec.msgpack.encode([tag, *fields])
     for decoder in (p.decode_command, p.decode_to_client):
         _decode_or_protocol_error(decoder, header)
 
@@ -187,7 +189,7 @@ def test_wrong_version_byte_raises_protocol_error(msg, version):
         p.decode_to_client(header)
 
 
-@pytest.mark.parametrize("data", [b"", b"\x01", b"\x02"])
+@pytest.mark.parametrize("data", [b"", b"\x01", b"\x02", bytes([p.VERSION])])
 def test_truncated_header_raises_protocol_error(data):
     with pytest.raises(p.ProtocolError):
         p.decode_command(data)

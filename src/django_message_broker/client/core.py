@@ -17,6 +17,13 @@ receive has asked for a channel for ``idle_return`` seconds, the client
 withdraws its credit and hands unread messages back to the head of the
 broker's queue, so a process that stopped receiving strands nothing.
 
+A delivered message still counts against its channel's capacity at the
+broker until a receive here returns it: each receive that returns a message
+adds one to its channel's ``consumed`` count, and the I/O thread reports the
+counts (one ``Consumed`` per wake, for every channel) before it sends
+anything else, so a send made after a receive in this process is checked
+against what the broker knows the receive took.
+
 Sending is pipelined while a channel is known to be far from full (see
 ``Sender``): a sender far below capacity pays no round trip per message, and
 one near capacity waits for the broker's answer, so ``QueueFull`` is exact
@@ -76,7 +83,17 @@ def _close_live_cores() -> None:
 class _Channel:
     """Receive state of one channel in this process."""
 
-    __slots__ = ("buffer", "credit", "handoffs", "last_wanted", "name", "prefetch", "waiters", "withdrawing")
+    __slots__ = (
+        "buffer",
+        "consumed",
+        "credit",
+        "handoffs",
+        "last_wanted",
+        "name",
+        "prefetch",
+        "waiters",
+        "withdrawing",
+    )
 
     def __init__(self, name: str, prefetch: int) -> None:
         self.name = name
@@ -87,10 +104,11 @@ class _Channel:
         self.withdrawing = False
         self.prefetch = prefetch
         self.handoffs = 0  # messages on their way to a receive's event loop
+        self.consumed = 0  # messages receives returned, not yet reported to the broker
 
     def unused(self, now: float, idle: float) -> bool:
         """Nothing here, nothing owed, nobody asked for ``idle`` seconds."""
-        busy = self.waiters or self.buffer or self.credit or self.withdrawing or self.handoffs
+        busy = self.waiters or self.buffer or self.credit or self.withdrawing or self.handoffs or self.consumed
         return not busy and now - self.last_wanted >= idle
 
 
@@ -131,6 +149,7 @@ class Core:
         self.client_id = uuid.uuid4().hex
         self.max_body = 1 << 20
         self.instance: Optional[str] = None
+        self.epoch = 0  # the broker's flush epoch (see protocol.Consumed)
         self.connected = False
         self.closed = False
 
@@ -139,6 +158,7 @@ class Core:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._wake_pending = False
+        self._report_due = False  # some channel's ``consumed`` count is waiting to go out
         self._reqs = itertools.count(1)
         self._requests: dict[int, _Request] = {}
         self._backlog: deque[int] = deque()  # requests not yet on the wire (no connection)
@@ -189,6 +209,9 @@ class Core:
         if self.closed:
             raise ClientClosed("the client is closed")
         self._commands.append(command)
+        self._wake()
+
+    def _wake(self) -> None:
         if not self._wake_pending:
             self._wake_pending = True
             try:
@@ -236,6 +259,7 @@ class Core:
                 candidate = state.buffer.popleft()
                 if candidate[1] > now:
                     item = candidate
+                    self._consume(state)
                     break
             else:
                 waiter = make_waiter()
@@ -273,6 +297,7 @@ class Core:
                 state.buffer.appendleft(item)
             else:
                 future.set_result(item)
+                self._consume(state)
             self._feed(state)
             self._flush_calls_if_not_io()
 
@@ -291,6 +316,34 @@ class Core:
                 continue
             state.waiters.popleft()
             waiter.resolve(item)
+            if not waiter.settles_later:  # a blocked thread: it has the message now
+                self._consume(state)
+
+    def _consume(self, state: _Channel) -> None:
+        """A receive returned a message of ``state`` (lock held): report it
+        soon (the I/O thread sends one ``Consumed`` per wake)."""
+        state.consumed += 1
+        if not self._report_due:
+            self._report_due = True
+            if threading.current_thread() is not self._thread and not self.closed:
+                self._wake()
+
+    def _report_consumed(self) -> None:
+        """Send what receives took since the last report (I/O thread)."""
+        with self._lock:
+            self._report_due = False
+            if not self.connected:
+                self._report_due = True  # sent once a connection is up
+                return
+            states = [state for state in self._channels.values() if state.consumed]
+            counts = [state.consumed for state in states]
+            for state in states:
+                state.consumed = 0
+        if states and not self._send_frames(self._frames(p.Consumed(self.epoch, [s.name for s in states], counts))):
+            with self._lock:  # no connection after all: keep them for the next try
+                for state, count in zip(states, counts, strict=True):
+                    state.consumed += count
+                self._report_due = True
 
     def remember_group(self, group: str, channel: str, ttl: float) -> None:
         """A membership this process added: replayed after a broker restart."""
@@ -470,9 +523,13 @@ class Core:
                 self._wake_pending = False
                 if monitor in events:
                     self._on_monitor_events(monitor)
+                if self._report_due:  # what receives took goes before later sends
+                    self._report_consumed()
                 self._run_commands()
                 self._read_all()
                 self._tick(time.monotonic())
+                if self._report_due:
+                    self._report_consumed()
                 if self._calls:
                     with self._lock:
                         self._flush_calls()
@@ -543,20 +600,23 @@ class Core:
                         logger.warning("bad Deliver from broker: %d ttls, %d bodies", len(ttls), len(frames) - 1)
                 case p.Reply(req, code, detail, value):
                     self._on_reply(req, code, detail, value)
-                case p.Flushed():
-                    self._on_flushed()
+                case p.Flushed(epoch):
+                    self._on_flushed(epoch)
                 case p.Welcome(instance, max_body):
                     self.max_body = max_body
                     if instance != self.instance:
                         logger.info("broker %s is new to this client: restoring state", instance)
                         self._hello()
 
-    def _on_flushed(self) -> None:
+    def _on_flushed(self, epoch: int) -> None:
         """The broker dropped every queued message and group: drop what was
-        delivered here and not read, and what we knew of depths and groups."""
+        delivered here and not read, and what we knew of depths and groups.
+        Unreported consumption was about flushed messages: forget it too."""
         with self._lock:
+            self.epoch = epoch
             for state in self._channels.values():
                 state.buffer.clear()
+                state.consumed = 0
         self._groups.clear()
         self.depth.clear()
 
@@ -612,9 +672,9 @@ class Core:
         self._last_hello = time.monotonic()
 
         def welcomed(value: Any) -> None:
-            instance, max_body = value
+            instance, max_body, epoch = value
             restarted = self.instance is not None and instance != self.instance
-            self.instance, self.max_body = instance, max_body
+            self.instance, self.max_body, self.epoch = instance, max_body, epoch
             self._on_connected(restarted)
 
         self._start_request(p.Hello(0, self.client_id, self.heartbeat), None, None, welcomed, first=True)
@@ -630,6 +690,8 @@ class Core:
             for state in self._channels.values():
                 state.credit = 0
                 state.withdrawing = False
+                if restarted:  # the new broker never counted what we hold
+                    state.consumed = 0
                 if state.waiters:
                     want = state.prefetch - len(state.buffer)
                     if want > 0:
@@ -722,7 +784,8 @@ class Core:
             state.buffer.clear()
         for start in range(0, len(returned), p.MAX_BATCH):
             chunk = returned[start : start + p.MAX_BATCH]
-            self._send_frames(self._frames(p.Return(state.name, [d - now for _, d in chunk]), [b for b, _ in chunk]))
+            header = p.Return(state.name, [d - now for _, d in chunk], self.epoch)
+            self._send_frames(self._frames(header, [b for b, _ in chunk]))
 
 
 class _Stop(Exception):

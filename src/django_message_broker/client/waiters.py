@@ -24,6 +24,9 @@ class AsyncWaiter:
 
     __slots__ = ("channel", "core", "future", "loop")
 
+    #: A delivery's outcome is decided later, on the loop (see ``_settle``).
+    settles_later = True
+
     def __init__(self, core: Core, channel: Optional[str] = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.future: asyncio.Future = self.loop.create_future()
@@ -61,6 +64,10 @@ class SyncWaiter:
     """A result for a blocked thread. Resolved under the client lock."""
 
     __slots__ = ("abandoned", "channel", "error", "event", "value")
+
+    #: Resolved under the client lock, where a timed-out wait checks too:
+    #: once resolved, the thread has the message.
+    settles_later = False
 
     def __init__(self, channel: Optional[str] = None) -> None:
         self.event = threading.Event()

@@ -95,6 +95,10 @@ class Broker:
         self.max_queue_length = max_queue_length
         self.missed_heartbeats = missed_heartbeats
         self.instance = os.urandom(8).hex()
+        #: Incremented by every flush: reports (``Consumed``, ``Return``) made
+        #: before a flush the client had not yet heard of are about messages
+        #: the flush dropped.
+        self.epoch = 0
         self.queues: dict[str, ChannelQueue] = {}
         self.groups = Groups()
         self.clients: dict[bytes, ClientState] = {}
@@ -155,16 +159,28 @@ class Broker:
         if queue.stalled:
             self.stalled.add(queue)
 
-    def _push(self, queue: ChannelQueue, body: Any, ttl: float, limit: int, deliver: bool = True) -> bool:
-        """Queue ``body`` unless the queue holds ``limit`` messages (or is at
-        its hard cap, ``max_queue_length``)."""
-        if queue.max_length is not None and queue.max_length < limit:
-            limit = queue.max_length
-        if len(queue.queue) >= limit:
+    @staticmethod
+    def _room(queue: ChannelQueue, capacity: int, wanted: int = 1) -> int:
+        """How many more messages ``queue`` takes (at least ``wanted`` if it
+        can). The one capacity rule: ``capacity`` counts what is queued and
+        what receivers hold unread (``queue.depth``); the hard cap
+        (``max_queue_length``) counts what is queued, since it bounds the
+        broker's memory. Expired messages are dropped first if that helps."""
+        for attempt in range(2):
+            room = capacity - queue.depth
+            if queue.max_length is not None:
+                room = min(room, queue.max_length - len(queue.queue))
+            if room >= wanted or attempt or not queue.queue:
+                return max(room, 0)
             queue._flush_messages()
-            if len(queue.queue) >= limit:
-                self.counters["refused_full"] += 1
-                return False
+        return 0  # pragma: no cover - the loop always returns
+
+    def _push(self, queue: ChannelQueue, body: Any, ttl: float, limit: int, deliver: bool = True) -> bool:
+        """Queue ``body`` unless the channel is at ``limit`` (or the queue at
+        its hard cap)."""
+        if not self._room(queue, limit):
+            self.counters["refused_full"] += 1
+            return False
         queue.push(DataMessage(body), ttl)
         if deliver:
             self._deliver(queue)
@@ -227,16 +243,14 @@ class Broker:
                 _check_ttl(ttl)
                 queue = self._queue(channel)
                 if checked:  # all or nothing, within capacity and the hard cap
-                    limit = capacity if queue.max_length is None else min(capacity, queue.max_length)
-                    if len(queue.queue) + len(bodies) > limit:
-                        queue._flush_messages()
-                        if len(queue.queue) + len(bodies) > limit:
-                            self.counters["refused_full"] += len(bodies)
-                            raise QueueFull(channel, limit)
+                    if self._room(queue, capacity, len(bodies)) < len(bodies):
+                        self.counters["refused_full"] += len(bodies)
+                        limit = capacity if queue.max_length is None else min(capacity, queue.max_length)
+                        raise QueueFull(channel, limit)
                     for body in bodies:
                         queue.push(DataMessage(body), ttl)
                     self._deliver(queue)
-                    self._reply(ident, p.Reply(req, 0, "", len(queue.queue)))
+                    self._reply(ident, p.Reply(req, 0, "", queue.depth))
                 else:
                     limit = capacity * PIPELINE_SLACK
                     refused = 0
@@ -262,16 +276,26 @@ class Broker:
                 client.endpoints[channel] = endpoint
                 self._deliver(queue)
             case p.Unsubscribe(req, channel):
-                endpoint = client.endpoints.pop(channel, None)
                 left = 0
+                endpoint = client.endpoints.get(channel)
                 subscribed = self.queues.get(channel)
                 if endpoint is not None and subscribed is not None and endpoint.id in subscribed.subscribers:
                     left = endpoint.credit or 0
                     subscribed.discard(endpoint)
-                    self._forget_if_empty(subscribed)
+                    endpoint.credit = 0
+                self._forget_endpoint_if_done(client, channel)
                 self._reply(ident, p.Reply(req, 0, "", left))
-            case p.Return(channel, ttls):
+            case p.Consumed(epoch, channels, counts):
+                if len(channels) != len(counts) or any(type(c) is not int or c < 0 for c in counts):
+                    raise ProtocolError("Consumed needs one count (>= 0) per channel")
+                if epoch == self.epoch:  # else: about messages a flush dropped
+                    for channel, count in zip(channels, counts, strict=True):
+                        self._release(client, channel, count)
+            case p.Return(channel, ttls, epoch):
                 self._check_bodies(bodies, len(ttls))
+                if epoch != self.epoch:  # delivered before a flush: flushed
+                    return
+                self._release(client, channel, len(bodies))
                 queue = self._queue(channel)
                 # The hard cap (--max-queue-length) holds for returned messages
                 # too: what does not fit is refused, counted and logged.
@@ -315,14 +339,14 @@ class Broker:
                 self._drop_endpoints(client)  # a (re)connecting client replays its state
                 client.client_id = client_id
                 client.heartbeat = max(0.05, heartbeat)
-                self._reply(ident, p.Reply(req, 0, "", [self.instance, self.max_body]))
+                self._reply(ident, p.Reply(req, 0, "", [self.instance, self.max_body, self.epoch]))
             case p.Heartbeat(req):
                 self._reply(ident, p.Reply(req, 0, "", self.instance))
             case p.Flush(req):
                 self.flush()
                 # Every client drops what it was delivered and has not read;
                 # the flusher sees the notice before its reply (one pipe).
-                notice = p.encode(p.Flushed())
+                notice = p.encode(p.Flushed(self.epoch))
                 for other in self.clients:
                     self._send_raw(other, notice)
                 self._reply(ident, p.Reply(req))
@@ -335,28 +359,68 @@ class Broker:
 
     # -- state changes ----------------------------------------------------
     def _forget_if_empty(self, queue: ChannelQueue) -> None:
-        if queue.is_empty():
+        if queue.is_empty() and not queue.held:
             self.queues.pop(queue.name, None)
             self.stalled.discard(queue)
 
+    def _release(self, client: ClientState, channel: str, count: int) -> None:
+        """``count`` messages of ``channel`` held by ``client`` were consumed
+        or handed back: they stop counting against the channel's capacity."""
+        endpoint = client.endpoints.get(channel)
+        queue = self.queues.get(channel)
+        if endpoint is None or queue is None:
+            return
+        queue.release(endpoint, count)
+        self._forget_endpoint_if_done(client, channel)
+
+    def _forget_endpoint_if_done(self, client: ClientState, channel: str) -> None:
+        """An endpoint stays with its client while subscribed or while it
+        holds messages (they count against capacity until reported)."""
+        endpoint = client.endpoints.get(channel)
+        if endpoint is None or endpoint.held:
+            return
+        queue = self.queues.get(channel)
+        if queue is None or endpoint.id not in queue.subscribers:
+            del client.endpoints[channel]
+            if queue is not None:
+                self._forget_if_empty(queue)
+
     def _drop_endpoints(self, client: ClientState) -> None:
-        for channel, endpoint in client.endpoints.items():
+        """End the client's subscriptions (a reconnecting client grants its
+        credit again). What it holds stays counted: its buffer survives."""
+        for channel, endpoint in list(client.endpoints.items()):
             queue = self.queues.get(channel)
             if queue is not None and endpoint.id in queue.subscribers:
                 queue.discard(endpoint)
-                self._forget_if_empty(queue)
-        client.endpoints.clear()
+            endpoint.credit = 0
+            self._forget_endpoint_if_done(client, channel)
 
     def drop_client(self, ident: bytes) -> None:
+        """The client left or died: its subscriptions end, and what it held
+        stops counting (read, or lost with it)."""
         client = self.clients.pop(ident, None)
-        if client is not None:
-            self._drop_endpoints(client)
+        if client is None:
+            return
+        for channel, endpoint in client.endpoints.items():
+            queue = self.queues.get(channel)
+            if queue is not None:
+                queue.release(endpoint, endpoint.held)
+        self._drop_endpoints(client)
 
     def flush(self) -> None:
-        """Drop every queued message and every group (endpoints stay)."""
+        """Drop every queued message and every group (endpoints stay), and
+        what clients hold: the ``Flushed`` notice tells them to drop it."""
+        self.epoch += 1
+        for client in self.clients.values():
+            for endpoint in client.endpoints.values():
+                endpoint.held = 0
         for queue in list(self.queues.values()):
             queue.queue.clear()
+            queue.held = 0
             self._forget_if_empty(queue)
+        for client in self.clients.values():
+            for channel in list(client.endpoints):
+                self._forget_endpoint_if_done(client, channel)
         self.groups.clear()
 
     def retry_stalled(self) -> None:
@@ -396,6 +460,7 @@ class Broker:
             "clients": len(self.clients),
             "queues": len(self.queues),
             "queued": self.queued(),
+            "held": sum(q.held for q in self.queues.values()),
             "groups": len(self.groups),
             "memberships": self.groups.memberships(),
             **self.counters,

@@ -115,6 +115,7 @@ class Outbox:
         """Runs that did not go: back to the head of their queues, in order."""
         for queue, endpoint, messages in reversed(runs):
             queue.queue.extendleft(reversed(messages))
+            queue.release(endpoint, len(messages))
             if errno == zmq.EHOSTUNREACH:
                 queue.subscribers.pop(endpoint.id, None)
             elif endpoint.credit is not None:

@@ -64,6 +64,9 @@ class Endpoint:
     expiry: Optional[datetime] = None
     #: Deliveries this endpoint may still be sent; ``None`` is unlimited.
     credit: Optional[int] = field(default=None, init=False, repr=False, compare=False)
+    #: Messages delivered to this endpoint that its process has not yet
+    #: reported consumed or handed back (see ``ChannelQueue.held``).
+    held: int = field(default=0, init=False, repr=False, compare=False)
     #: Monotonic deadline (from the queue's clock); ``inf`` never expires.
     deadline: float = field(default=math.inf, init=False, repr=False, compare=False)
 
@@ -174,6 +177,10 @@ class ChannelQueue:
         self.max_length = max_length
         self.queue: Deque[DataMessage] = deque()
         self.subscribers = RoundRobinDict()
+        #: Messages that left the queue for an endpoint and are not yet
+        #: consumed there: still "in the channel" for its capacity (the
+        #: broker's ``depth``), though no longer in this queue's memory.
+        self.held = 0
         #: True when a send found a peer busy; the owner should retry later.
         self.stalled = False
         self.expired = 0  # messages dropped unsent at their deadline
@@ -207,6 +214,20 @@ class ChannelQueue:
     def is_empty(self) -> bool:
         """Returns true if there are no subscribers and no messages."""
         return not (self.subscribers or self.queue)
+
+    @property
+    def depth(self) -> int:
+        """What counts against the channel's capacity: the messages queued
+        here and those delivered and not yet consumed (``held``)."""
+        return len(self.queue) + self.held
+
+    def release(self, endpoint: Endpoint, count: int) -> int:
+        """``count`` messages held by ``endpoint`` were consumed or handed
+        back; returns how many it really held (never below zero)."""
+        count = min(count, endpoint.held)
+        endpoint.held -= count
+        self.held -= count
+        return count
 
     async def event_loop(self) -> None:
         """Queue event loop. Waits for subscribers, and if there are messages
@@ -389,6 +410,8 @@ class ChannelQueue:
             outcome = self._send(run_to, run, now)
             if outcome == _SENT:
                 sent += len(run)
+                run_to.held += len(run)
+                self.held += len(run)
             else:
                 queue.extendleft(reversed(run))  # back to the head, in order
                 if outcome == _GONE:
