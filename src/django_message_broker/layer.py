@@ -32,7 +32,15 @@ from .embedded import is_local_address
 from .protocol import NameCache
 from .server.server import DEFAULT_ADDRESS
 
-__all__ = ["ChannelFull", "ChannelsServerLayer", "MessageTooLarge", "capacity_rules", "layer_options"]
+__all__ = [
+    "ChannelFull",
+    "ChannelsServerLayer",
+    "ForeignChannel",
+    "MessageTooLarge",
+    "capacity_rules",
+    "check_own_channel",
+    "layer_options",
+]
 
 logger = logging.getLogger("django_message_broker.layer")
 
@@ -43,6 +51,26 @@ class ChannelFull(channels_exceptions.ChannelFull, exceptions.QueueFull):
 
 class MessageTooLarge(channels_exceptions.MessageTooLarge, exceptions.MessageTooLarge):
     """A message too large for the broker: both Channels' and our own class."""
+
+
+class ForeignChannel(exceptions.SubscriptionError, AssertionError):
+    """``receive()`` on a process-specific channel (``!``) that this layer
+    instance did not make: another instance or process owns it, so the
+    receive would never get a message. Raised at once. Also an
+    ``AssertionError``, which is what channels_redis raises ("Wrong client
+    prefix"), so code and tests written for either layer catch it."""
+
+
+def check_own_channel(channel: str, client_prefix: str) -> None:
+    """Raise ``ForeignChannel`` unless a ``!`` channel was made by the
+    instance whose ``new_channel()`` names carry ``client_prefix``."""
+    head, bang, _ = channel.partition("!")
+    if bang and not head.endswith("." + client_prefix) and head != client_prefix:
+        raise ForeignChannel(
+            f"{channel!r} is another layer instance's process-specific channel: only the instance "
+            "whose new_channel() made it can receive from it",
+            channel,
+        )
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -165,8 +193,11 @@ class ChannelsServerLayer(BaseChannelLayer):
             raise MessageTooLarge(exc.size, exc.limit) from None
 
     async def receive(self, channel: str) -> dict[str, Any]:
-        """The next message on ``channel``. Cancelling it loses nothing."""
+        """The next message on ``channel``. Cancelling it loses nothing.
+        Raises ``ForeignChannel`` at once for another instance's ``!``
+        channel."""
         self.require_valid_channel_name(channel)
+        check_own_channel(channel, self.client_prefix)
         return decode_message(await self.client.receive(channel))
 
     async def new_channel(self, prefix: str = "specific") -> str:

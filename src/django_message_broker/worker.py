@@ -26,6 +26,7 @@ from .layer import (
     ChannelFull,
     MessageTooLarge,
     capacity_rules,
+    check_own_channel,
     compile_capacities,
     decode_message,
     encode_message,
@@ -94,6 +95,7 @@ class ProcessClient:
 
     def receive(self, channel: str, timeout: Optional[float] = None) -> dict[str, Any]:
         self._validator.require_valid_channel_name(channel)
+        check_own_channel(channel, self.client_prefix)
         return decode_message(self._sync.receive(channel, timeout))
 
     def group_add(self, group: str, channel: str) -> None:
@@ -126,6 +128,7 @@ class ProcessClient:
 
     async def areceive(self, channel: str) -> dict[str, Any]:
         self._validator.require_valid_channel_name(channel)
+        check_own_channel(channel, self.client_prefix)
         return decode_message(await self._async.receive(channel))
 
     async def agroup_add(self, group: str, channel: str) -> None:

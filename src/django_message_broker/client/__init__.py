@@ -3,12 +3,15 @@
 
 Both may be used from any number of threads and event loops at once. A
 client owns one I/O thread and one socket; make one per process and
-``close()`` it when done (it is also a context manager).
+``close()`` it when done (it is also a context manager). After ``fork()``,
+a client made in the parent builds a fresh connection in the child the first
+time the child uses it, and leaves the parent's alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
@@ -23,8 +26,20 @@ _MAX_TRACKED_CHANNELS = 10_000
 #: Pipelined (unanswered) sends a process may have in flight before one waits.
 MAX_UNACKED = 4096
 _C = TypeVar("_C", bound="_ClientBase")
+#: Guards building and dropping cores (rare), for every client: a lock of
+#: the client's own could be held by a parent thread at fork() and would
+#: then never be released in the child.
 _shared_lock = threading.Lock()
 _shared_cores: dict[tuple, list] = {}  # settings -> [core, number of clients using it]
+
+
+def _forget_parent_state() -> None:
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    _shared_cores.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parent_state)
 
 
 class _ClientBase:
@@ -58,28 +73,32 @@ class _ClientBase:
             (address, embedded, embedded_idle_timeout, *sorted(self._options.items())) if shared else None
         )
         self._core: Optional[Core] = None
-        self._lock = threading.Lock()
+        self._origin: Optional[_ClientBase] = None  # set on a twin: the client whose core it uses
         self._closed = False
 
     @property
     def core(self) -> Core:
+        """This client's connection, made on first use (and again in a
+        forked child: the parent's is not the child's to use)."""
+        if self._origin is not None:
+            return self._origin.core
         core = self._core
-        if core is None:
-            with self._lock:
+        if core is None or core.inherited:
+            with _shared_lock:
                 if self._closed:
                     raise ClientClosed("the client is closed")
-                if self._core is None:
+                core = self._core
+                if core is None or core.inherited:
                     key = self._shared_key
                     if key is None:
-                        self._core = self._new_core()
+                        core = self._new_core()
                     else:
-                        with _shared_lock:
-                            entry = _shared_cores.get(key)
-                            if entry is None or entry[0].closed:
-                                entry = _shared_cores[key] = [self._new_core(), 0]
-                            entry[1] += 1
-                            self._core = entry[0]
-                core = self._core
+                        entry = _shared_cores.get(key)
+                        if entry is None or entry[0].closed:
+                            entry = _shared_cores[key] = [self._new_core(), 0]
+                        entry[1] += 1
+                        core = entry[0]
+                    self._core = core
         return core
 
     def _new_core(self) -> Core:
@@ -96,11 +115,13 @@ class _ClientBase:
 
     def twin(self, cls: type[_C]) -> _C:
         """A client of another kind (``AsyncClient``/``SyncClient``) sharing
-        this one's connection, receive buffers and send window. Close the
-        original, not the twin."""
+        this one's connection, receive buffers and send window, now and
+        after a fork. Closing either closes both."""
+        origin = self._origin or self
         other = cls.__new__(cls)
-        other.__dict__.update(self.__dict__)
-        other._core = self.core
+        other.__dict__.update(origin.__dict__)
+        other._origin = origin
+        other._core = None
         return other
 
     @property
@@ -114,10 +135,13 @@ class _ClientBase:
 
     def close(self) -> None:
         """Send what is queued, leave the broker, stop the I/O thread."""
-        with self._lock:
+        if self._origin is not None:
+            self._origin.close()
+            return
+        with _shared_lock:
             self._closed = True
             core, self._core = self._core, None
-        if core is None:
+        if core is None or core.inherited:
             return
         if self._shared_key is not None:
             with _shared_lock:

@@ -72,12 +72,44 @@ _CLOSE_LINGER_MS = 1000  # how long close() lets queued messages drain
 
 _live_cores: weakref.WeakSet[Core] = weakref.WeakSet()
 
+#: Bumped in a child process right after ``fork()``. A ``Core`` made under an
+#: earlier generation belongs to the parent: its socket, I/O thread and
+#: ZeroMQ context are the parent's, and the child must neither use nor close
+#: them (see ``Core.inherited``). Faces build a fresh core on next use.
+_fork_generation = 0
+#: The parent's cores, kept alive in the child so that nothing here ever
+#: finalizes (closes) the parent's sockets.
+_inherited: list[Core] = []
+_exit_flush_pid = 0
+
+
+def _forget_parent_cores() -> None:
+    global _fork_generation
+    _fork_generation += 1
+    _inherited.extend(_live_cores)
+    _live_cores.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parent_cores)
+
 
 @atexit.register
 def _close_live_cores() -> None:
     """A script that sends and exits without close() still sends."""
     for core in list(_live_cores):
         core.close(timeout=1.0)
+
+
+def _flush_at_process_exit() -> None:
+    """The same for a ``multiprocessing`` child, which ends with
+    ``os._exit()`` after its finalizers, without running atexit handlers."""
+    global _exit_flush_pid
+    pid = os.getpid()
+    if _exit_flush_pid != pid:
+        _exit_flush_pid = pid
+        import multiprocessing.util
+
+        multiprocessing.util.Finalize(None, _close_live_cores, exitpriority=0)
 
 
 class _Channel:
@@ -179,8 +211,15 @@ class Core:
         self._context = zmq.Context()
         self._socket = self._new_socket()
         self._thread = threading.Thread(target=self._run, name=f"dmb-client-{self.client_id[:8]}", daemon=True)
+        self.generation = _fork_generation
         self._thread.start()
         _live_cores.add(self)
+        _flush_at_process_exit()
+
+    @property
+    def inherited(self) -> bool:
+        """Made by the parent of this (forked) process: not ours to use."""
+        return self.generation != _fork_generation
 
     # ------------------------------------------------------------------ setup
     def _new_socket(self) -> zmq.Socket:
@@ -364,8 +403,9 @@ class Core:
 
     # ----------------------------------------------------------------- close
     def close(self, timeout: float = 2.0) -> None:
-        """Send what is queued, say goodbye, stop the thread. Idempotent."""
-        if self.closed:
+        """Send what is queued, say goodbye, stop the thread. Idempotent.
+        An inherited core is left alone: it is the parent's."""
+        if self.closed or self.inherited:
             return
         done = threading.Event()
 
