@@ -4,11 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo test test-fast lint bench soak clean
+.PHONY: help install demo test test-fast test-peers lint bench soak clean
 
 help:
 	@echo "make demo   - set up and run the demo chat site on the embedded broker"
-	@echo "make test   - set up and run the whole test suite"
+	@echo "make test   - set up and run the whole test suite, then channels_redis's own tests"
+	@echo "make test-peers - channels_redis's own tests against our layer (ARGS=... for pytest)"
 	@echo "make bench  - run the benchmarks (writes benchmarks/results/)"
 	@echo "make soak   - run the long reliability tests"
 	@echo "make lint   - ruff and mypy"
@@ -26,6 +27,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) tests/peers/run.py -q
+
+# channels_redis's tests/ from its sdist (cached in .cache/peers/), run against
+# ChannelsServerLayer. Offline, it says why it skipped and succeeds.
+test-peers: $(STAMP)
+	$(PY) tests/peers/run.py $(ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x -m "not slow"
@@ -42,4 +49,4 @@ soak: $(STAMP)
 	DMB_SOAK=1 $(PY) -m pytest -q tests/reliability -m soak --timeout=3600
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .cache/peers
