@@ -744,21 +744,26 @@ async def test_receive_on_empty_channel_does_not_return(layer, layer_kind):
 
 
 async def test_one_megabyte_message_round_trips(make_layer):
+    # 1 MiB means 1 MiB: a payload of exactly 1,048,576 bytes plus other keys,
+    # with the default config (issue #10)
     sender, receiver = make_layer(), make_layer()
-    text = "x" * 1_000_000
-    await sender.send("big", {"type": "big", "text": text})
+    payload = bytes(range(256)) * 4096
+    assert len(payload) == 1_048_576
+    await sender.send("big", {"type": "big", "payload": payload, "id": 1})
     channel = await receiver.new_channel()
     await receiver.group_add("biggroup", channel)
-    await sender.group_send("biggroup", {"type": "big.group", "text": text})
+    await sender.group_send("biggroup", {"type": "big.group", "payload": payload, "id": 2})
     message = await recv(receiver, "big", 10)
-    assert message["type"] == "big" and message["text"] == text
+    assert message == {"type": "big", "payload": payload, "id": 1}
     message = await recv(receiver, channel, 10)
-    assert message["type"] == "big.group" and message["text"] == text
+    assert message == {"type": "big.group", "payload": payload, "id": 2}
 
 
 async def test_oversized_message(make_layer, layer_kind):
+    # Bigger than our default limit (16 MiB, the largest websocket frame
+    # uvicorn takes), with the default config. Deviations doc, row 2.
     layer = make_layer()
-    text = "y" * (2 << 20)  # 2 MiB
+    text = "y" * (16 << 20)  # 16 MiB of text: over 16 MiB encoded
     channel = await layer.new_channel()
     await layer.group_add("oversized", channel)
     if layer_kind == "dmb":

@@ -29,7 +29,7 @@ async def test_get_channel_layer_builds_our_layer_from_settings(use_layers, brok
     assert isinstance(layer, ChannelsServerLayer)
     assert layer is get_channel_layer()  # one instance per process
     assert layer.address == broker.address
-    assert layer.options["embedded"] is False
+    assert layer.options.embedded is False
     assert (layer.capacity, layer.expiry, layer.group_expiry) == (7, 30, 120)
     assert layer.get_capacity("small-one") == 2 and layer.get_capacity("other") == 7
     await layer.send("settings-test", {"type": "hello"})
@@ -64,8 +64,8 @@ async def test_process_client_reads_config_from_settings(use_layers, broker):
     await use_layers(capacity=2, expiry=30, group_expiry=90, aliases={"workers": workers})
     layer = get_channel_layer()
     with ProcessClient() as client:
-        assert client.options["address"] == broker.address
-        assert client.options["embedded"] is False
+        assert client.options.address == broker.address
+        assert client.options.embedded is False
         assert (client.capacity, client.expiry, client.group_expiry) == (2, 30.0, 90.0)
         client.send("pc-config", {"type": "one"})
         client.send("pc-config", {"type": "two"})
@@ -73,7 +73,7 @@ async def test_process_client_reads_config_from_settings(use_layers, broker):
             client.send("pc-config", {"type": "three"})
     assert [(await recv(layer, "pc-config"))["type"] for _ in range(2)] == ["one", "two"]
     with ProcessClient(alias="workers") as client:
-        assert client.options["address"] == f"tcp://127.0.0.1:{port}"
+        assert client.options.address == f"tcp://127.0.0.1:{port}"
         client.send("pc-alias", {"type": "via.alias"})
     assert (await recv(layer, "pc-alias"))["type"] == "via.alias"
 
