@@ -22,7 +22,12 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["check_message", "decode_message", "encode_message"]
+__all__ = ["IntOutOfRange", "check_message", "decode_message", "encode_message"]
+
+
+class IntOutOfRange(TypeError, OverflowError):
+    """An int outside [-2**63, 2**64 - 1]: a ``TypeError`` like every other
+    refused value, and the ``OverflowError`` channels_redis raises."""
 
 
 def _base_type(value: Any) -> Any:
@@ -61,7 +66,9 @@ def encode_message(message: Any) -> bytes:
         raise TypeError("message is nested too deeply (or contains itself)") from None
     try:
         return _encoder.encode(message)
-    except (TypeError, OverflowError, msgspec.EncodeError) as exc:
+    except OverflowError as exc:
+        raise IntOutOfRange(f"message cannot be serialized: {exc}") from None
+    except (TypeError, msgspec.EncodeError) as exc:
         raise TypeError(f"message cannot be serialized: {exc}") from None
 
 
