@@ -53,8 +53,33 @@ async def test_get_channel_layer_accepts_predecessor_ip_address_and_port(use_lay
 
 async def test_get_channel_layer_rejects_unknown_options(use_layers):
     await use_layers(adress="tcp://127.0.0.1:1")
-    with pytest.raises(TypeError, match="adress"):
+    with pytest.raises(TypeError, match="did you mean 'address'"):
         get_channel_layer()
+
+
+async def test_get_channel_layer_rejects_a_wrongly_typed_expiry(use_layers):
+    # the report: expiry="60" made every send return while the broker dropped the message
+    await use_layers(expiry="60")
+    with pytest.raises(TypeError, match="'expiry' must be a number"):
+        get_channel_layer()
+
+
+async def test_max_message_size_is_the_layers_limit(broker):
+    from channels.exceptions import MessageTooLarge as ChannelsMessageTooLarge
+
+    from django_message_broker.exceptions import MessageTooLarge
+
+    layer = ChannelsServerLayer(address=broker.address, embedded=False, max_message_size=1000)
+    try:
+        message = {"type": "big", "text": "x" * 1000}  # over 1000 bytes encoded
+        for call in (layer.send("limited", message), layer.group_send("limited-group", message)):
+            with pytest.raises(ChannelsMessageTooLarge) as raised:
+                await call
+            assert isinstance(raised.value, MessageTooLarge) and raised.value.limit == 1000
+        await layer.send("limited", {"type": "small", "text": "x" * 900})
+        assert (await recv(layer, "limited"))["type"] == "small"
+    finally:
+        await layer.close()
 
 
 # -- ProcessClient -----------------------------------------------------------------

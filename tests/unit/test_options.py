@@ -219,3 +219,27 @@ def test_the_options_module_is_pure():
     }
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not imported & {"zmq", "asyncio", "django", "channels"}, imported
+
+
+def test_the_embedded_broker_gets_the_clients_max_message_size(monkeypatch, tmp_path):
+    from django_message_broker import embedded
+
+    started: list[list[str]] = []
+
+    class FakeProcess:
+        pid = 1
+        returncode = 1
+
+        def __init__(self, command: list[str], **kwargs: Any) -> None:
+            started.append(command)
+
+        def poll(self) -> int:
+            return 1
+
+    monkeypatch.setattr(embedded, "probe", lambda address, timeout=0.3: False)
+    monkeypatch.setattr(embedded.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(embedded.tempfile, "gettempdir", lambda: str(tmp_path))
+    with pytest.raises(RuntimeError, match="exited"):
+        embedded.ensure_broker("tcp://127.0.0.1:1", max_body=1234, timeout=1)
+    (command,) = started
+    assert command[command.index("--max-body") + 1] == "1234"
