@@ -82,7 +82,7 @@ def check_message(message: Any) -> None:
 
 
 def _check_dict(value: dict, depth: int, _scalars: frozenset = _SCALARS, _str: type = str) -> None:
-    # One pass, names bound as locals: ~40 ns a key on CPython 3.11.
+    # One pass, names bound as locals: ~50 ns a key on CPython 3.11 (encode alone: ~25).
     for key, item in value.items():
         if type(key) is not _str or type(item) not in _scalars:
             if not isinstance(key, (str, bytes)):
