@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from .protocol import MAX_CREDIT, MAX_TTL
 
 __all__ = [
+    "CLIENT_KEYS",
     "DEFAULT_ADDRESS",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "LAYER_KEYS",
@@ -39,6 +40,7 @@ __all__ = [
     "check_ttl",
     "config_problems",
     "is_local_address",
+    "unknown_option",
 ]
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5556"
@@ -225,7 +227,8 @@ _LAYER_CHECKS: dict[str, Callable[[str, Any], Any]] = {
 LAYER_KEYS = CLIENT_KEYS + tuple(_LAYER_CHECKS)
 
 
-def _unknown_key(owner: str, key: Any, valid: Sequence[str]) -> TypeError:
+def unknown_option(owner: str, key: Any, valid: Sequence[str]) -> TypeError:
+    """The error for an unknown option ``key``, with difflib's closest valid one."""
     if not isinstance(key, str):
         return TypeError(f"{owner} option names are str, not {_type_name(key)}: {key!r}")
     close = difflib.get_close_matches(key, valid, n=1)
@@ -259,7 +262,7 @@ def _parse(config: Any, owner: str) -> tuple[dict[str, Any], list[ConfigProblem]
     for key, value in config.items():
         check = _CLIENT_CHECKS.get(key) or _LAYER_CHECKS.get(key)  # type: ignore[arg-type]
         if check is None:
-            problems.append(ConfigProblem(key, _unknown_key(owner, key, LAYER_KEYS), unknown=True))
+            problems.append(ConfigProblem(key, unknown_option(owner, key, LAYER_KEYS), unknown=True))
             continue
         if value is None and key in ("address", "embedded", "channel_capacity"):
             continue  # None: the default (the layer decides embedded by address)

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar
 
 from .. import protocol as p
 from ..exceptions import ClientClosed, MessageTooLarge, QueueFull
-from ..options import DEFAULT_ADDRESS, ClientOptions, check_capacity, check_timeout, check_ttl
+from ..options import (
+    CLIENT_KEYS,
+    DEFAULT_ADDRESS,
+    ClientOptions,
+    check_capacity,
+    check_timeout,
+    check_ttl,
+    unknown_option,
+)
 from .core import AsyncWaiter, Core, SyncWaiter
 
 __all__ = ["DEFAULT_ADDRESS", "AsyncClient", "SyncClient"]
@@ -48,8 +56,11 @@ class _ClientBase:
         embedded_idle_timeout: float = _D.embedded_idle_timeout,
         max_message_size: int = _D.max_message_size,
         shared: bool = False,
+        **unknown: NoReturn,  # a typo: a TypeError here (with a suggestion), and for mypy
     ) -> None:
         owner = type(self).__name__
+        if unknown:
+            raise unknown_option(owner, next(iter(unknown)), (*CLIENT_KEYS, "shared"))
         self.options = ClientOptions.checked(
             owner,
             address=address,
