@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "LAYER_KEYS",
     "ClientOptions",
+    "ConfigProblem",
     "LayerOptions",
     "check_capacity",
     "check_timeout",
@@ -214,7 +215,7 @@ class ClientOptions:
 
 CLIENT_KEYS = tuple(field.name for field in dataclasses.fields(ClientOptions))
 _CLIENT_CHECKS = {field.name: field.metadata["check"] for field in dataclasses.fields(ClientOptions)}
-#: The layer's own keys and their checks (``None``: the key's default).
+#: The layer's own keys and their checks.
 _LAYER_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "expiry": _ttl,
     "group_expiry": _ttl,
@@ -236,15 +237,15 @@ def unknown_option(owner: str, key: Any, valid: Sequence[str]) -> TypeError:
     return TypeError(f"unknown {owner} option {key!r}{hint}; valid options: {', '.join(sorted(valid))}")
 
 
-class ConfigProblem(Exception):
-    """One problem of a ``CONFIG`` dict: ``key`` and the ``error``
-    (``TypeError`` or ``ValueError``) that building it would raise."""
+@dataclasses.dataclass(frozen=True)
+class ConfigProblem:
+    """One problem of a ``CONFIG`` dict: the ``key`` (``None``: the dict
+    itself), the ``error`` (``TypeError`` or ``ValueError``) that building
+    the layer would raise, and whether the key is ``unknown``."""
 
-    def __init__(self, key: Any, error: Exception, unknown: bool = False) -> None:
-        super().__init__(str(error))
-        self.key = key
-        self.error = error
-        self.unknown = unknown
+    key: Any
+    error: Exception
+    unknown: bool = False
 
 
 def config_problems(config: Any, owner: str = "ChannelsServerLayer") -> list[ConfigProblem]:
@@ -283,6 +284,12 @@ class LayerOptions:
     group_expiry: float = 86400.0  # seconds a group membership lives
     capacity: int = 100  # messages a channel holds (ChannelFull)
     channel_capacity: Optional[dict[Any, int]] = None  # {glob or regex: capacity}
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.client, ClientOptions):
+            raise TypeError(f"client must be a ClientOptions, not {_type_name(self.client)}")
+        for name in ("expiry", "group_expiry", "capacity", "channel_capacity"):
+            object.__setattr__(self, name, _LAYER_CHECKS[name](f"option {name!r}", getattr(self, name)))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], owner: str = "ChannelsServerLayer") -> LayerOptions:

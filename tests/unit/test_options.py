@@ -243,3 +243,14 @@ def test_the_embedded_broker_gets_the_clients_max_message_size(monkeypatch, tmp_
         embedded.ensure_broker("tcp://127.0.0.1:1", max_body=1234, timeout=1)
     (command,) = started
     assert command[command.index("--max-body") + 1] == "1234"
+
+
+def test_the_dataclasses_check_themselves_when_built_directly():
+    with pytest.raises(ValueError, match="option 'prefetch'"):
+        ClientOptions(prefetch=0)
+    with pytest.raises(TypeError, match="option 'expiry'"):
+        LayerOptions(expiry="60")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="option 'capacity'"):
+        LayerOptions(capacity=0)
+    with pytest.raises(AttributeError):
+        ClientOptions().timeout = 1.0  # type: ignore[misc]
