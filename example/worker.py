@@ -57,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group = group_name(args.room)
     tick = 0
     with ProcessClient() as client:
-        logger.info("worker: posting to %s every %ss via %s", group, args.interval, client.options["address"])
+        logger.info("worker: posting to %s every %ss via %s", group, args.interval, client.options.address)
         while not stop.is_set():
             tick += 1
             try:

@@ -22,7 +22,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--bind", default=DEFAULT_ADDRESS, help=f"address to bind (default {DEFAULT_ADDRESS}; ipc:// accepted)"
     )
     run.add_argument(
-        "--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest message body in bytes (default 1 MiB)"
+        "--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest message body in bytes (default 16 MiB)"
     )
     run.add_argument("--max-queue-length", type=int, default=None, help="hard cap on any one channel's queue")
     run.add_argument(

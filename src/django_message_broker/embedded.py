@@ -26,22 +26,11 @@ from typing import Iterator, Optional
 import zmq
 
 from . import protocol as p
+from .options import DEFAULT_MAX_MESSAGE_SIZE, is_local_address
 
 __all__ = ["ensure_broker", "is_local_address", "probe"]
 
 logger = logging.getLogger("django_message_broker.embedded")
-
-_LOCAL_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
-
-
-def is_local_address(address: str) -> bool:
-    """True for addresses only this host can serve: ipc://, inproc://, loopback TCP."""
-    if address.startswith(("ipc://", "inproc://")):
-        return True
-    if address.startswith("tcp://"):
-        host = address[len("tcp://") :].rsplit(":", 1)[0]
-        return host in _LOCAL_HOSTS or host.startswith("127.")
-    return False
 
 
 def probe(address: str, timeout: float = 0.3) -> bool:
@@ -88,9 +77,16 @@ def _host_lock(path: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_broker(address: str, *, idle_timeout: Optional[float] = 60.0, timeout: float = 10.0) -> bool:
-    """Make a broker available at ``address``. Returns True if this call
-    started it. Raises ``RuntimeError`` if it cannot."""
+def ensure_broker(
+    address: str,
+    *,
+    idle_timeout: Optional[float] = 60.0,
+    timeout: float = 10.0,
+    max_body: int = DEFAULT_MAX_MESSAGE_SIZE,
+) -> bool:
+    """Make a broker available at ``address`` (started with a body limit of
+    ``max_body`` bytes). Returns True if this call started it. Raises
+    ``RuntimeError`` if it cannot."""
     if probe(address):
         return False
     if not is_local_address(address):
@@ -102,6 +98,7 @@ def ensure_broker(address: str, *, idle_timeout: Optional[float] = 60.0, timeout
         if probe(address):
             return False
         command = [sys.executable, "-m", "django_message_broker", "serve", "--bind", address]
+        command += ["--max-body", str(max_body)]
         if idle_timeout is not None:
             command += ["--idle-timeout", str(idle_timeout)]
         with open(log_path, "ab") as log:

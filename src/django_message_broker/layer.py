@@ -22,15 +22,14 @@ import re
 import uuid
 from typing import Any, Optional
 
-import msgspec
 from channels import exceptions as channels_exceptions
 from channels.layers import BaseChannelLayer
 
 from . import exceptions
 from .client import AsyncClient
-from .embedded import is_local_address
+from .messages import decode_message, encode_message
+from .options import LayerOptions
 from .protocol import NameCache
-from .server.server import DEFAULT_ADDRESS
 
 __all__ = [
     "ChannelFull",
@@ -39,6 +38,8 @@ __all__ = [
     "MessageTooLarge",
     "capacity_rules",
     "check_own_channel",
+    "decode_message",
+    "encode_message",
     "layer_options",
 ]
 
@@ -73,44 +74,10 @@ def check_own_channel(channel: str, client_prefix: str) -> None:
         )
 
 
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(dict)
-
-
-def encode_message(message: Any) -> bytes:
-    if not isinstance(message, dict):
-        raise TypeError(f"a channel layer message must be a dict, not {type(message).__name__}")
-    try:
-        return _encoder.encode(message)
-    except (TypeError, OverflowError, msgspec.EncodeError) as exc:
-        raise TypeError(f"message cannot be serialized: {exc}") from None
-
-
-def decode_message(body: bytes) -> dict[str, Any]:
-    return _decoder.decode(body)
-
-
 def layer_options(config: dict[str, Any]) -> dict[str, Any]:
-    """The client options of a ``CONFIG`` dict (shared with ``ProcessClient``).
-    ``address`` wins over the predecessor's ``ip_address``/``port``."""
-    address = config.get("address")
-    if address is None and ("ip_address" in config or "port" in config):
-        address = f"tcp://{config.get('ip_address', '127.0.0.1')}:{config.get('port', 5556)}"
-    address = address or DEFAULT_ADDRESS
-    embedded = config.get("embedded")
-    if embedded is None:
-        embedded = is_local_address(address) and not address.startswith("inproc://")
-    options = {
-        "address": address,
-        "embedded": bool(embedded),
-        "timeout": float(config.get("timeout", 5.0)),
-        "heartbeat": float(config.get("heartbeat", 1.0)),
-        "prefetch": int(config.get("prefetch", 16)),
-        "process_prefetch": int(config.get("process_prefetch", 128)),
-        "idle_return": float(config.get("idle_return", 1.0)),
-        "embedded_idle_timeout": float(config.get("embedded_idle_timeout", 60.0)),
-    }
-    return options
+    """The client options of a ``CONFIG`` dict, checked (raises ``TypeError``
+    or ``ValueError`` naming the key; see ``options.LayerOptions``)."""
+    return LayerOptions.from_config(config).client.as_dict()
 
 
 def compile_capacities(channel_capacity: dict[Any, int]) -> list[tuple[re.Pattern, int]]:
@@ -125,6 +92,9 @@ def capacity_rules(compiled: list[tuple[re.Pattern, int]]) -> list[tuple[str, in
     return [(pattern.pattern, capacity) for pattern, capacity in compiled]
 
 
+_DEFAULTS = LayerOptions()
+
+
 class ChannelsServerLayer(BaseChannelLayer):
     """A Channels layer on django-message-broker. See the module docstring."""
 
@@ -132,32 +102,23 @@ class ChannelsServerLayer(BaseChannelLayer):
 
     def __init__(
         self,
-        expiry: float = 60,
-        group_expiry: float = 86400,
-        capacity: int = 100,
+        expiry: float = _DEFAULTS.expiry,
+        group_expiry: float = _DEFAULTS.group_expiry,
+        capacity: int = _DEFAULTS.capacity,
         channel_capacity: Optional[dict[Any, int]] = None,
         **config: Any,
     ) -> None:
-        super().__init__(expiry=expiry, capacity=capacity, channel_capacity=channel_capacity)
-        self.channel_capacity = compile_capacities(channel_capacity or {})
+        """Takes the ``CONFIG`` keys (see README, "CONFIG"), each checked
+        here: ``TypeError`` for an unknown key or a wrong type, ``ValueError``
+        for a bad value."""
+        config.update(expiry=expiry, group_expiry=group_expiry, capacity=capacity, channel_capacity=channel_capacity)
+        options = LayerOptions.from_config(config)
+        super().__init__(expiry=options.expiry, capacity=options.capacity, channel_capacity=None)
+        self.channel_capacity = compile_capacities(options.channel_capacity or {})
         self._capacity_rules = capacity_rules(self.channel_capacity)
-        self.group_expiry = group_expiry
-        unknown = set(config) - {
-            "address",
-            "ip_address",
-            "port",
-            "embedded",
-            "timeout",
-            "heartbeat",
-            "prefetch",
-            "process_prefetch",
-            "idle_return",
-            "embedded_idle_timeout",
-        }
-        if unknown:
-            raise TypeError(f"unknown ChannelsServerLayer option(s): {', '.join(sorted(unknown))}")
-        self.options = layer_options(config)
-        self.address = self.options["address"]
+        self.group_expiry = options.group_expiry
+        self.options = options.client
+        self.address = options.client.address
         #: This layer's part of ``new_channel()`` names: random, so unique
         #: across processes and unaffected by ``random.seed()``.
         self.client_prefix = uuid.uuid4().hex
@@ -177,7 +138,7 @@ class ChannelsServerLayer(BaseChannelLayer):
     @property
     def client(self) -> AsyncClient:
         if self._client is None:
-            self._client = AsyncClient(**self.options, shared=True)
+            self._client = AsyncClient(**self.options.as_dict(), shared=True)
         return self._client
 
     # -- the contract ---------------------------------------------------------

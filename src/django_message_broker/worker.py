@@ -30,12 +30,10 @@ from .layer import (
     compile_capacities,
     decode_message,
     encode_message,
-    layer_options,
 )
+from .options import LayerOptions
 
 __all__ = ["ProcessClient"]
-
-_LAYER_OPTIONS = {"expiry", "group_expiry", "capacity", "channel_capacity"}
 
 
 def _settings_config(alias: str) -> dict[str, Any]:
@@ -52,17 +50,23 @@ class ProcessClient:
     """Send, receive and manage groups from a worker process."""
 
     def __init__(self, config: Optional[dict[str, Any]] = None, *, alias: str = "default", **options: Any) -> None:
+        """``config`` and ``options``: the layer's ``CONFIG`` keys, each
+        checked here (``TypeError``: unknown key or wrong type;
+        ``ValueError``: bad value). With neither, ``CHANNEL_LAYERS[alias]``."""
+        if config is not None and not isinstance(config, dict):
+            raise TypeError(f"ProcessClient config must be a dict, not {type(config).__name__}")
         merged = _settings_config(alias) if config is None and not options else dict(config or {})
         merged.update(options)
-        self.expiry = float(merged.pop("expiry", 60))
-        self.group_expiry = float(merged.pop("group_expiry", 86400))
-        self.capacity = int(merged.pop("capacity", 100))
-        self.channel_capacity = compile_capacities(merged.pop("channel_capacity", None) or {})
+        checked = LayerOptions.from_config(merged, owner="ProcessClient")
+        self.expiry = checked.expiry
+        self.group_expiry = checked.group_expiry
+        self.capacity = checked.capacity
+        self.channel_capacity = compile_capacities(checked.channel_capacity or {})
         self._capacity_rules = capacity_rules(self.channel_capacity)
-        self.options = layer_options(merged)
+        self.options = checked.client
         self._validator = BaseChannelLayer()
         self.client_prefix = uuid.uuid4().hex
-        self._sync = SyncClient(**self.options, shared=True)
+        self._sync = SyncClient(**self.options.as_dict(), shared=True)
         self._async = self._sync.twin(AsyncClient)
 
     def __enter__(self) -> ProcessClient:
@@ -94,6 +98,7 @@ class ProcessClient:
             self._sync.send(channel, body, ttl=self.expiry, capacity=self.get_capacity(channel))
 
     def receive(self, channel: str, timeout: Optional[float] = None) -> dict[str, Any]:
+        """The next message; ``TimeoutError`` after ``timeout`` seconds."""
         self._validator.require_valid_channel_name(channel)
         check_own_channel(channel, self.client_prefix)
         return decode_message(self._sync.receive(channel, timeout))

@@ -70,3 +70,74 @@ def test_other_backends_are_not_checked():
     assert run({"hosts": [("10.1.2.3", 6379)]}, backend="channels_redis.core.RedisChannelLayer") == {}
     found = run({"address": "tcp://10.9.9.9:1"}, backend="django_message_broker.layer.ChannelsServerLayer")
     assert set(found) == {"django_message_broker.W001"}
+
+
+# -- strict configuration: the same checks the layer runs (issue #9 item 3) -------
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("expiry", "60", ["'expiry'", "number"]),
+        ("group_expiry", -1, ["'group_expiry'", "> 0"]),
+        ("timeout", float("nan"), ["'timeout'", "finite"]),
+        ("prefetch", True, ["'prefetch'", "int", "bool"]),
+        ("embedded", "yes", ["'embedded'", "True or False"]),
+        ("max_message_size", 0, ["'max_message_size'", ">= 1"]),
+        ("channel_capacity", {"http.*": "5"}, ["'channel_capacity'", "int"]),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_a_bad_value_is_an_e001_naming_the_key(key, value, words):
+    found = run({key: value})
+    assert set(found) == {"django_message_broker.E001"}, found
+    error = found["django_message_broker.E001"]
+    assert error.level == checks.ERROR
+    for word in words:
+        assert word in error.msg, error.msg
+
+
+def test_a_typo_is_an_e004_with_the_closest_key():
+    found = run({"adress": "tcp://127.0.0.1:5556"})
+    assert set(found) == {"django_message_broker.E004"}
+    assert "'adress'" in found["django_message_broker.E004"].msg
+    assert "did you mean 'address'?" in found["django_message_broker.E004"].msg
+
+
+def test_every_problem_is_its_own_error():
+    messages = run_all({"capcity": 5, "expiry": "60", "timeout": -1, "capacity": 0})
+    assert sorted(m.id for m in messages) == [
+        "django_message_broker.E001",
+        "django_message_broker.E001",
+        "django_message_broker.E003",
+        "django_message_broker.E004",
+    ]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"address": "10.1.2.3:5556"},
+        {"address": "tcp://10.1.2.3"},
+        {"ip_address": "10.1.2.3", "port": "5556"},
+        {"ip_address": 10, "port": 5556},
+    ],
+    ids=["no-scheme", "no-port", "port-as-str", "host-as-int"],
+)
+def test_an_invalid_address_is_an_error_and_never_a_loopback_warning(config):
+    found = run({**config, "embedded": True})
+    assert set(found) == {"django_message_broker.E001"}, found
+
+
+def test_an_address_without_a_scheme_shows_the_right_form():
+    found = run({"address": "127.0.0.1:5556"})
+    assert set(found) == {"django_message_broker.E001"}
+    assert "write tcp://127.0.0.1:5556" in found["django_message_broker.E001"].msg
+
+
+def test_a_non_dict_config_is_an_e001():
+    assert set(run(["address"])) == {"django_message_broker.E001"}  # type: ignore[arg-type]
+
+
+def run_all(config: dict[str, Any]) -> list[checks.CheckMessage]:
+    with override_settings(CHANNEL_LAYERS={"default": {"BACKEND": BACKEND, "CONFIG": config}}):
+        messages = checks.run_checks(tags=["django_message_broker"])
+    return [m for m in messages if (m.id or "").startswith("django_message_broker.")]

@@ -29,7 +29,7 @@ async def test_get_channel_layer_builds_our_layer_from_settings(use_layers, brok
     assert isinstance(layer, ChannelsServerLayer)
     assert layer is get_channel_layer()  # one instance per process
     assert layer.address == broker.address
-    assert layer.options["embedded"] is False
+    assert layer.options.embedded is False
     assert (layer.capacity, layer.expiry, layer.group_expiry) == (7, 30, 120)
     assert layer.get_capacity("small-one") == 2 and layer.get_capacity("other") == 7
     await layer.send("settings-test", {"type": "hello"})
@@ -53,8 +53,33 @@ async def test_get_channel_layer_accepts_predecessor_ip_address_and_port(use_lay
 
 async def test_get_channel_layer_rejects_unknown_options(use_layers):
     await use_layers(adress="tcp://127.0.0.1:1")
-    with pytest.raises(TypeError, match="adress"):
+    with pytest.raises(TypeError, match="did you mean 'address'"):
         get_channel_layer()
+
+
+async def test_get_channel_layer_rejects_a_wrongly_typed_expiry(use_layers):
+    # the report: expiry="60" made every send return while the broker dropped the message
+    await use_layers(expiry="60")
+    with pytest.raises(TypeError, match="'expiry' must be a number"):
+        get_channel_layer()
+
+
+async def test_max_message_size_is_the_layers_limit(broker):
+    from channels.exceptions import MessageTooLarge as ChannelsMessageTooLarge
+
+    from django_message_broker.exceptions import MessageTooLarge
+
+    layer = ChannelsServerLayer(address=broker.address, embedded=False, max_message_size=1000)
+    try:
+        message = {"type": "big", "text": "x" * 1000}  # over 1000 bytes encoded
+        for call in (layer.send("limited", message), layer.group_send("limited-group", message)):
+            with pytest.raises(ChannelsMessageTooLarge) as raised:
+                await call
+            assert isinstance(raised.value, MessageTooLarge) and raised.value.limit == 1000
+        await layer.send("limited", {"type": "small", "text": "x" * 900})
+        assert (await recv(layer, "limited"))["type"] == "small"
+    finally:
+        await layer.close()
 
 
 # -- ProcessClient -----------------------------------------------------------------
@@ -64,8 +89,8 @@ async def test_process_client_reads_config_from_settings(use_layers, broker):
     await use_layers(capacity=2, expiry=30, group_expiry=90, aliases={"workers": workers})
     layer = get_channel_layer()
     with ProcessClient() as client:
-        assert client.options["address"] == broker.address
-        assert client.options["embedded"] is False
+        assert client.options.address == broker.address
+        assert client.options.embedded is False
         assert (client.capacity, client.expiry, client.group_expiry) == (2, 30.0, 90.0)
         client.send("pc-config", {"type": "one"})
         client.send("pc-config", {"type": "two"})
@@ -73,7 +98,7 @@ async def test_process_client_reads_config_from_settings(use_layers, broker):
             client.send("pc-config", {"type": "three"})
     assert [(await recv(layer, "pc-config"))["type"] for _ in range(2)] == ["one", "two"]
     with ProcessClient(alias="workers") as client:
-        assert client.options["address"] == f"tcp://127.0.0.1:{port}"
+        assert client.options.address == f"tcp://127.0.0.1:{port}"
         client.send("pc-alias", {"type": "via.alias"})
     assert (await recv(layer, "pc-alias"))["type"] == "via.alias"
 

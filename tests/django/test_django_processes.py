@@ -199,7 +199,7 @@ index, count = int(sys.argv[1]), int(sys.argv[2])
 
 async def main():
     layer = get_channel_layer()
-    assert layer.options["embedded"] is True, layer.options
+    assert layer.options.embedded is True, layer.options
     await layer.send(f"ring-{(index + 1) % count}", {"type": "ring", "from": index})
     message = await asyncio.wait_for(layer.receive(f"ring-{index}"), 40)
     print(f"got {message['from']}", flush=True)

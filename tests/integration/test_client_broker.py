@@ -295,7 +295,10 @@ def test_capacity_3_sync(broker, clients):
         tx.send("cap3.sync", b"3", capacity=3)
 
 
-async def test_message_too_large(broker, clients):
+async def test_message_too_large(broker_factory, clients):
+    # the broker's limit (1 MiB here), learned from its Hello reply, is
+    # smaller than the client's (16 MiB by default): the smaller one applies
+    broker = broker_factory(max_body=MiB)
     tx, rx = clients(AsyncClient, broker.address), clients(AsyncClient, broker.address)
     exactly = os.urandom(MiB)
     await tx.send("big", exactly)
@@ -307,11 +310,34 @@ async def test_message_too_large(broker, clients):
         await tx.group_send("room", b"x" * (MiB + 1))
 
 
-def test_message_too_large_sync(broker, clients):
+def test_message_too_large_sync(broker_factory, clients):
+    broker = broker_factory(max_body=MiB)
     tx = clients(SyncClient, broker.address)
     with pytest.raises(MessageTooLarge):
         tx.send("big.sync", b"x" * (MiB + 1))
     tx.send("big.sync", b"x" * MiB)
+
+
+def test_default_limit_is_16_mib(broker, clients):
+    tx, rx = clients(SyncClient, broker.address), clients(SyncClient, broker.address)
+    exactly = b"x" * (16 * MiB)
+    tx.send("big16", exactly)
+    assert rx.receive("big16", timeout=10) == exactly
+    with pytest.raises(MessageTooLarge) as info:
+        tx.send("big16", exactly + b"x")
+    assert (info.value.size, info.value.limit) == (16 * MiB + 1, 16 * MiB)
+
+
+def test_client_max_message_size_below_the_brokers(broker, clients):
+    tx = clients(SyncClient, broker.address, max_message_size=1000)
+    assert tx.wait_connected(5)
+    with pytest.raises(MessageTooLarge) as info:
+        tx.send("small", b"x" * 1001)
+    assert (info.value.size, info.value.limit) == (1001, 1000)
+    with pytest.raises(MessageTooLarge):
+        tx.group_send("room", b"x" * 1001)
+    tx.send("small", b"x" * 1000)
+    assert tx.receive("small", timeout=5) == b"x" * 1000
 
 
 # -- many loops, no leaks --------------------------------------------------------------
@@ -415,7 +441,7 @@ def _hostile_messages() -> list[tuple[str, list[bytes], int]]:
         ("reply tag", [p.encode(p.Reply(1))], proto),
         ("deep nesting", [b"\x01\x93\x0a\x01" + b"\x91" * 200_000], proto),
         ("send without body", [send], proto),
-        ("oversized 2 MiB", [send, b"x" * (2 * MiB)], MessageTooLarge.code),
+        ("oversized 17 MiB", [send, b"x" * (17 * MiB)], MessageTooLarge.code),  # the default limit is 16 MiB
     ]
 
 

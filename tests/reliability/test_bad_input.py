@@ -40,6 +40,7 @@ from django_message_broker import SyncClient
 from django_message_broker import protocol as p
 from django_message_broker.exceptions import ProtocolError
 from django_message_broker.layer import ChannelsServerLayer
+from django_message_broker.options import DEFAULT_MAX_MESSAGE_SIZE
 
 SEED = int(os.environ.get("DMB_FUZZ_SEED", "20240611"))
 MiB = 1 << 20
@@ -562,9 +563,11 @@ def test_invalid_utf8_in_a_header_is_a_protocol_error_not_a_crash(broker_proc, h
 
 # -- oversized bodies ----------------------------------------------------------------------------
 @pytest.mark.timeout(120)
-def test_oversized_bodies_get_a_typed_reply_and_memory_returns(fuzz_broker):
-    broker = fuzz_broker
+def test_oversized_bodies_get_a_typed_reply_and_memory_returns(broker_proc):
+    # A 1 MiB limit (the default is 16 MiB), so that 8x the limit stays
+    # under the socket's MAXMSGSIZE floor of 64 MiB.
     limit = p_max_body = 1 << 20
+    broker = broker_proc("tcp://127.0.0.1:0", "--log-level", "WARNING", "--max-body", str(limit))
     with SyncClient(broker.address, **FAST) as admin:
         assert admin.stats()["queued"] == 0
     baseline = broker.rss()
@@ -827,13 +830,13 @@ def test_layer_channel_and_group_names_are_checked(layer, loop, name):
 
 @pytest.mark.timeout(60)
 def test_layer_oversized_messages_raise_channels_messagetoolarge(layer, loop):
-    big = {"type": "big", "data": b"\0" * ((1 << 20) + 1)}
+    big = {"type": "big", "data": b"\0" * (DEFAULT_MAX_MESSAGE_SIZE + 1)}
     with pytest.raises(ChannelsMessageTooLarge):
         _run(loop, layer.send("layer-big", big))
     with pytest.raises(ChannelsMessageTooLarge):
         _run(loop, layer.group_send("layer-big-group", big))
     # Just under the limit goes through.
-    fits = {"type": "big", "data": b"\0" * ((1 << 20) - 64)}
+    fits = {"type": "big", "data": b"\0" * (DEFAULT_MAX_MESSAGE_SIZE - 64)}
     _run(loop, layer.send("layer-big", fits))
     assert _run(loop, layer.receive("layer-big")) == fits
 

@@ -13,11 +13,19 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar
 
 from .. import protocol as p
 from ..exceptions import ClientClosed, MessageTooLarge, QueueFull
-from ..server.server import DEFAULT_ADDRESS
+from ..options import (
+    CLIENT_KEYS,
+    DEFAULT_ADDRESS,
+    ClientOptions,
+    check_capacity,
+    check_timeout,
+    check_ttl,
+    unknown_option,
+)
 from .core import AsyncWaiter, Core, SyncWaiter
 
 __all__ = ["DEFAULT_ADDRESS", "AsyncClient", "SyncClient"]
@@ -30,7 +38,10 @@ _C = TypeVar("_C", bound="_ClientBase")
 #: the client's own could be held by a parent thread at fork() and would
 #: then never be released in the child.
 _shared_lock = threading.Lock()
-_shared_cores: dict[tuple, list] = {}  # settings -> [core, number of clients using it]
+_shared_cores: dict[ClientOptions, list] = {}  # options -> [core, number of clients using it]
+
+
+_D = ClientOptions()  # the defaults
 
 
 def _forget_parent_state() -> None:
@@ -43,35 +54,48 @@ os.register_at_fork(after_in_child=_forget_parent_state)
 
 
 class _ClientBase:
+    """Options: see ``options.ClientOptions`` (each is checked here:
+    ``TypeError`` for a wrong type, ``ValueError`` for a bad value).
+    ``shared``: clients with equal options share one connection per process."""
+
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str = _D.address,
         *,
-        timeout: float = 5.0,
-        heartbeat: float = 1.0,
-        prefetch: int = 16,
-        process_prefetch: int = 128,
-        idle_return: float = 1.0,
-        embedded: bool = False,
-        embedded_idle_timeout: float = 60.0,
+        timeout: float = _D.timeout,
+        heartbeat: float = _D.heartbeat,
+        prefetch: int = _D.prefetch,
+        process_prefetch: int = _D.process_prefetch,
+        idle_return: float = _D.idle_return,
+        embedded: bool = _D.embedded,
+        embedded_idle_timeout: float = _D.embedded_idle_timeout,
+        max_message_size: int = _D.max_message_size,
         shared: bool = False,
+        **unknown: NoReturn,  # a typo: a TypeError here (with a suggestion), and for mypy
     ) -> None:
-        self.address = address
-        self.timeout = timeout
-        self.embedded = embedded
-        self._options = dict(
+        owner = type(self).__name__
+        if unknown:
+            raise unknown_option(owner, next(iter(unknown)), (*CLIENT_KEYS, "shared"))
+        self.options = ClientOptions.checked(
+            owner,
+            address=address,
             timeout=timeout,
             heartbeat=heartbeat,
             prefetch=prefetch,
             process_prefetch=process_prefetch,
             idle_return=idle_return,
+            embedded=embedded,
+            embedded_idle_timeout=embedded_idle_timeout,
+            max_message_size=max_message_size,
         )
-        self._embedded_idle_timeout = embedded_idle_timeout
+        if not isinstance(shared, bool):
+            raise TypeError(f"{owner} option 'shared' must be True or False, not {type(shared).__name__}: {shared!r}")
+        self.address = self.options.address
+        self.timeout = self.options.timeout
+        self.embedded = self.options.embedded
         # Shared clients with the same settings use one connection per process,
         # so that their messages keep one order on one pipe.
-        self._shared_key: Optional[tuple] = (
-            (address, embedded, embedded_idle_timeout, *sorted(self._options.items())) if shared else None
-        )
+        self._shared_key: Optional[ClientOptions] = self.options if shared else None
         self._core: Optional[Core] = None
         self._origin: Optional[_ClientBase] = None  # set on a twin: the client whose core it uses
         self._closed = False
@@ -102,16 +126,24 @@ class _ClientBase:
         return core
 
     def _new_core(self) -> Core:
+        options = self.options
         on_unreachable: Optional[Callable[[str], None]] = None
-        if self.embedded:
+        if options.embedded:
             from ..embedded import ensure_broker
 
-            idle = self._embedded_idle_timeout
-
             def on_unreachable(address: str) -> None:
-                ensure_broker(address, idle_timeout=idle)
+                ensure_broker(address, idle_timeout=options.embedded_idle_timeout, max_body=options.max_message_size)
 
-        return Core(self.address, on_unreachable=on_unreachable, **self._options)  # type: ignore[arg-type]
+        return Core(
+            options.address,
+            timeout=options.timeout,
+            heartbeat=options.heartbeat,
+            prefetch=options.prefetch,
+            process_prefetch=options.process_prefetch,
+            idle_return=options.idle_return,
+            max_message_size=options.max_message_size,
+            on_unreachable=on_unreachable,
+        )
 
     def twin(self, cls: type[_C]) -> _C:
         """A client of another kind (``AsyncClient``/``SyncClient``) sharing
@@ -131,7 +163,7 @@ class _ClientBase:
 
     def wait_connected(self, timeout: Optional[float] = None) -> bool:
         """Block until the broker has answered (or ``timeout`` passes)."""
-        return self.core.wait_connected(self.timeout if timeout is None else timeout)
+        return self.core.wait_connected(self.timeout if timeout is None else check_timeout("timeout", timeout))
 
     def close(self) -> None:
         """Send what is queued, leave the broker, stop the I/O thread."""
@@ -154,9 +186,18 @@ class _ClientBase:
         core.close()
 
     # -- shared rules -------------------------------------------------------
-    def _check_body(self, core: Core, body: bytes) -> None:
-        if len(body) > core.max_body:
-            raise MessageTooLarge(len(body), core.max_body)
+    def _check_body(self, core: Core, body: Any) -> bytes:
+        """The body as bytes, checked here, in the caller: a body the I/O
+        thread cannot send must never reach it. The limit is the smaller of
+        ours (``max_message_size``) and the broker's (its Hello reply)."""
+        if type(body) is not bytes:
+            if not isinstance(body, (bytes, bytearray, memoryview)):
+                raise TypeError(f"a message body must be bytes, not {type(body).__name__}")
+            body = bytes(body)
+        limit = min(core.max_body, self.options.max_message_size)
+        if len(body) > limit:
+            raise MessageTooLarge(len(body), limit)
+        return body
 
     def _pipelined(self, core: Core, channel: str, capacity: int) -> bool:
         """Send without waiting while the channel is known to be at most half
@@ -173,23 +214,28 @@ class _ClientBase:
             return True
         return False
 
-    def _send_now_or_request(self, channel: str, body: bytes, ttl: float, capacity: int) -> tuple[Core, Any]:
+    def _send_now_or_request(self, channel: str, body: bytes, ttl: float, capacity: int) -> tuple[Core, Any, bytes]:
         """Check a send; pipeline it if the rules allow (returns no request),
-        else return the checked ``Send`` to wait for."""
+        else return the checked ``Send`` to wait for, and the body."""
         p.check_channel_name(channel)
+        ttl = check_ttl("ttl", ttl)
+        capacity = check_capacity("capacity", capacity)
         core = self.core
-        self._check_body(core, body)
+        body = self._check_body(core, body)
         if self._pipelined(core, channel, capacity):
             core.send_pipelined(channel, body, ttl, capacity)
-            return core, None
-        return core, p.Send(0, channel, ttl, capacity, True)
+            return core, None, body
+        return core, p.Send(0, channel, ttl, capacity, True), body
 
     def _group_send(
         self, group: str, body: bytes, ttl: float, capacity: int, capacities: Sequence[tuple[str, int]]
-    ) -> p.GroupSend:
+    ) -> tuple[p.GroupSend, bytes]:
         p.check_group_name(group)
-        self._check_body(self.core, body)
-        return p.GroupSend(0, group, ttl, capacity, list(capacities))
+        ttl = check_ttl("ttl", ttl)
+        capacity = check_capacity("capacity", capacity)
+        rules = _check_capacities(capacities)
+        body = self._check_body(self.core, body)
+        return p.GroupSend(0, group, ttl, capacity, rules), body
 
     def _send_failed(self, core: Core, channel: str, capacity: int, error: BaseException) -> None:
         # Full: the next sends must ask the broker too. Anything else: unknown.
@@ -226,7 +272,7 @@ class AsyncClient(_ClientBase):
     async def send(self, channel: str, body: bytes, *, ttl: float = 60.0, capacity: int = 100) -> None:
         """Queue ``body`` on ``channel``. Raises ``QueueFull`` at capacity,
         ``MessageTooLarge``, ``InvalidName``, ``BrokerUnavailable``."""
-        core, msg = self._send_now_or_request(channel, body, ttl, capacity)
+        core, msg, body = self._send_now_or_request(channel, body, ttl, capacity)
         if msg is None:
             return
         try:
@@ -255,8 +301,9 @@ class AsyncClient(_ClientBase):
         return item[0]  # type: ignore[no-any-return]
 
     async def group_add(self, group: str, channel: str, *, ttl: float = 86400.0) -> None:
-        await self._request(_group_add(group, channel, ttl))
-        self.core.remember_group(group, channel, ttl)
+        msg = _group_add(group, channel, ttl)
+        await self._request(msg)
+        self.core.remember_group(group, channel, msg.ttl)
 
     async def group_discard(self, group: str, channel: str) -> None:
         msg = _group_discard(group, channel)
@@ -275,7 +322,8 @@ class AsyncClient(_ClientBase):
         """Send to every member; full members are skipped. ``capacities``:
         (regex, capacity) rules for members, first match wins. Returns
         ``(delivered, skipped)``."""
-        sent, skipped = await self._request(self._group_send(group, body, ttl, capacity, capacities), body)
+        msg, body = self._group_send(group, body, ttl, capacity, capacities)
+        sent, skipped = await self._request(msg, body)
         return sent, skipped
 
     async def flush(self) -> None:
@@ -303,7 +351,7 @@ class SyncClient(_ClientBase):
 
     def send(self, channel: str, body: bytes, *, ttl: float = 60.0, capacity: int = 100) -> None:
         """As ``AsyncClient.send``, blocking."""
-        core, msg = self._send_now_or_request(channel, body, ttl, capacity)
+        core, msg, body = self._send_now_or_request(channel, body, ttl, capacity)
         if msg is None:
             return
         try:
@@ -316,6 +364,8 @@ class SyncClient(_ClientBase):
         """The next message of ``channel``; ``TimeoutError`` after ``timeout``
         seconds (``None``: wait for ever). A timed-out receive loses nothing."""
         p.check_channel_name(channel)
+        if timeout is not None:
+            timeout = check_timeout("timeout", timeout)
         core = self.core
         item, waiter = core.take(channel, lambda: SyncWaiter(channel))
         if item is None:
@@ -328,8 +378,9 @@ class SyncClient(_ClientBase):
         return item[0]  # type: ignore[no-any-return]
 
     def group_add(self, group: str, channel: str, *, ttl: float = 86400.0) -> None:
-        self._request(_group_add(group, channel, ttl))
-        self.core.remember_group(group, channel, ttl)
+        msg = _group_add(group, channel, ttl)
+        self._request(msg)
+        self.core.remember_group(group, channel, msg.ttl)
 
     def group_discard(self, group: str, channel: str) -> None:
         msg = _group_discard(group, channel)
@@ -346,7 +397,8 @@ class SyncClient(_ClientBase):
         capacities: Sequence[tuple[str, int]] = (),
     ) -> tuple[int, int]:
         """As ``AsyncClient.group_send``, blocking."""
-        sent, skipped = self._request(self._group_send(group, body, ttl, capacity, capacities), body)
+        msg, body = self._group_send(group, body, ttl, capacity, capacities)
+        sent, skipped = self._request(msg, body)
         return sent, skipped
 
     def flush(self) -> None:
@@ -359,10 +411,22 @@ class SyncClient(_ClientBase):
 def _group_add(group: str, channel: str, ttl: float) -> p.GroupAdd:
     p.check_group_name(group)
     p.check_channel_name(channel)
-    return p.GroupAdd(0, group, channel, ttl)
+    return p.GroupAdd(0, group, channel, check_ttl("ttl", ttl))
 
 
 def _group_discard(group: str, channel: str) -> p.GroupDiscard:
     p.check_group_name(group)
     p.check_channel_name(channel)
     return p.GroupDiscard(0, group, channel)
+
+
+def _check_capacities(capacities: Any) -> list[tuple[str, int]]:
+    """``group_send``'s (regex, capacity) rules, checked in the caller."""
+    if isinstance(capacities, (str, bytes)) or not isinstance(capacities, Sequence):
+        raise TypeError(f"capacities must be a sequence of (regex, capacity) pairs, not {type(capacities).__name__}")
+    rules = []
+    for rule in capacities:
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+            raise TypeError(f"capacities: each rule must be a (regex str, capacity) pair, not {rule!r}")
+        rules.append((rule[0], check_capacity(f"capacities[{rule[0]!r}]", rule[1])))
+    return rules

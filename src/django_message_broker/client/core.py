@@ -55,6 +55,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .. import protocol as p
 from ..exceptions import BrokerError, BrokerUnavailable, ClientClosed, SubscriptionError, from_wire
+from ..options import ClientOptions
 from .waiters import AsyncWaiter, SyncWaiter, Waiter
 
 __all__ = ["AsyncWaiter", "Core", "SyncWaiter"]
@@ -71,6 +72,7 @@ _MAX_BACKLOG = 10_000  # messages waiting for a connection; past it the oldest i
 _CLOSE_LINGER_MS = 1000  # how long close() lets queued messages drain
 
 _live_cores: weakref.WeakSet[Core] = weakref.WeakSet()
+_D = ClientOptions()  # the defaults; the clients check the values
 
 #: Bumped in a child process right after ``fork()``. A ``Core`` made under an
 #: earlier generation belongs to the parent: its socket, I/O thread and
@@ -164,11 +166,12 @@ class Core:
         self,
         address: str,
         *,
-        timeout: float = 5.0,
-        heartbeat: float = 1.0,
-        prefetch: int = 16,
-        process_prefetch: int = 128,
-        idle_return: float = 1.0,
+        timeout: float = _D.timeout,
+        heartbeat: float = _D.heartbeat,
+        prefetch: int = _D.prefetch,
+        process_prefetch: int = _D.process_prefetch,
+        idle_return: float = _D.idle_return,
+        max_message_size: int = _D.max_message_size,
         on_unreachable: Optional[Callable[[str], None]] = None,
     ) -> None:
         self.address = address
@@ -179,7 +182,7 @@ class Core:
         self.idle_return = idle_return
         self.on_unreachable = on_unreachable
         self.client_id = uuid.uuid4().hex
-        self.max_body = 1 << 20
+        self.max_body = max_message_size  # the broker's limit, once its Hello reply tells
         self.instance: Optional[str] = None
         self.epoch = 0  # the broker's flush epoch (see protocol.Consumed)
         self.connected = False
@@ -263,7 +266,17 @@ class Core:
     ) -> None:
         """Send a request; its reply resolves ``waiter`` (``on_reply(value)``
         may transform the value, or raise). The I/O thread numbers it."""
-        self.call(lambda: self._start_request(msg, body, waiter, on_reply))
+
+        def start() -> None:
+            try:
+                self._start_request(msg, body, waiter, on_reply)
+            except Exception as exc:  # a value the clients failed to check: fail the caller, not the thread
+                if waiter is None:
+                    raise
+                with self._lock:
+                    waiter.resolve(None, exc)
+
+        self.call(start)
 
     def send_pipelined(self, channel: str, body: bytes, ttl: float, capacity: int) -> None:
         """Send without waiting (answered only if the broker refuses it).
@@ -472,7 +485,12 @@ class Core:
         while commands:
             item = commands.popleft()
             if type(item) is not tuple:
-                item()
+                try:
+                    item()
+                except _Stop:
+                    raise
+                except Exception:  # one bad command must not end the thread (and every caller's calls)
+                    logger.exception("client command failed")
                 continue
             channel, ttl, capacity, body = item  # a pipelined send: pack its successors
             bodies = [body]

@@ -24,6 +24,7 @@ import zmq
 
 from .. import protocol as p
 from ..exceptions import BrokerError, MessageTooLarge, ProtocolError, QueueFull, SubscriptionError
+from ..options import DEFAULT_MAX_MESSAGE_SIZE
 from ..protocol import MAX_BATCH, MAX_CREDIT, MAX_TTL, PIPELINE_SLACK
 from .data_message import DataMessage
 from .groups import Groups
@@ -34,7 +35,7 @@ __all__ = ["DEFAULT_MAX_BODY", "Broker"]
 
 logger = logging.getLogger("django_message_broker.server")
 
-DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
+DEFAULT_MAX_BODY = DEFAULT_MAX_MESSAGE_SIZE  # 16 MiB, as the clients' max_message_size
 _KEEP_AS_FRAME = 65536
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)

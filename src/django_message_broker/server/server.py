@@ -23,13 +23,13 @@ from typing import Any, Optional
 import zmq
 import zmq.asyncio
 
+from ..options import DEFAULT_ADDRESS  # re-exported: its home was here
 from .broker import DEFAULT_MAX_BODY, Broker
 
 __all__ = ["DEFAULT_ADDRESS", "BrokerServer", "serve"]
 
 logger = logging.getLogger("django_message_broker.server")
 
-DEFAULT_ADDRESS = "tcp://127.0.0.1:5556"
 _BATCH = 512
 _PEER_HWM = 50_000
 _TICK = 0.1
