@@ -9,6 +9,10 @@ Configure it like any layer::
         }
     }
 
+For a broker on another host, add ``"server_key"`` (the broker's public
+certificate file) and ``"client_key"`` (this host's secret certificate
+file): see docs/security.md.
+
 Messages are dicts, encoded with msgpack (msgspec); the broker never looks
 inside them. Names are checked with Channels' own rules (``TypeError``).
 With ``embedded`` (the default for a local address) the first use starts a
@@ -69,9 +73,13 @@ def layer_options(config: dict[str, Any]) -> dict[str, Any]:
     if address is None and ("ip_address" in config or "port" in config):
         address = f"tcp://{config.get('ip_address', '127.0.0.1')}:{config.get('port', 5556)}"
     address = address or DEFAULT_ADDRESS
+    # --- CURVE (docs/security.md): the broker's public certificate (file or
+    # Z85 text) and this client's secret certificate file.
+    server_key = config.get("server_key") or None
+    client_key = config.get("client_key") or None
     embedded = config.get("embedded")
-    if embedded is None:
-        embedded = is_local_address(address) and not address.startswith("inproc://")
+    if embedded is None:  # an embedded broker has no secret key: never with server_key
+        embedded = is_local_address(address) and not address.startswith("inproc://") and server_key is None
     options = {
         "address": address,
         "embedded": bool(embedded),
@@ -81,6 +89,8 @@ def layer_options(config: dict[str, Any]) -> dict[str, Any]:
         "process_prefetch": int(config.get("process_prefetch", 128)),
         "idle_return": float(config.get("idle_return", 1.0)),
         "embedded_idle_timeout": float(config.get("embedded_idle_timeout", 60.0)),
+        "server_key": server_key,
+        "client_key": client_key,
     }
     return options
 
@@ -125,6 +135,8 @@ class ChannelsServerLayer(BaseChannelLayer):
             "process_prefetch",
             "idle_return",
             "embedded_idle_timeout",
+            "server_key",  # CURVE
+            "client_key",  # CURVE
         }
         if unknown:
             raise TypeError(f"unknown ChannelsServerLayer option(s): {', '.join(sorted(unknown))}")

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from .. import protocol as p
 from ..exceptions import ClientClosed, MessageTooLarge, QueueFull
+from ..keys import client_curve
 from ..server.server import DEFAULT_ADDRESS
 from .core import AsyncWaiter, Core, SyncWaiter
 
@@ -40,7 +41,13 @@ class _ClientBase:
         embedded: bool = False,
         embedded_idle_timeout: float = 60.0,
         shared: bool = False,
+        server_key: Any = None,
+        client_key: Any = None,
     ) -> None:
+        # --- CURVE (docs/security.md): server_key is the broker's public
+        # certificate file or Z85 text; client_key this client's secret
+        # certificate file. Read now so that a bad file fails here.
+        client_curve(server_key, client_key)
         self.address = address
         self.timeout = timeout
         self.embedded = embedded
@@ -50,6 +57,8 @@ class _ClientBase:
             prefetch=prefetch,
             process_prefetch=process_prefetch,
             idle_return=idle_return,
+            server_key=server_key,
+            client_key=client_key,
         )
         self._embedded_idle_timeout = embedded_idle_timeout
         # Shared clients with the same settings use one connection per process,
@@ -89,8 +98,10 @@ class _ClientBase:
 
             idle = self._embedded_idle_timeout
 
+            keys = {"server_key": self._options["server_key"], "client_key": self._options["client_key"]}
+
             def on_unreachable(address: str) -> None:
-                ensure_broker(address, idle_timeout=idle)
+                ensure_broker(address, idle_timeout=idle, **keys)
 
         return Core(self.address, on_unreachable=on_unreachable, **self._options)  # type: ignore[arg-type]
 

@@ -52,9 +52,7 @@ def normalize_bind(address: str) -> str:
     return address
 
 
-def check_bind(
-    address: str, *, secret_key: Any = None, authorized_keys: Any = None, insecure: bool = False
-) -> None:
+def check_bind(address: str, *, secret_key: Any = None, authorized_keys: Any = None, insecure: bool = False) -> None:
     """Refuse (``ValueError``) a configuration that would expose plain text:
     a TCP address off loopback without a secret key, unless ``insecure``.
     Called before anything is bound."""
@@ -142,9 +140,7 @@ class BrokerServer:
             if self.authorized_keys is not None:
                 self._start_authenticator(ctx)
             else:
-                logger.warning(
-                    "CURVE without authorized keys: traffic is encrypted, but any client may connect"
-                )
+                logger.warning("CURVE without authorized keys: traffic is encrypted, but any client may connect")
             sock.curve_publickey, sock.curve_secretkey = curve
             sock.curve_server = True
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # never drop silently
