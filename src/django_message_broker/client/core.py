@@ -560,14 +560,18 @@ class Core:
         if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             # A wrong server key looks like this, repeated at every reconnect
             # (~50 ms apart); a single one is also what a broker going away
-            # mid-handshake looks like, so it takes two in a row.
+            # mid-handshake looks like, so it takes two in a row. Without
+            # CURVE it is never about keys (a peer that is not a broker, a
+            # proxy with no backend): left to the usual timeouts.
+            if self._curve is None:
+                return
             self._vague_failures += 1
             if self._vague_failures < 2:
                 return
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             reason = "key not authorized"
         elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-            reason = "security mismatch: CURVE on one side only, or a bad key"
+            reason = "security mismatch: CURVE on one side only, or not a broker"
         else:
             reason = "handshake failed: wrong server key?"
         if self.auth_error is None:
