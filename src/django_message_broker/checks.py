@@ -92,7 +92,7 @@ def _check_server_settings() -> list[checks.CheckMessage]:
     if not isinstance(conf, dict):
         return [checks.Error("MESSAGE_BROKER_SERVER must be a dict.", id="django_message_broker.E005")]
     messages: list[checks.CheckMessage] = []
-    bind = conf.get("bind")
+    bind = conf.get("bind") or _default_layer_address()  # what runbroker would bind
     try:
         server_curve(conf.get("secret_key"))
         if bind:
@@ -114,3 +114,15 @@ def _check_server_settings() -> list[checks.CheckMessage]:
                 )
             )
     return messages
+
+
+def _default_layer_address() -> str | None:
+    from .layer import layer_options
+
+    layer = (getattr(settings, "CHANNEL_LAYERS", None) or {}).get("default") or {}
+    if layer.get("BACKEND") not in _BACKENDS:
+        return None
+    try:
+        return str(layer_options(layer.get("CONFIG", {}) or {})["address"])
+    except (TypeError, ValueError):
+        return None

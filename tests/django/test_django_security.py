@@ -174,3 +174,14 @@ def test_message_broker_server_is_checked(keys: Keys) -> None:
     assert run({}, MESSAGE_BROKER_SERVER=secure) == {}
     found = run({}, MESSAGE_BROKER_SERVER={"secret_key": str(keys.broker_public)})
     assert "no secret key" in found["django_message_broker.E005"].msg
+
+
+def test_message_broker_server_without_bind_is_checked_against_the_layer_address(keys: Keys) -> None:
+    config = {
+        "address": "tcp://10.1.2.3:5556",
+        "server_key": str(keys.broker_public),
+        "client_key": str(keys.good_secret),
+    }
+    found = run(config, MESSAGE_BROKER_SERVER={"ipc_mode": 0o660})
+    assert found.keys() == {"django_message_broker.E005"}
+    assert run(config, MESSAGE_BROKER_SERVER={"secret_key": str(keys.broker_secret)}) == {}
