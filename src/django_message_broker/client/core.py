@@ -204,6 +204,13 @@ class Core:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         if self._curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self._curve
+        # ZeroMQ reconnects by itself; its monitor tells us when, so that a
+        # restarted broker hears Hello at once rather than at our next
+        # heartbeat. The handshake events turn a refused key into
+        # AuthenticationFailed at once rather than a timeout. The monitor is
+        # attached before connect: a refusal on loopback takes ~1 ms, and
+        # libzmq does not retry it, so a later monitor could miss the only one.
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_EVENTS)
         sock.connect(self.address)
         return sock
 
@@ -490,11 +497,7 @@ class Core:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        # ZeroMQ reconnects by itself; its monitor tells us when, so that a
-        # restarted broker hears Hello at once rather than at our next heartbeat.
-        # The handshake events turn a refused key into AuthenticationFailed
-        # at once rather than a timeout.
-        monitor = self._socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_EVENTS)
+        monitor = self._monitor  # attached in _new_socket, before connect
         poller.register(monitor, zmq.POLLIN)
         self._hello()
         try:
