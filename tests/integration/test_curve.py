@@ -28,7 +28,7 @@ import zmq.auth
 from django_message_broker import AsyncClient, AuthenticationFailed, BrokerServer, SyncClient
 from django_message_broker import __main__ as cli
 from django_message_broker.client import core as client_core
-from django_message_broker.embedded import probe
+from django_message_broker.embedded import ensure_broker, probe
 from django_message_broker.keys import create_keypair, load_public_key
 
 REFUSAL_DEADLINE = 2.0  # seconds: the brief's bound for AuthenticationFailed
@@ -256,6 +256,13 @@ def test_the_embedded_probe_speaks_curve(curve_broker: Any, keys: Keys) -> None:
     assert probe(curve_broker.address, 1.0, server_key=str(keys.broker_public), client_key=str(keys.good_secret))
     assert not probe(curve_broker.address, 0.3)
     assert not probe(curve_broker.address, 0.3, server_key=str(keys.broker_public), client_key=str(keys.bad_secret))
+
+
+def test_no_embedded_broker_is_started_for_a_curve_configuration(keys: Keys) -> None:
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    with pytest.raises(RuntimeError, match="not started"):
+        ensure_broker(address, server_key=str(keys.broker_public), client_key=str(keys.good_secret))
+    assert not probe(address, 0.2)
 
 
 def test_bad_key_options_fail_in_the_constructor(keys: Keys, tmp_path: Path) -> None:

@@ -140,6 +140,20 @@ def test_two_hosts_curve_round_trip(hosts: Hosts, keys: Keys) -> None:
         timeout=30,
     )
     assert refused.returncode == 2 and "--insecure" in refused.stderr
+    # With --insecure it serves plain text, and says so.
+    insecure = subprocess.Popen(
+        _in(hosts.broker_ns, sys.executable, "-m", "django_message_broker", "serve", "--bind", address, "--insecure"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert insecure.stdout is not None
+        seen = [insecure.stdout.readline() for _ in range(2)]
+        assert any("PLAIN TEXT" in line and "WARNING" in line for line in seen), seen
+    finally:
+        insecure.terminate()
+        insecure.communicate(timeout=10)
     # ...and served with CURVE and an allow-list.
     command = [sys.executable, "-m", "django_message_broker", "serve", "--bind", address]
     command += ["--secret-key", str(keys.broker_secret), "--authorized-keys", str(keys.authorized)]
