@@ -11,6 +11,7 @@ from typing import Any
 
 from .client import AsyncClient, SyncClient
 from .exceptions import (
+    AuthenticationFailed,
     BrokerError,
     BrokerUnavailable,
     ClientClosed,
@@ -26,6 +27,7 @@ __version__ = "0.3.0"
 
 __all__ = [
     "AsyncClient",
+    "AuthenticationFailed",
     "BrokerError",
     "BrokerServer",
     "BrokerUnavailable",

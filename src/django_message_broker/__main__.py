@@ -1,4 +1,5 @@
-"""``python -m django_message_broker serve [--bind ADDR]``: run the broker."""
+"""``python -m django_message_broker serve [--bind ADDR]``: run the broker.
+``python -m django_message_broker keygen NAME``: create a CURVE key pair."""
 
 from __future__ import annotations
 
@@ -11,7 +12,18 @@ from typing import Optional, Sequence
 import zmq
 
 from .server.broker import DEFAULT_MAX_BODY
-from .server.server import DEFAULT_ADDRESS, serve
+from .server.server import DEFAULT_ADDRESS, check_bind, serve
+
+
+def _mode(text: str) -> int:
+    """An octal file mode such as 0660."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"not a file mode: {text!r}")
+    return mode
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -31,21 +43,59 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         default=None,
         help="exit after this many idle seconds (no clients, nothing queued)",
     )
+    run.add_argument("--secret-key", default=None, help="the broker's secret certificate: encrypt with CURVE")
+    run.add_argument(
+        "--authorized-keys",
+        default=None,
+        help="directory of the clients' public certificates: only they may connect (re-read on SIGHUP)",
+    )
+    run.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback TCP address without --secret-key (plain text, anyone may connect)",
+    )
+    run.add_argument("--ipc-mode", type=_mode, default=None, help="file mode of an ipc:// socket, e.g. 0660")
     run.add_argument("--log-level", default="INFO")
+    keygen = commands.add_parser("keygen", help="create a CURVE key pair: NAME.key and NAME.key_secret")
+    keygen.add_argument("name", help="file name stem, e.g. broker or web-1")
+    keygen.add_argument("--dir", "-d", default=".", help="output directory (default: the current one)")
+    keygen.add_argument("--force", action="store_true", help="overwrite existing files")
     args = parser.parse_args(argv)
+    if args.command == "keygen":
+        return _keygen(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        check_bind(args.bind, secret_key=args.secret_key, insecure=args.insecure)
         asyncio.run(
             serve(
                 args.bind,
                 max_body=args.max_body,
                 max_queue_length=args.max_queue_length,
                 idle_timeout=args.idle_timeout,
+                secret_key=args.secret_key,
+                authorized_keys=args.authorized_keys,
+                insecure=args.insecure,
+                ipc_mode=args.ipc_mode,
             )
         )
-    except (OSError, zmq.ZMQError) as exc:  # address in use, bad address
+    except ValueError as exc:  # refused configuration, unreadable key
+        print(f"refusing to serve on {args.bind}: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, zmq.ZMQError) as exc:  # address in use, bad address, missing key file
         print(f"cannot serve on {args.bind}: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from .keys import create_keypair
+
+    try:
+        public, secret = create_keypair(args.name, args.dir, force=args.force)
+    except (OSError, ValueError) as exc:
+        print(f"keygen: {exc}", file=sys.stderr)
+        return 1
+    print(f"public key: {public}\nsecret key: {secret} (keep it private)")
     return 0
 
 

@@ -21,11 +21,12 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import zmq
 
 from . import protocol as p
+from .keys import client_curve
 from .options import DEFAULT_MAX_MESSAGE_SIZE, is_local_address
 
 __all__ = ["ensure_broker", "is_local_address", "probe"]
@@ -33,11 +34,15 @@ __all__ = ["ensure_broker", "is_local_address", "probe"]
 logger = logging.getLogger("django_message_broker.embedded")
 
 
-def probe(address: str, timeout: float = 0.3) -> bool:
-    """True if a broker answers a Hello at ``address`` within ``timeout``."""
+def probe(address: str, timeout: float = 0.3, *, server_key: Any = None, client_key: Any = None) -> bool:
+    """True if a broker answers a Hello at ``address`` within ``timeout``
+    (with ``server_key``/``client_key``: over CURVE, see ``keys.client_curve``)."""
+    curve = client_curve(server_key, client_key)
     ctx: zmq.Context = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
     sock.setsockopt(zmq.ROUTING_ID, b"probe-" + uuid.uuid4().hex.encode())
     try:
         sock.connect(address)
@@ -83,12 +88,20 @@ def ensure_broker(
     idle_timeout: Optional[float] = 60.0,
     timeout: float = 10.0,
     max_body: int = DEFAULT_MAX_MESSAGE_SIZE,
+    server_key: Any = None,
+    client_key: Any = None,
 ) -> bool:
     """Make a broker available at ``address`` (started with a body limit of
     ``max_body`` bytes). Returns True if this call started it. Raises
-    ``RuntimeError`` if it cannot."""
-    if probe(address):
+    ``RuntimeError`` if it cannot. With ``server_key`` it only probes: an
+    embedded broker has no secret key to serve CURVE."""
+    if probe(address, server_key=server_key, client_key=client_key):
         return False
+    if server_key:
+        raise RuntimeError(
+            f"no CURVE broker answers at {address} (or it refuses this client's key); "
+            "an embedded broker is not started when server_key is set"
+        )
     if not is_local_address(address):
         raise RuntimeError(
             f"no broker answers at {address}, and an embedded broker is only started for local addresses"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "AuthenticationFailed",
     "BrokerError",
     "BrokerUnavailable",
     "ClientClosed",
@@ -117,6 +118,23 @@ class ClientClosed(BrokerError):
     code = 7
 
 
+class AuthenticationFailed(BrokerError):
+    """The broker refused this client's security handshake: its key is not
+    authorized (or was revoked), the server key is wrong, or only one side
+    uses CURVE. Raised by every pending and later call until a handshake
+    succeeds. Deliberately vague: the broker tells a refused client nothing."""
+
+    code = 8
+
+    def __init__(self, address: str = "", reason: str = "the handshake failed") -> None:
+        super().__init__(f"the broker at {address} refused this client ({reason})")
+        self.address = address
+        self.reason = reason
+
+    def fields(self) -> dict[str, Any]:
+        return {"address": self.address, "reason": self.reason}
+
+
 _BY_CODE: dict[int, type[BrokerError]] = {
     cls.code: cls
     for cls in (
@@ -127,6 +145,7 @@ _BY_CODE: dict[int, type[BrokerError]] = {
         SubscriptionError,
         BrokerUnavailable,
         ClientClosed,
+        AuthenticationFailed,
     )
 }
 

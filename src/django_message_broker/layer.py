@@ -9,6 +9,10 @@ Configure it like any layer::
         }
     }
 
+For a broker on another host, add ``"server_key"`` (the broker's public
+certificate file) and ``"client_key"`` (this host's secret certificate
+file): see docs/security.md.
+
 Messages are dicts, encoded with msgpack (msgspec); the broker never looks
 inside them. Names are checked with Channels' own rules (``TypeError``).
 With ``embedded`` (the default for a local address) the first use starts a

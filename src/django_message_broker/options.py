@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -128,6 +129,23 @@ def _address(key: str, value: Any) -> str:
     return value
 
 
+def _key_file(key: str, value: Any) -> Optional[str]:
+    """A CURVE key: ``None``, or a certificate file's path (or, for
+    ``server_key``, the 40-character Z85 text). The file itself is read by
+    the client (``keys.client_curve``), which names what is wrong with it."""
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if not isinstance(value, str):
+        raise TypeError(f"{key} must be a certificate file's path (str), not {_type_name(value)}: {value!r}")
+    if not value:
+        raise ValueError(f"{key} must not be empty (None: no CURVE)")
+    return value
+
+
 def _host(key: str, value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{key} must be a str (a host name or IP address), not {_type_name(value)}: {value!r}")
@@ -195,6 +213,10 @@ class ClientOptions:
     max_message_size: int = _field(
         DEFAULT_MAX_MESSAGE_SIZE, _int_at_least(1), "largest encoded message in bytes (MessageTooLarge)"
     )
+    server_key: Optional[str] = _field(
+        None, _key_file, "CURVE: the broker's public certificate file, or its Z85 text (docs/security.md)"
+    )
+    client_key: Optional[str] = _field(None, _key_file, "CURVE: this client's secret certificate file")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -265,7 +287,7 @@ def _parse(config: Any, owner: str) -> tuple[dict[str, Any], list[ConfigProblem]
         if check is None:
             problems.append(ConfigProblem(key, unknown_option(owner, key, LAYER_KEYS), unknown=True))
             continue
-        if value is None and key in ("address", "embedded", "channel_capacity"):
+        if value is None and key in ("address", "embedded", "channel_capacity", "server_key", "client_key"):
             continue  # None: the default (the layer decides embedded by address)
         try:
             values[key] = check(f"{owner} option {key!r}", value)
@@ -309,6 +331,9 @@ class LayerOptions:
             else:
                 values["address"] = DEFAULT_ADDRESS
         if "embedded" not in values:
+            # An embedded broker has no secret key, so it cannot serve CURVE.
             address = values["address"]
-            values["embedded"] = is_local_address(address) and not address.startswith("inproc://")
+            values["embedded"] = (
+                is_local_address(address) and not address.startswith("inproc://") and "server_key" not in values
+            )
         return cls(ClientOptions(**values), **layer)

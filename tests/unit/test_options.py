@@ -42,6 +42,8 @@ WRONG_TYPES: dict[str, tuple[Any, str]] = {
     "channel_capacity": ([("a*", 5)], "dict"),
     "ip_address": (127001, "str"),
     "port": ("5556", "int"),
+    "server_key": (42, "certificate file"),
+    "client_key": (["a"], "certificate file"),
 }
 
 #: key -> values of the right type that are out of range
@@ -68,6 +70,8 @@ BAD_VALUES: dict[str, list[Any]] = {
     "channel_capacity": [{"a*": 0}],
     "ip_address": ["", "tcp://127.0.0.1"],
     "port": [0, 65536],
+    "server_key": [""],
+    "client_key": [""],
 }
 
 
@@ -236,7 +240,7 @@ def test_the_embedded_broker_gets_the_clients_max_message_size(monkeypatch, tmp_
         def poll(self) -> int:
             return 1
 
-    monkeypatch.setattr(embedded, "probe", lambda address, timeout=0.3: False)
+    monkeypatch.setattr(embedded, "probe", lambda address, timeout=0.3, **keys: False)
     monkeypatch.setattr(embedded.subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(embedded.tempfile, "gettempdir", lambda: str(tmp_path))
     with pytest.raises(RuntimeError, match="exited"):

@@ -17,6 +17,7 @@ from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar
 
 from .. import protocol as p
 from ..exceptions import ClientClosed, MessageTooLarge, QueueFull
+from ..keys import client_curve
 from ..options import (
     CLIENT_KEYS,
     DEFAULT_ADDRESS,
@@ -70,6 +71,8 @@ class _ClientBase:
         embedded: bool = _D.embedded,
         embedded_idle_timeout: float = _D.embedded_idle_timeout,
         max_message_size: int = _D.max_message_size,
+        server_key: Optional[str] = _D.server_key,
+        client_key: Optional[str] = _D.client_key,
         shared: bool = False,
         **unknown: NoReturn,  # a typo: a TypeError here (with a suggestion), and for mypy
     ) -> None:
@@ -87,9 +90,14 @@ class _ClientBase:
             embedded=embedded,
             embedded_idle_timeout=embedded_idle_timeout,
             max_message_size=max_message_size,
+            server_key=server_key,
+            client_key=client_key,
         )
         if not isinstance(shared, bool):
             raise TypeError(f"{owner} option 'shared' must be True or False, not {type(shared).__name__}: {shared!r}")
+        # CURVE (docs/security.md): the key files are read now, so that a
+        # missing or unreadable one fails here rather than at first use.
+        client_curve(self.options.server_key, self.options.client_key)
         self.address = self.options.address
         self.timeout = self.options.timeout
         self.embedded = self.options.embedded
@@ -132,7 +140,13 @@ class _ClientBase:
             from ..embedded import ensure_broker
 
             def on_unreachable(address: str) -> None:
-                ensure_broker(address, idle_timeout=options.embedded_idle_timeout, max_body=options.max_message_size)
+                ensure_broker(
+                    address,
+                    idle_timeout=options.embedded_idle_timeout,
+                    max_body=options.max_message_size,
+                    server_key=options.server_key,
+                    client_key=options.client_key,
+                )
 
         return Core(
             options.address,
@@ -143,6 +157,8 @@ class _ClientBase:
             idle_return=options.idle_return,
             max_message_size=options.max_message_size,
             on_unreachable=on_unreachable,
+            server_key=options.server_key,
+            client_key=options.client_key,
         )
 
     def twin(self, cls: type[_C]) -> _C:

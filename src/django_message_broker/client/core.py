@@ -33,6 +33,12 @@ Restarts: every reply names the broker instance. A new instance (or a
 ``Welcome``) means the broker restarted: the client says Hello again,
 grants credit again for channels with waiting receives, and replays the
 group memberships it added that have not expired.
+
+Security (docs/security.md): with a server key the DEALER is a CURVE
+client. A refused handshake shows on the socket monitor; every pending
+request and waiting receive then fails with ``AuthenticationFailed``, and so
+does every later call until a handshake succeeds (the socket reconnects
+every ``_AUTH_RETRY`` seconds to find out).
 """
 
 from __future__ import annotations
@@ -54,7 +60,15 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .. import protocol as p
-from ..exceptions import BrokerError, BrokerUnavailable, ClientClosed, SubscriptionError, from_wire
+from ..exceptions import (
+    AuthenticationFailed,
+    BrokerError,
+    BrokerUnavailable,
+    ClientClosed,
+    SubscriptionError,
+    from_wire,
+)
+from ..keys import client_curve
 from ..options import ClientOptions
 from .waiters import AsyncWaiter, SyncWaiter, Waiter
 
@@ -70,6 +84,14 @@ _PACK_BYTES = 4 << 20  # at most this much body in one packed Send
 _SCAN_INTERVAL = 0.02
 _MAX_BACKLOG = 10_000  # messages waiting for a connection; past it the oldest is dropped
 _CLOSE_LINGER_MS = 1000  # how long close() lets queued messages drain
+# --- CURVE (docs/security.md) ---
+_AUTH_RETRY = 5.0  # seconds between new handshakes after a refusal (libzmq does not retry by itself)
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 _live_cores: weakref.WeakSet[Core] = weakref.WeakSet()
 _D = ClientOptions()  # the defaults; the clients check the values
@@ -173,8 +195,16 @@ class Core:
         idle_return: float = _D.idle_return,
         max_message_size: int = _D.max_message_size,
         on_unreachable: Optional[Callable[[str], None]] = None,
+        server_key: Any = None,
+        client_key: Any = None,
     ) -> None:
         self.address = address
+        # --- CURVE: keys are read here, so a bad file fails the constructor.
+        self._curve = client_curve(server_key, client_key)
+        #: Set while the broker refuses our handshake: every call fails with it.
+        self.auth_error: Optional[AuthenticationFailed] = None
+        self._vague_failures = 0  # handshakes failed without detail, in a row
+        self._auth_retry_at = 0.0
         self.timeout = timeout
         self.heartbeat = heartbeat
         self.prefetch = max(1, prefetch)
@@ -234,6 +264,15 @@ class Core:
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        if self._curve is not None:
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self._curve
+        # ZeroMQ reconnects by itself; its monitor tells us when, so that a
+        # restarted broker hears Hello at once rather than at our next
+        # heartbeat. The handshake events turn a refused key into
+        # AuthenticationFailed at once rather than a timeout. The monitor is
+        # attached before connect: a refusal on loopback takes ~1 ms, and
+        # libzmq does not retry it, so a later monitor could miss the only one.
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_EVENTS)
         sock.connect(self.address)
         return sock
 
@@ -516,6 +555,11 @@ class Core:
         """Number and send a request. Untracked requests (pipelined sends)
         are remembered only while they wait for a connection; the broker
         answers them only to refuse, which is logged."""
+        if self.auth_error is not None:  # --- CURVE: refused; fail fast
+            if waiter is not None:
+                with self._lock:
+                    waiter.resolve(None, self.auth_error)
+            return 0
         req = next(self._reqs)
         frames = self._frames(msgspec.structs.replace(msg, req=req), body)
         now = time.monotonic()
@@ -564,9 +608,7 @@ class Core:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        # ZeroMQ reconnects by itself; its monitor tells us when, so that a
-        # restarted broker hears Hello at once rather than at our next heartbeat.
-        monitor = self._socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        monitor = self._monitor  # attached in _new_socket, before connect
         poller.register(monitor, zmq.POLLIN)
         self._hello()
         try:
@@ -621,6 +663,56 @@ class Core:
                 self._ready.clear()
             elif event == zmq.EVENT_CONNECTED and self.instance is not None:
                 self._hello()  # a reconnection: maybe a new broker; Hello restores our state
+            elif event & _HANDSHAKE_EVENTS:
+                self._on_handshake(event)
+
+    # --- CURVE: handshake outcomes ---------------------------------------
+    def _on_handshake(self, event: int) -> None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._vague_failures = 0
+            if self.auth_error is not None:
+                logger.info("the broker at %s accepted this client again", self.address)
+                self.auth_error = None
+                self._hello()
+            return
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            # A wrong server key looks like this, repeated at every reconnect
+            # (~50 ms apart); a single one is also what a broker going away
+            # mid-handshake looks like, so it takes two in a row. Without
+            # CURVE it is never about keys (a peer that is not a broker, a
+            # proxy with no backend): left to the usual timeouts.
+            if self._curve is None:
+                return
+            self._vague_failures += 1
+            if self._vague_failures < 2:
+                return
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            reason = "key not authorized"
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            reason = "security mismatch: CURVE on one side only, or not a broker"
+        else:
+            reason = "handshake failed: wrong server key?"
+        if self.auth_error is None:
+            logger.error("the broker at %s refused this client: %s", self.address, reason)
+        self.auth_error = AuthenticationFailed(self.address, reason)
+        self._auth_retry_at = time.monotonic() + _AUTH_RETRY
+        with self._lock:
+            self.connected = False
+        self._ready.clear()
+        self._fail_all(self.auth_error)
+
+    def _retry_handshake(self, now: float) -> None:
+        """Fail receives that came in meanwhile; now and then, try again
+        (the key may have been authorized since)."""
+        assert self.auth_error is not None
+        self._fail_all(self.auth_error)
+        if now >= self._auth_retry_at:
+            self._auth_retry_at = now + _AUTH_RETRY
+            try:
+                self._socket.disconnect(self.address)
+                self._socket.connect(self.address)
+            except zmq.ZMQError as exc:  # pragma: no cover - the address was valid at connect
+                logger.warning("cannot reconnect to %s: %s", self.address, exc)
 
     def _fail_all(self, error: BrokerError) -> None:
         requests, self._requests = self._requests, {}
@@ -768,6 +860,9 @@ class Core:
         if now < self._next_scan:
             return
         self._next_scan = now + _SCAN_INTERVAL
+        if self.auth_error is not None:  # --- CURVE: no liveness checks while refused
+            self._retry_handshake(now)
+            return
         # request timeouts
         for req in [req for req, r in self._requests.items() if r.deadline <= now]:
             self._drop_request(req, "timed out")

@@ -7,6 +7,13 @@ awaiting. One sweeper task ticks ten times a second: it retries deliveries
 to peers that were busy and, once a second, expires messages, endpoints,
 memberships and silent clients. There is no task or timer per queue.
 
+Security (docs/security.md). With ``secret_key`` the socket is a CURVE
+server: every connection is encrypted. With ``authorized_keys`` (a
+directory of client certificates) a ZAP handler on this loop admits only
+those clients; ``reload_keys()`` (SIGHUP under ``serve``) re-reads the
+directory, which affects new connections only. A non-loopback TCP address
+without ``secret_key`` is refused unless ``insecure``.
+
 Use it as ``async with BrokerServer("tcp://127.0.0.1:0") as server: ...``
 (``server.address`` is the bound address) or run ``python -m
 django_message_broker serve``.
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from typing import Any, Optional
@@ -23,10 +31,11 @@ from typing import Any, Optional
 import zmq
 import zmq.asyncio
 
-from ..options import DEFAULT_ADDRESS  # re-exported: its home was here
+from ..keys import server_curve
+from ..options import DEFAULT_ADDRESS, is_local_address  # DEFAULT_ADDRESS re-exported: its home was here
 from .broker import DEFAULT_MAX_BODY, Broker
 
-__all__ = ["DEFAULT_ADDRESS", "BrokerServer", "serve"]
+__all__ = ["DEFAULT_ADDRESS", "BrokerServer", "check_bind", "serve"]
 
 logger = logging.getLogger("django_message_broker.server")
 
@@ -42,11 +51,30 @@ def normalize_bind(address: str) -> str:
     return address
 
 
+def check_bind(address: str, *, secret_key: Any = None, authorized_keys: Any = None, insecure: bool = False) -> None:
+    """Refuse (``ValueError``) a configuration that would expose plain text:
+    a TCP address off loopback without a secret key, unless ``insecure``.
+    Called before anything is bound."""
+    if authorized_keys and not secret_key:
+        raise ValueError("authorized keys need the broker's secret key (--secret-key)")
+    if secret_key or is_local_address(address):
+        return
+    if not insecure:
+        raise ValueError(
+            f"{address} is not a loopback address: give the broker a secret key (--secret-key, see "
+            "docs/security.md), or --insecure to serve plain text to anyone who can reach it"
+        )
+
+
 class BrokerServer:
     """The broker, as an async context manager.
 
     ``idle_timeout``: exit by itself (``wait_closed`` returns) after having no
     clients and no queued messages for this many seconds; ``None``: never.
+    ``secret_key``: the broker's secret certificate file (CURVE).
+    ``authorized_keys``: a directory of the clients' public certificates.
+    ``insecure``: allow a non-loopback address without ``secret_key``.
+    ``ipc_mode``: chmod an ``ipc://`` socket file to this mode after binding.
     """
 
     def __init__(
@@ -57,12 +85,21 @@ class BrokerServer:
         max_queue_length: Optional[int] = None,
         idle_timeout: Optional[float] = None,
         context: Optional[zmq.asyncio.Context] = None,
+        secret_key: Optional[str] = None,
+        authorized_keys: Optional[str] = None,
+        insecure: bool = False,
+        ipc_mode: Optional[int] = None,
     ) -> None:
         self.requested_address = address
         self.address = address
         self.max_body = max_body
         self.max_queue_length = max_queue_length
         self.idle_timeout = idle_timeout
+        self.secret_key = secret_key
+        self.authorized_keys = authorized_keys
+        self.insecure = insecure
+        self.ipc_mode = ipc_mode
+        self._authenticator: Any = None
         self._context = context
         self._own_context = context is None
         self._socket: Optional[zmq.asyncio.Socket] = None
@@ -80,9 +117,31 @@ class BrokerServer:
         await self.stop()
 
     async def start(self) -> None:
+        # Every refusal comes before anything is bound.
+        check_bind(
+            self.requested_address,
+            secret_key=self.secret_key,
+            authorized_keys=self.authorized_keys,
+            insecure=self.insecure,
+        )
+        curve = server_curve(self.secret_key)
+        if self.authorized_keys is not None and not os.path.isdir(self.authorized_keys):
+            raise ValueError(f"authorized keys: {self.authorized_keys} is not a directory")
+        if not curve and not is_local_address(self.requested_address):
+            logger.warning(
+                "serving PLAIN TEXT on %s (--insecure): anyone who can reach it may read and send messages",
+                self.requested_address,
+            )
         ctx = self._context or zmq.asyncio.Context()
         self._context = ctx
         sock = ctx.socket(zmq.ROUTER)
+        if curve:
+            if self.authorized_keys is not None:
+                self._start_authenticator(ctx)
+            else:
+                logger.warning("CURVE without authorized keys: traffic is encrypted, but any client may connect")
+            sock.curve_publickey, sock.curve_secretkey = curve
+            sock.curve_server = True
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # never drop silently
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client takes its id back
         sock.setsockopt(zmq.LINGER, 0)
@@ -96,12 +155,15 @@ class BrokerServer:
         sock.setsockopt(zmq.MAXMSGSIZE, max(8 * self.max_body, 64 << 20))
         try:
             sock.bind(normalize_bind(self.requested_address))
-        except zmq.ZMQError:
+            self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            if self.ipc_mode is not None and self.address.startswith("ipc://") and "://@" not in self.address:
+                os.chmod(self.address[len("ipc://") :], self.ipc_mode)
+        except (zmq.ZMQError, OSError):
             sock.close(0)
+            self._stop_authenticator()
             if self._own_context:
                 ctx.term()
             raise
-        self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._socket = sock
         sync_socket: zmq.Socket = zmq.Socket.shadow(sock.underlying)  # plain calls on the hot path
         self.broker = Broker(
@@ -118,7 +180,42 @@ class BrokerServer:
         ]
         for task in self._tasks:
             task.add_done_callback(self._task_done)
-        logger.info("broker %s listening on %s", self.broker.instance, self.address)
+        logger.info(
+            "broker %s listening on %s (%s)",
+            self.broker.instance,
+            self.address,
+            "CURVE" if curve else "plain text",
+        )
+
+    def _start_authenticator(self, ctx: zmq.asyncio.Context) -> None:
+        from zmq.auth.asyncio import AsyncioAuthenticator
+
+        auth = AsyncioAuthenticator(ctx)
+        auth.start()
+        self._authenticator = auth
+        self.reload_keys()
+
+    def _stop_authenticator(self) -> None:
+        auth, self._authenticator = self._authenticator, None
+        if auth is not None:
+            auth.stop()
+
+    def reload_keys(self) -> int:
+        """Re-read the authorized-keys directory (``serve`` does it on
+        SIGHUP). Connections already up stay; a new connection is checked
+        against the new set. Returns how many keys are authorized."""
+        auth = self._authenticator
+        if auth is None:
+            return 0
+        try:
+            auth.configure_curve(domain="*", location=self.authorized_keys)
+        except OSError as exc:  # the directory is gone: keep the keys we had
+            logger.error("cannot re-read authorized keys from %s: %s; keeping the old set", self.authorized_keys, exc)
+        count = len(auth.certs.get("*", {}))
+        logger.info("%d authorized client key(s) in %s", count, self.authorized_keys)
+        if not count:
+            logger.warning("no client key is authorized in %s: every client is refused", self.authorized_keys)
+        return count
 
     def _task_done(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -199,6 +296,7 @@ class BrokerServer:
         if self._socket is not None:
             self._socket.close(0)
             self._socket = None
+        self._stop_authenticator()
         if self._own_context and self._context is not None:
             self._context.term()
             self._context = None
@@ -215,6 +313,11 @@ async def serve(address: str = DEFAULT_ADDRESS, **options: Any) -> None:
             try:
                 loop.add_signal_handler(sig, stop.set)
             except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
+                pass
+        if server.authorized_keys is not None and hasattr(signal, "SIGHUP"):
+            try:
+                loop.add_signal_handler(signal.SIGHUP, server.reload_keys)
+            except (NotImplementedError, RuntimeError):
                 pass
         print(f"django-message-broker listening on {server.address}", flush=True)
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.wait_closed())]
