@@ -54,11 +54,15 @@ def parse_size(text: str | int) -> int:
 
 
 def format_size(size: int) -> str:
-    """``268435456`` -> ``"256 MiB"`` (binary units, for log lines and errors)."""
+    """A size as people wrote it: ``268435456`` -> ``"256 MiB"``,
+    ``256000000`` -> ``"256 MB"``; else in MiB (or KiB) with one decimal."""
+    exact = (("GiB", 1 << 30), ("MiB", 1 << 20), ("GB", 10**9), ("MB", 10**6), ("KiB", 1 << 10), ("kB", 1000))
+    for unit, scale in exact:
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if size >= scale:
-            value = size / scale
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+            return f"{size / scale:.1f} {unit}"
     return f"{size} bytes"
 
 

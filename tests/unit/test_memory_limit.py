@@ -49,6 +49,9 @@ def test_parse_size_refuses(text):
 def test_format_size_and_default():
     assert format_size(256 << 20) == "256 MiB"
     assert format_size(1536) == "1.5 KiB"
+    assert format_size(256_000_000) == "256 MB"
+    assert format_size(1000) == "1 kB"
+    assert format_size(999) == "999 bytes"
     assert default_max_memory() > 0
     assert Broker(None, clock=lambda: 0.0).memory.limit == default_max_memory()
 
