@@ -28,7 +28,7 @@ LIMIT = 256_000_000  # "256MB"
 #: RSS the broker may have beyond LIMIT: its idle RSS (about 31 MB) plus
 #: the messages it is reading when it refuses them (up to about two 16 MiB
 #: messages per sending connection) and allocator slack. Measured: peak RSS
-#: 100 to 162 MB over LIMIT with four senders (docs/reliability.md).
+#: 100 to 128 MB over LIMIT with four senders (docs/reliability.md).
 OVERHEAD = 200_000_000
 SENDERS = 4
 
