@@ -183,3 +183,54 @@ def test_channel_full_carries_the_reason():
     full = ChannelFull("ch", err.capacity, err.reason)
     assert "broker memory limit 256 MiB reached" in str(full)
     assert "capacity 5" in str(ex.QueueFull("ch", 5))
+
+
+# -- where the limit is set ------------------------------------------------------------
+def test_serve_takes_max_memory_as_bytes_or_text(monkeypatch, capsys):
+    from django_message_broker import __main__ as cli
+
+    seen: dict = {}
+
+    async def fake_serve(address: str, **options: object) -> None:
+        seen.update(options)
+
+    monkeypatch.setattr(cli, "serve", fake_serve)
+    assert cli.main(["serve", "--max-memory", "256MB"]) == 0
+    assert seen["max_memory"] == 256_000_000
+    assert cli.main(["serve", "--max-memory", "1GiB"]) == 0 and seen["max_memory"] == 1 << 30
+    assert cli.main(["serve"]) == 0 and seen["max_memory"] is None  # the broker's default
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--max-memory", "lots"])
+    assert exit_info.value.code == 2 and "not a size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    assert "quarter of the host's physical memory" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_embedded_broker_gets_embedded_max_memory(monkeypatch, tmp_path):
+    from django_message_broker import embedded
+    from django_message_broker.options import ClientOptions
+
+    started: list[list[str]] = []
+
+    class FakeProcess:
+        pid = 1
+        returncode = 1
+
+        def __init__(self, command: list[str], **kwargs: object) -> None:
+            started.append(command)
+
+        def poll(self) -> int:
+            return 1
+
+    monkeypatch.setattr(embedded, "probe", lambda address, timeout=0.3, **keys: False)
+    monkeypatch.setattr(embedded.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(embedded.tempfile, "gettempdir", lambda: str(tmp_path))
+    max_memory = ClientOptions(embedded_max_memory="64MiB").embedded_max_memory
+    assert max_memory == 64 << 20
+    for limit in (max_memory, None):
+        with pytest.raises(RuntimeError, match="exited"):
+            embedded.ensure_broker("tcp://127.0.0.1:1", max_memory=limit, timeout=1)
+    with_limit, without = started
+    assert with_limit[with_limit.index("--max-memory") + 1] == str(64 << 20)
+    assert "--max-memory" not in without
