@@ -239,9 +239,9 @@ class Broker:
 
     def _fits(self, size: int) -> bool:
         """Whether ``size`` more bytes fit under the memory limit. If not,
-        expired messages are dropped everywhere first (at most once per
-        sweep interval's worth of refusals: the scan costs a pass over
-        every queue)."""
+        expired messages are dropped everywhere first: at most every 0.1 s,
+        since the scan is a pass over every queue and a flood of refused
+        sends must stay cheap."""
         if self.memory.fits(size):
             return True
         now = self.clock()
