@@ -153,7 +153,7 @@ class ChannelsServerLayer(BaseChannelLayer):
         try:
             await self.client.send(channel, body, ttl=self.expiry, capacity=self.get_capacity(channel))
         except exceptions.QueueFull as exc:
-            raise ChannelFull(channel, exc.capacity) from None
+            raise ChannelFull(channel, exc.capacity, getattr(exc, "reason", "")) from None
         except exceptions.MessageTooLarge as exc:
             raise MessageTooLarge(exc.size, exc.limit) from None
 

@@ -27,6 +27,7 @@ import os
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from ._memory import parse_size
 from .protocol import MAX_CREDIT, MAX_TTL
 
 __all__ = [
@@ -102,6 +103,18 @@ def _int_at_least(low: int, high: int = _MAX_INT) -> Callable[[str, Any], int]:
         return int(value)
 
     return check
+
+
+def _memory_size(key: str, value: Any) -> Optional[int]:
+    """``None`` (the broker's default), bytes as an int, or text: ``"256MB"``, ``"1GiB"``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{key} must be None, an int or a size such as '256MB', not {_type_name(value)}: {value!r}")
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -210,6 +223,11 @@ class ClientOptions:
     idle_return: float = _field(1.0, _seconds, "seconds without a receive before unread messages go back")
     embedded: bool = _field(False, _bool, "start a broker on this host if none answers")
     embedded_idle_timeout: float = _field(60.0, _seconds, "seconds an idle embedded broker lives")
+    embedded_max_memory: Optional[int] = _field(
+        None,
+        _memory_size,
+        "bytes of queued messages an embedded broker holds (int, or '256MB'); None: a quarter of physical memory",
+    )
     max_message_size: int = _field(
         DEFAULT_MAX_MESSAGE_SIZE, _int_at_least(1), "largest encoded message in bytes (MessageTooLarge)"
     )

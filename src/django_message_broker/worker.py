@@ -166,6 +166,6 @@ def _mapped_errors(name: str) -> Iterator[None]:
     except (ChannelFull, MessageTooLarge):
         raise
     except exceptions.QueueFull as exc:
-        raise ChannelFull(name, exc.capacity) from None
+        raise ChannelFull(name, exc.capacity, getattr(exc, "reason", "")) from None
     except exceptions.MessageTooLarge as exc:
         raise MessageTooLarge(exc.size, exc.limit) from None

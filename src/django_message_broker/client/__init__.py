@@ -70,6 +70,7 @@ class _ClientBase:
         idle_return: float = _D.idle_return,
         embedded: bool = _D.embedded,
         embedded_idle_timeout: float = _D.embedded_idle_timeout,
+        embedded_max_memory: Optional[int] = _D.embedded_max_memory,
         max_message_size: int = _D.max_message_size,
         server_key: Optional[str] = _D.server_key,
         client_key: Optional[str] = _D.client_key,
@@ -89,6 +90,7 @@ class _ClientBase:
             idle_return=idle_return,
             embedded=embedded,
             embedded_idle_timeout=embedded_idle_timeout,
+            embedded_max_memory=embedded_max_memory,
             max_message_size=max_message_size,
             server_key=server_key,
             client_key=client_key,
@@ -144,6 +146,7 @@ class _ClientBase:
                     address,
                     idle_timeout=options.embedded_idle_timeout,
                     max_body=options.max_message_size,
+                    max_memory=options.embedded_max_memory,
                     server_key=options.server_key,
                     client_key=options.client_key,
                 )

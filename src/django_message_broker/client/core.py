@@ -65,6 +65,7 @@ from ..exceptions import (
     BrokerError,
     BrokerUnavailable,
     ClientClosed,
+    QueueFull,
     SubscriptionError,
     from_wire,
 )
@@ -82,6 +83,7 @@ _MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
 _ZERO_COPY_THRESHOLD = 65536  # smaller frames are copied: cheaper than zero-copy bookkeeping
 _PACK_BYTES = 4 << 20  # at most this much body in one packed Send
 _SCAN_INTERVAL = 0.02
+_MAX_DEPTH = 1 << 62  # a channel's depth when a pipelined send was refused: ask next time
 _MAX_BACKLOG = 10_000  # messages waiting for a connection; past it the oldest is dropped
 _CLOSE_LINGER_MS = 1000  # how long close() lets queued messages drain
 # --- CURVE (docs/security.md) ---
@@ -799,6 +801,10 @@ class Core:
                 self._refuse_channel(value["channel"], from_wire(code, detail, value))
             elif code:
                 logger.error("broker refused a message: %s", detail)
+                if code == QueueFull.code and isinstance(value, dict) and isinstance(value.get("channel"), str):
+                    # Full, or the broker out of memory: this channel's next
+                    # sends wait for the broker's answer (an exact QueueFull).
+                    self.depth[value["channel"]] = _MAX_DEPTH
             return
         if code:
             error: Optional[BaseException] = from_wire(code, detail, value)
