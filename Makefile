@@ -4,13 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo test test-fast test-peers lint bench soak clean
+.PHONY: help install demo test test-fast test-peers lint bench bench-core soak clean
 
 help:
 	@echo "make demo   - set up and run the demo chat site on the embedded broker"
 	@echo "make test   - set up and run the whole test suite, then channels_redis's own tests"
 	@echo "make test-peers - channels_redis's own tests against our layer (ARGS=... for pytest)"
 	@echo "make bench  - run the benchmarks (writes benchmarks/results/)"
+	@echo "make bench-core - micro-benchmarks of the pure broker core, a few seconds (writes benchmarks/results/core-latest.md)"
 	@echo "make soak   - run the long reliability tests"
 	@echo "make lint   - ruff and mypy"
 
@@ -44,6 +45,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/run.py
+
+bench-core: $(STAMP)
+	$(PY) benchmarks/core.py
 
 soak: $(STAMP)
 	DMB_SOAK=1 $(PY) -m pytest -q tests/reliability -m soak --timeout=3600
