@@ -32,7 +32,8 @@ __all__ = [
     "Reply",
     "check_channel_name",
     "check_group_name",
-    "decode",
+    "decode_command",
+    "decode_to_client",
     "encode",
 ]
 
@@ -247,9 +248,6 @@ def decode_to_client(header: Any) -> Deliver | Reply | Welcome | Flushed:
     return _decode(_to_client_decoder, header)  # type: ignore[no-any-return]
 
 
-decode = decode_command
-
-
 def error_reply(req: int, exc: BrokerError) -> Reply:
     return Reply(req, exc.code, str(exc), exc.fields())
 
@@ -294,7 +292,3 @@ def check_group_name(name: Any) -> str:
     if not isinstance(name, str) or len(name) >= MAX_NAME_LENGTH or not _GROUP_RE.fullmatch(name):
         raise InvalidName(name, "invalid group name")
     return name
-
-
-def is_process_channel(name: str) -> bool:
-    return "!" in name

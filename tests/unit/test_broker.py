@@ -1,60 +1,44 @@
-"""``server.broker.Broker``, the routing core, driven directly: a fake ROUTER
-socket and time passed in as ``now``. No zmq I/O, no asyncio."""
+"""``server.broker.Broker``, the sans-IO routing core, driven directly: frames
+in, ``data_to_send()`` out, time passed in as ``now``. No zmq, no asyncio."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-import zmq
 
 from django_message_broker import exceptions as ex
 from django_message_broker import protocol as p
-from django_message_broker.server.broker import Broker
+from django_message_broker.server.broker import BUSY, GONE, Broker
 
 A, B, C = b"client-a", b"client-b", b"client-c"
 V = bytes([p.VERSION])
 
 
-class FakeRouter:
-    """Stands in for the broker's ROUTER socket. Accepts frame-by-frame
-    ``send`` (``SNDMORE``) and ``send_multipart``. ``busy``/``gone``: routing
-    ids whose messages fail (first frame only, as with ROUTER_MANDATORY)."""
+class Wire:
+    """The shell's side of the broker: takes what it decided to send
+    (``data_to_send``) and decodes it. ``busy``/``gone``: peers whose
+    messages fail (reported back with ``send_failed``, as the shell does)."""
 
-    def __init__(self) -> None:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
         self.busy: set[bytes] = set()
         self.gone: set[bytes] = set()
         self.out: list[tuple[bytes, Any, list[bytes]]] = []  # (ident, decoded header, bodies)
-        self._partial: list[bytes] | None = None
 
-    def _check(self, ident: bytes) -> None:
-        if ident in self.busy:
-            raise zmq.Again()
-        if ident in self.gone:
-            raise zmq.ZMQError(zmq.EHOSTUNREACH)
-
-    def send(self, frame: Any, flags: int = 0, copy: bool = True, track: bool = False) -> None:
-        assert int(flags) & zmq.NOBLOCK, "the broker must never block on a send"
-        data = bytes(frame.buffer) if hasattr(frame, "buffer") else bytes(frame)
-        if self._partial is None:
-            self._check(data)
-            self._partial = []
-        self._partial.append(data)
-        if not int(flags) & zmq.SNDMORE:
-            frames, self._partial = self._partial, None
-            self._complete(frames)
-
-    def send_multipart(self, frames: list, flags: int = 0, copy: bool = True, **kw: Any) -> None:
-        assert int(flags) & zmq.NOBLOCK
-        self._check(bytes(frames[0]))
-        self._complete([bytes(f) for f in frames])
-
-    def _complete(self, frames: list[bytes]) -> None:
-        ident, header, *bodies = frames
-        self.out.append((ident, p.decode_to_client(header), bodies))
+    def pump(self) -> None:
+        for messages in self.broker.data_to_send():
+            ident = messages[0].ident
+            if ident in self.busy or ident in self.gone:
+                self.broker.send_failed(messages, BUSY if ident in self.busy else GONE)
+                continue
+            for out in messages:
+                header, *bodies = out.frames
+                self.out.append((ident, p.decode_to_client(header), [bytes(b) for b in bodies]))
 
     def take(self, ident: bytes) -> list[tuple[Any, list[bytes]]]:
         """Messages sent to ``ident`` since the last take."""
+        self.pump()
         mine = [(msg, bodies) for who, msg, bodies in self.out if who == ident]
         self.out = [m for m in self.out if m[0] != ident]
         return mine
@@ -69,16 +53,22 @@ class FakeRouter:
 class Rig:
     def __init__(self, **options: Any) -> None:
         self.now = 100.0
-        self.sock = FakeRouter()
-        self.broker = Broker(self.sock, clock=lambda: self.now, **options)
+        self.broker = Broker(clock=lambda: self.now, **options)
+        self.wire = Wire(self.broker)
 
     def handle(self, ident: bytes, cmd: Any, *bodies: bytes) -> None:
+        """One message in; what it decided goes out (the shell sends after each batch)."""
         self.broker.handle([ident, p.encode(cmd), *bodies], self.now)
+        self.wire.pump()
+
+    def retry_stalled(self) -> None:
+        self.broker.retry_stalled()
+        self.wire.pump()
 
     def hello(self, *idents: bytes, heartbeat: float = 1.0) -> None:
         for ident in idents:
             self.handle(ident, p.Hello(1, ident.decode(), heartbeat))
-            [reply] = self.sock.replies(ident)
+            [reply] = self.wire.replies(ident)
             assert reply.code == 0
 
     def send(
@@ -94,7 +84,7 @@ class Rig:
         self.handle(ident, p.Send(req, channel, ttl, capacity, checked), *bodies)
 
     def error(self, ident: bytes) -> ex.BrokerError:
-        [reply] = self.sock.replies(ident)
+        [reply] = self.wire.replies(ident)
         assert reply.code != 0, reply
         return ex.from_wire(reply.code, reply.detail, reply.value)
 
@@ -107,7 +97,7 @@ def rig() -> Rig:
 # -- connection -----------------------------------------------------------------
 def test_hello_is_answered_with_instance_max_body_and_flush_epoch(rig):
     rig.handle(A, p.Hello(7, "client-a", 1.0))
-    [(reply, bodies)] = rig.sock.take(A)
+    [(reply, bodies)] = rig.wire.take(A)
     assert reply == p.Reply(7, 0, "", [rig.broker.instance, rig.broker.max_body, rig.broker.epoch])
     assert bodies == []
     assert A in rig.broker.clients and rig.broker.clients[A].client_id == "client-a"
@@ -115,10 +105,10 @@ def test_hello_is_answered_with_instance_max_body_and_flush_epoch(rig):
 
 def test_unknown_peer_is_welcomed_before_its_answer(rig):
     rig.handle(A, p.Heartbeat(3))
-    msgs = [m for m, _ in rig.sock.take(A)]
+    msgs = [m for m, _ in rig.wire.take(A)]
     assert msgs == [p.Welcome(rig.broker.instance, rig.broker.max_body), p.Reply(3, 0, "", rig.broker.instance)]
     rig.handle(A, p.Heartbeat(4))  # known now: no second Welcome
-    assert [m for m, _ in rig.sock.take(A)] == [p.Reply(4, 0, "", rig.broker.instance)]
+    assert [m for m, _ in rig.wire.take(A)] == [p.Reply(4, 0, "", rig.broker.instance)]
 
 
 def test_two_brokers_have_different_instances():
@@ -129,23 +119,23 @@ def test_two_brokers_have_different_instances():
 def test_send_then_subscribe_delivers(rig):
     rig.hello(A, B)
     rig.send(A, "ch", b"one", req=5)
-    assert rig.sock.replies(A) == [p.Reply(5, 0, "", 1)]  # checked: the depth comes back
+    assert rig.wire.replies(A) == [p.Reply(5, 0, "", 1)]  # checked: the depth comes back
     rig.handle(B, p.Subscribe(0, "ch", 5))
-    [(msg, bodies)] = rig.sock.take(B)
+    [(msg, bodies)] = rig.wire.take(B)
     assert isinstance(msg, p.Deliver) and msg.channel == "ch"
     assert bodies == [b"one"]
     assert list(msg.ttls) == [pytest.approx(60)]
-    assert rig.sock.take(B) == [] and rig.broker.queued() == 0
+    assert rig.wire.take(B) == [] and rig.broker.queued() == 0
 
 
 def test_subscribe_then_send_delivers_at_once(rig):
     rig.hello(A, B)
     rig.handle(B, p.Subscribe(0, "ch", 5))
-    assert rig.sock.take(B) == []  # Subscribe has no answer
+    assert rig.wire.take(B) == []  # Subscribe has no answer
     rig.send(A, "ch", b"x", req=2)
-    assert rig.sock.delivered(B) == [b"x"]
+    assert rig.wire.delivered(B) == [b"x"]
     # The depth counts the message B holds and has not reported consumed.
-    assert rig.sock.replies(A) == [p.Reply(2, 0, "", 1)]
+    assert rig.wire.replies(A) == [p.Reply(2, 0, "", 1)]
 
 
 def test_ttl_left_travels_with_the_delivery(rig):
@@ -153,7 +143,7 @@ def test_ttl_left_travels_with_the_delivery(rig):
     rig.send(A, "ch", b"x", ttl=10)
     rig.now += 4
     rig.handle(B, p.Subscribe(0, "ch", 1))
-    [(msg, _)] = rig.sock.take(B)
+    [(msg, _)] = rig.wire.take(B)
     assert list(msg.ttls) == [pytest.approx(6)]
 
 
@@ -162,10 +152,10 @@ def test_credit_limits_deliveries_and_fifo(rig):
     rig.handle(B, p.Subscribe(0, "ch", 2))
     for i in range(5):
         rig.send(A, "ch", b"%d" % i)
-    assert rig.sock.delivered(B) == [b"0", b"1"]
+    assert rig.wire.delivered(B) == [b"0", b"1"]
     assert rig.broker.queued() == 3
     rig.handle(B, p.Subscribe(0, "ch", 10))
-    assert rig.sock.delivered(B) == [b"2", b"3", b"4"]
+    assert rig.wire.delivered(B) == [b"2", b"3", b"4"]
 
 
 def test_two_consumers_each_message_once(rig):
@@ -174,7 +164,7 @@ def test_two_consumers_each_message_once(rig):
     rig.handle(C, p.Subscribe(0, "ch", 100))
     for i in range(10):
         rig.send(A, "ch", b"%d" % i)
-    got_b, got_c = rig.sock.delivered(B), rig.sock.delivered(C)
+    got_b, got_c = rig.wire.delivered(B), rig.wire.delivered(C)
     assert sorted(got_b + got_c, key=int) == [b"%d" % i for i in range(10)]
     assert got_b == sorted(got_b, key=int) and got_c == sorted(got_c, key=int)
     assert got_b and got_c  # round robin: both got some
@@ -183,23 +173,23 @@ def test_two_consumers_each_message_once(rig):
 def test_multi_body_send_is_queued_in_order(rig):
     rig.hello(A, B)
     rig.send(A, "ch", b"1", b"2", b"3", req=9)
-    assert rig.sock.replies(A) == [p.Reply(9, 0, "", 3)]
+    assert rig.wire.replies(A) == [p.Reply(9, 0, "", 3)]
     rig.handle(B, p.Subscribe(0, "ch", 10))
-    assert rig.sock.delivered(B) == [b"1", b"2", b"3"]
+    assert rig.wire.delivered(B) == [b"1", b"2", b"3"]
 
 
 def test_unsubscribe_returns_unused_credit_and_stops_deliveries(rig):
     rig.hello(A, B)
     rig.handle(B, p.Subscribe(0, "ch", 5))
     rig.send(A, "ch", b"1")
-    rig.sock.take(B)
+    rig.wire.take(B)
     rig.handle(B, p.Unsubscribe(4, "ch"))
-    assert rig.sock.replies(B) == [p.Reply(4, 0, "", 4)]
+    assert rig.wire.replies(B) == [p.Reply(4, 0, "", 4)]
     rig.send(A, "ch", b"2")
-    assert rig.sock.take(B) == []
+    assert rig.wire.take(B) == []
     assert rig.broker.queued() == 1
     rig.handle(B, p.Unsubscribe(5, "ch"))  # not subscribed: fine, nothing left
-    assert rig.sock.replies(B) == [p.Reply(5, 0, "", 0)]
+    assert rig.wire.replies(B) == [p.Reply(5, 0, "", 0)]
 
 
 def test_process_channel_takes_one_client(rig):
@@ -209,7 +199,7 @@ def test_process_channel_takes_one_client(rig):
     err = rig.error(C)
     assert type(err) is ex.SubscriptionError
     rig.handle(B, p.Subscribe(0, "proc.b!", 5))  # the owner may grant more
-    assert rig.sock.take(B) == []
+    assert rig.wire.take(B) == []
 
 
 # -- limits ---------------------------------------------------------------------
@@ -217,9 +207,9 @@ def test_checked_send_refused_at_capacity(rig):
     rig.hello(A)
     for i in range(3):
         rig.send(A, "ch", b"x", req=i + 1, capacity=3)
-        assert rig.sock.replies(A) == [p.Reply(i + 1, 0, "", i + 1)]
+        assert rig.wire.replies(A) == [p.Reply(i + 1, 0, "", i + 1)]
     rig.send(A, "ch", b"x", req=4, capacity=3)
-    [reply] = rig.sock.replies(A)
+    [reply] = rig.wire.replies(A)
     assert reply.req == 4
     err = ex.from_wire(reply.code, reply.detail, reply.value)
     assert type(err) is ex.QueueFull and err.channel == "ch" and err.capacity == 3
@@ -230,7 +220,7 @@ def test_checked_send_refused_at_capacity(rig):
 def test_checked_multi_body_send_is_all_or_nothing(rig):
     rig.hello(A)
     rig.send(A, "ch", b"1", capacity=3)
-    rig.sock.take(A)
+    rig.wire.take(A)
     rig.send(A, "ch", b"2", b"3", b"4", capacity=3)
     assert type(rig.error(A)) is ex.QueueFull
     assert rig.broker.queued() == 1
@@ -241,14 +231,14 @@ def test_expired_messages_make_room(rig):
     rig.send(A, "ch", b"old", ttl=1, capacity=1)
     rig.now += 1
     rig.send(A, "ch", b"new", req=2, capacity=1)
-    assert rig.sock.replies(A)[-1] == p.Reply(2, 0, "", 1)
+    assert rig.wire.replies(A)[-1] == p.Reply(2, 0, "", 1)
 
 
 def test_unchecked_send_is_silent_until_twice_the_capacity(rig):
     rig.hello(A)
     for _ in range(4):
         rig.send(A, "ch", b"x", capacity=2, checked=False)
-    assert rig.sock.take(A) == []  # pipelined: no answers
+    assert rig.wire.take(A) == []  # pipelined: no answers
     rig.send(A, "ch", b"x", req=0, capacity=2, checked=False)
     err = rig.error(A)
     assert type(err) is ex.QueueFull and err.capacity == 2
@@ -259,7 +249,7 @@ def test_message_too_large():
     rig = Rig(max_body=10)
     rig.hello(A)
     rig.send(A, "ch", b"x" * 10, req=1)
-    assert rig.sock.replies(A) == [p.Reply(1, 0, "", 1)]
+    assert rig.wire.replies(A) == [p.Reply(1, 0, "", 1)]
     rig.send(A, "ch", b"x" * 11, req=2)
     err = rig.error(A)
     assert type(err) is ex.MessageTooLarge and (err.size, err.limit) == (11, 10)
@@ -273,7 +263,7 @@ def test_max_queue_length_is_a_hard_cap():
     rig.hello(A)
     for req in (1, 2, 3):
         rig.send(A, "ch", b"x", req=req, capacity=100)
-    replies = rig.sock.replies(A)
+    replies = rig.wire.replies(A)
     assert [r.code for r in replies] == [0, 0, ex.QueueFull.code]
     assert rig.broker.queued() == 2
 
@@ -303,11 +293,11 @@ def test_group_send_skips_full_members_and_counts(rig):
     rig.hello(A)
     for req, channel in enumerate(("a", "b", "c"), 1):
         rig.handle(A, p.GroupAdd(req, "room", channel, 60))
-    assert [r.code for r in rig.sock.replies(A)] == [0, 0, 0]
+    assert [r.code for r in rig.wire.replies(A)] == [0, 0, 0]
     rig.send(A, "b", b"filler", capacity=1)
-    rig.sock.take(A)
+    rig.wire.take(A)
     rig.handle(A, p.GroupSend(9, "room", 60, 1), b"hello")
-    assert rig.sock.replies(A) == [p.Reply(9, 0, "", [2, 1])]
+    assert rig.wire.replies(A) == [p.Reply(9, 0, "", [2, 1])]
     assert [m.body for m in rig.broker.queues["a"].queue] == [b"hello"]
     assert [m.body for m in rig.broker.queues["b"].queue] == [b"filler"]
     assert [m.body for m in rig.broker.queues["c"].queue] == [b"hello"]
@@ -322,9 +312,9 @@ def test_group_send_skips_members_at_the_hard_cap_without_failing():
     for req, channel in enumerate(("a", "b", "c"), 1):
         rig.handle(A, p.GroupAdd(req, "room", channel, 60))
     rig.send(A, "b", b"filler", capacity=100)
-    rig.sock.take(A)
+    rig.wire.take(A)
     rig.handle(A, p.GroupSend(9, "room", 60, 100), b"hello")
-    assert rig.sock.replies(A) == [p.Reply(9, 0, "", [2, 1])]
+    assert rig.wire.replies(A) == [p.Reply(9, 0, "", [2, 1])]
     assert [m.body for m in rig.broker.queues["a"].queue] == [b"hello"]
     assert [m.body for m in rig.broker.queues["b"].queue] == [b"filler"]
     assert [m.body for m in rig.broker.queues["c"].queue] == [b"hello"]
@@ -334,7 +324,7 @@ def test_a_checked_send_over_the_hard_cap_queues_nothing():
     rig = Rig(max_queue_length=2)
     rig.hello(A)
     rig.handle(A, p.Send(5, "ch", 60, 100, True), b"1", b"2", b"3")
-    [reply] = rig.sock.replies(A)
+    [reply] = rig.wire.replies(A)
     err = ex.from_wire(reply.code, reply.detail, reply.value)
     assert type(err) is ex.QueueFull and err.capacity == 2
     assert "ch" not in rig.broker.queues or not rig.broker.queues["ch"].queue
@@ -345,7 +335,7 @@ def test_group_send_reaches_subscribers(rig):
     rig.handle(A, p.GroupAdd(1, "room", "b.inbox", 60))
     rig.handle(B, p.Subscribe(0, "b.inbox", 4))
     rig.handle(A, p.GroupSend(2, "room", 60, 10), b"hi")
-    assert rig.sock.delivered(B) == [b"hi"]
+    assert rig.wire.delivered(B) == [b"hi"]
 
 
 def test_group_membership_expires_and_can_be_discarded(rig):
@@ -353,17 +343,17 @@ def test_group_membership_expires_and_can_be_discarded(rig):
     rig.handle(A, p.GroupAdd(1, "room", "a", 5))
     rig.handle(A, p.GroupAdd(2, "room", "b", 50))
     rig.handle(A, p.GroupDiscard(3, "room", "b"))
-    rig.sock.take(A)
+    rig.wire.take(A)
     rig.now += 5
     rig.handle(A, p.GroupSend(4, "room", 60, 10), b"x")
-    assert rig.sock.replies(A) == [p.Reply(4, 0, "", [0, 0])]
+    assert rig.wire.replies(A) == [p.Reply(4, 0, "", [0, 0])]
     assert rig.broker.queued() == 0
 
 
 def test_group_send_needs_exactly_one_body(rig):
     rig.hello(A)
     rig.handle(A, p.GroupAdd(1, "room", "a", 60))
-    rig.sock.take(A)
+    rig.wire.take(A)
     rig.handle(A, p.GroupSend(2, "room", 60, 10), b"x", b"y")
     assert type(rig.error(A)) is ex.ProtocolError
     assert rig.broker.queued() == 0
@@ -382,7 +372,7 @@ def test_silent_client_is_dropped_by_sweep(rig):
     rig.broker.sweep(rig.now)
     assert B not in rig.broker.clients and A in rig.broker.clients
     rig.send(A, "ch", b"after")
-    assert rig.sock.delivered(B) == []  # its endpoint went with it
+    assert rig.wire.delivered(B) == []  # its endpoint went with it
     assert rig.broker.queued() == 1
 
 
@@ -402,7 +392,7 @@ def test_an_expired_message_is_not_delivered(rig):
     rig.send(A, "ch", b"x", ttl=1)
     rig.now += 1
     rig.handle(B, p.Subscribe(0, "ch", 5))
-    assert rig.sock.delivered(B) == []
+    assert rig.wire.delivered(B) == []
 
 
 # -- flush, return, bye, hello again --------------------------------------------
@@ -411,12 +401,12 @@ def test_flush_drops_messages_and_groups_but_keeps_endpoints(rig):
     rig.handle(B, p.Subscribe(0, "sub", 5))
     rig.send(A, "other", b"1")
     rig.handle(A, p.GroupAdd(2, "room", "other", 60))
-    rig.sock.take(A)
+    rig.wire.take(A)
     rig.handle(A, p.Flush(3))
-    assert rig.sock.replies(A) == [p.Reply(3, 0, "", None)]
+    assert rig.wire.replies(A) == [p.Reply(3, 0, "", None)]
     assert rig.broker.queued() == 0 and len(rig.broker.groups) == 0
     rig.send(A, "sub", b"after")
-    assert rig.sock.delivered(B) == [b"after"]
+    assert rig.wire.delivered(B) == [b"after"]
 
 
 def test_return_puts_messages_back_at_the_head(rig):
@@ -424,9 +414,9 @@ def test_return_puts_messages_back_at_the_head(rig):
     rig.send(A, "ch", b"3")
     rig.send(A, "ch", b"4")
     rig.handle(B, p.Return("ch", [30.0, 30.0]), b"1", b"2")  # oldest first
-    assert rig.sock.take(B) == []  # no answer
+    assert rig.wire.take(B) == []  # no answer
     rig.handle(B, p.Subscribe(0, "ch", 10))
-    [(msg, bodies)] = rig.sock.take(B)
+    [(msg, bodies)] = rig.wire.take(B)
     assert bodies == [b"1", b"2", b"3", b"4"]
     assert list(msg.ttls)[:2] == [pytest.approx(30), pytest.approx(30)]
 
@@ -435,7 +425,7 @@ def test_return_drops_what_has_no_time_left(rig):
     rig.hello(B)
     rig.handle(B, p.Return("ch", [0.0, 5.0, -1.0]), b"a", b"b", b"c")
     rig.handle(B, p.Subscribe(0, "ch", 10))
-    assert rig.sock.delivered(B) == [b"b"]
+    assert rig.wire.delivered(B) == [b"b"]
 
 
 def test_return_needs_a_body_per_ttl(rig):
@@ -451,7 +441,7 @@ def test_bye_drops_the_client_and_its_endpoints(rig):
     rig.handle(B, p.Bye())
     assert B not in rig.broker.clients
     rig.send(A, "ch", b"x")
-    assert rig.sock.delivered(B) == []
+    assert rig.wire.delivered(B) == []
     assert rig.broker.queued() == 1
 
 
@@ -460,9 +450,9 @@ def test_hello_again_drops_old_endpoints(rig):
     rig.handle(B, p.Subscribe(0, "ch", 5))
     rig.hello(B)  # reconnected: it replays what it wants
     rig.send(A, "ch", b"x")
-    assert rig.sock.delivered(B) == []
+    assert rig.wire.delivered(B) == []
     rig.handle(B, p.Subscribe(0, "ch", 1))
-    assert rig.sock.delivered(B) == [b"x"]
+    assert rig.wire.delivered(B) == [b"x"]
 
 
 def test_stats_and_idle(rig):
@@ -470,9 +460,9 @@ def test_stats_and_idle(rig):
     rig.hello(A)
     assert not rig.broker.is_idle()
     rig.send(A, "ch", b"x")
-    rig.sock.take(A)
+    rig.wire.take(A)
     rig.handle(A, p.Stats(2))
-    [reply] = rig.sock.replies(A)
+    [reply] = rig.wire.replies(A)
     stats = reply.value
     assert stats["instance"] == rig.broker.instance
     assert stats["clients"] == 1 and stats["queued"] == 1 and stats["queues"] == 1
@@ -487,30 +477,30 @@ def test_stats_and_idle(rig):
 def test_busy_peer_is_retried(rig):
     rig.hello(A, B)
     rig.handle(B, p.Subscribe(0, "ch", 5))
-    rig.sock.busy.add(B)
+    rig.wire.busy.add(B)
     rig.send(A, "ch", b"1")
     rig.send(A, "ch", b"2")
     assert rig.broker.stalled and rig.broker.queued() == 2
-    rig.broker.retry_stalled()  # still busy
+    rig.retry_stalled()  # still busy
     assert rig.broker.queued() == 2
-    rig.sock.busy.clear()
-    rig.broker.retry_stalled()
-    assert rig.sock.delivered(B) == [b"1", b"2"]
+    rig.wire.busy.clear()
+    rig.retry_stalled()
+    assert rig.wire.delivered(B) == [b"1", b"2"]
     assert not rig.broker.stalled and rig.broker.queued() == 0
 
 
 def test_gone_peer_loses_its_endpoint_not_the_message(rig):
     rig.hello(A, B, C)
     rig.handle(B, p.Subscribe(0, "ch", 5))
-    rig.sock.gone.add(B)
+    rig.wire.gone.add(B)
     rig.send(A, "ch", b"1")
     assert rig.broker.queued() == 1
     rig.handle(C, p.Subscribe(0, "ch", 5))
-    assert rig.sock.delivered(C) == [b"1"]
+    assert rig.wire.delivered(C) == [b"1"]
 
 
 def test_a_reply_to_a_gone_peer_does_not_raise(rig):
-    rig.sock.gone.add(A)
+    rig.wire.gone.add(A)
     rig.handle(A, p.Hello(1, "a", 1.0))
     rig.handle(A, p.Heartbeat(2))
     assert A in rig.broker.clients
@@ -530,7 +520,7 @@ def test_a_lone_routing_frame_gets_an_error(rig):
 
 def test_no_frames_at_all_is_ignored(rig):
     rig.broker.handle([], rig.now)
-    assert rig.sock.out == []
+    assert rig.wire.out == []
 
 
 @pytest.mark.parametrize(
@@ -570,7 +560,7 @@ def test_bad_frames_get_an_error_reply_and_never_raise(rig, frames):
     assert rig.broker.queued() == 0
     # ...and the broker goes on serving.
     rig.handle(A, p.Heartbeat(42))
-    assert rig.sock.replies(A) == [p.Reply(42, 0, "", rig.broker.instance)]
+    assert rig.wire.replies(A) == [p.Reply(42, 0, "", rig.broker.instance)]
 
 
 def test_a_bug_in_a_handler_becomes_an_error_reply(rig, monkeypatch):
@@ -581,7 +571,86 @@ def test_a_bug_in_a_handler_becomes_an_error_reply(rig, monkeypatch):
 
     monkeypatch.setattr(rig.broker, "flush", boom)
     rig.handle(A, p.Flush(5))
-    [reply] = rig.sock.replies(A)
+    [reply] = rig.wire.replies(A)
     assert reply.req == 5 and reply.code == ex.BrokerError.code and "boom" in reply.detail
     rig.handle(A, p.Heartbeat(6))
-    assert rig.sock.replies(A) == [p.Reply(6, 0, "", rig.broker.instance)]
+    assert rig.wire.replies(A) == [p.Reply(6, 0, "", rig.broker.instance)]
+
+
+# -- the outgoing buffer (data_to_send / send_failed) ---------------------------
+def _batch(rig: Rig, *messages: tuple) -> list:
+    """Handle several messages as one read batch; return what is to be sent."""
+    for ident, cmd, *bodies in messages:
+        rig.broker.handle([ident, p.encode(cmd), *bodies], rig.now)
+    return rig.broker.data_to_send()
+
+
+def test_one_deliver_per_peer_per_batch_across_channels(rig):
+    rig.hello(A, B)
+    rig.handle(B, p.Subscribe(0, "x", 10))
+    rig.handle(B, p.Subscribe(0, "y", 10))
+    [[out]] = _batch(
+        rig,
+        (A, p.Send(1, "x", 60, 100, False), b"x1"),
+        (A, p.Send(2, "y", 60, 100, False), b"y1"),
+        (A, p.Send(3, "x", 60, 100, False), b"x2"),
+    )
+    assert out.ident == B
+    msg = p.decode_to_client(out.frames[0])
+    assert isinstance(msg, p.Deliver) and list(msg.channels) == ["x", "y", "x"]
+    assert out.frames[1:] == [b"x1", b"y1", b"x2"]
+    assert rig.broker.data_to_send() == []  # handed over: the buffer is empty
+
+
+def test_a_deliver_carries_at_most_max_batch_bodies(rig):
+    rig.hello(A, B)
+    rig.handle(B, p.Subscribe(0, "x", p.MAX_BATCH + 10))
+    bodies = [b"%d" % i for i in range(p.MAX_BATCH + 10)]
+    peers = _batch(
+        rig,
+        (A, p.Send(1, "x", 60, 10_000, False), *bodies[: p.MAX_BATCH]),
+        (A, p.Send(2, "x", 60, 10_000, False), *bodies[p.MAX_BATCH :]),
+    )
+    [messages] = peers
+    assert [len(out.frames) - 1 for out in messages] == [p.MAX_BATCH, 10]
+    assert [b for out in messages for b in out.frames[1:]] == bodies
+
+
+def test_replies_and_deliveries_keep_their_decided_order(rig):
+    rig.hello(A, B)
+    rig.handle(B, p.Subscribe(0, "x", 10))
+    [messages] = [m for m in _batch(rig, (A, p.Send(1, "x", 60, 100, False), b"1"), (B, p.Heartbeat(7))) if m]
+    kinds = [type(p.decode_to_client(out.frames[0])).__name__ for out in messages]
+    assert kinds == ["Deliver", "Reply"]
+
+
+def test_a_failed_batch_goes_back_exactly(rig):
+    """A busy peer: its Deliver and everything after it come back; the runs
+    are at the head of their queues with their credit, held and memory as
+    before the send; the reply is dropped."""
+    rig.hello(A, B)
+    rig.handle(B, p.Subscribe(0, "x", 3))
+    rig.send(A, "x", b"0")
+    assert rig.wire.delivered(B) == [b"0"]
+    queue, endpoint = rig.broker.queues["x"], rig.broker.clients[B].endpoints["x"]
+    memory, delivered = rig.broker.memory.used, rig.broker.counters["delivered"]
+    peers = _batch(rig, (A, p.Send(1, "x", 60, 100, False), b"1", b"2"), (B, p.Heartbeat(7)))
+    [messages] = [m for m in peers if m[0].ident == B]
+    assert endpoint.held == 3 and endpoint.credit == 0
+    rig.broker.send_failed(messages, BUSY)
+    assert [m.body for m in queue.queue] == [b"1", b"2"]
+    assert endpoint.held == 1 and queue.held == 1 and endpoint.credit == 2
+    assert rig.broker.memory.used == memory + 2 * (queue.queue[0].size)
+    assert rig.broker.counters["delivered"] == delivered
+    assert queue in rig.broker.stalled
+    rig.retry_stalled()
+    assert rig.wire.take(B) and rig.broker.queued() == 0 and endpoint.held == 3
+
+
+def test_a_gone_peer_loses_its_endpoint_and_keeps_the_messages(rig):
+    rig.hello(A, B)
+    rig.handle(B, p.Subscribe(0, "x", 3))
+    [messages] = [m for m in _batch(rig, (A, p.Send(1, "x", 60, 100, False), b"1")) if m[0].ident == B]
+    rig.broker.send_failed(messages, GONE)
+    queue = rig.broker.queues["x"]
+    assert [m.body for m in queue.queue] == [b"1"] and not queue.subscribers and queue.held == 0

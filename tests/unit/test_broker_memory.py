@@ -53,7 +53,7 @@ def test_format_size_and_default():
     assert format_size(1000) == "1 kB"
     assert format_size(999) == "999 bytes"
     assert default_max_memory() > 0
-    assert Broker(None, clock=lambda: 0.0).memory.limit == default_max_memory()
+    assert Broker(clock=lambda: 0.0).memory.limit == default_max_memory()
 
 
 # -- accounting, path by path -----------------------------------------------------
@@ -67,22 +67,22 @@ def test_counter_is_exact_on_every_path():
     assert used(rig) == 4 * SIZE
     # deliver: delivered messages leave the count
     rig.handle(B, p.Subscribe(0, "ch", 2))
-    assert len(rig.sock.delivered(B)) == 2
+    assert len(rig.wire.delivered(B)) == 2
     assert used(rig) == 2 * SIZE
     # Return: back in
     rig.handle(B, p.Return("ch", [30.0, 30.0], rig.broker.epoch), body(1), body(2))
     assert used(rig) == 4 * SIZE
     rig.handle(B, p.Unsubscribe(1, "ch"))
-    rig.sock.take(B)
+    rig.wire.take(B)
     # lazy expiry in deliver
     rig.send(A, "short", body(5), ttl=1)
     rig.send(A, "short", body(6), ttl=100)
     assert used(rig) == 6 * SIZE
     rig.now += 2
     rig.handle(C, p.Subscribe(0, "short", 10))
-    assert rig.sock.delivered(C) == [body(6)]
+    assert rig.wire.delivered(C) == [body(6)]
     assert used(rig) == 4 * SIZE
-    # expiry by the sweeper (_flush_messages)
+    # expiry by the sweeper (expire)
     rig.send(A, "soon", body(7), body(8), ttl=1)
     assert used(rig) == 6 * SIZE
     rig.now += 2
@@ -97,15 +97,15 @@ def test_counter_is_exact_on_every_path():
     rig.handle(A, p.GroupSend(9, "room", 60, 10), body(9))
     assert used(rig) == 7 * SIZE
     # a busy peer: the run goes back to the queue (put_back) and counts again
-    rig.sock.busy.add(B)
+    rig.wire.busy.add(B)
     rig.handle(B, p.Subscribe(0, "g1", 5))
     assert used(rig) == 7 * SIZE
-    rig.sock.busy.discard(B)
-    rig.broker.retry_stalled()
-    assert rig.sock.delivered(B) == [body(9)]
+    rig.wire.busy.discard(B)
+    rig.retry_stalled()
+    assert rig.wire.delivered(B) == [body(9)]
     assert used(rig) == 6 * SIZE
     # flush: nothing queued, nothing counted
-    rig.sock.take(A)
+    rig.wire.take(A)
     rig.handle(A, p.Flush(10))
     assert used(rig) == 0 and rig.broker.stats()["memory"] == 0
 
@@ -114,7 +114,7 @@ def test_send_past_the_limit_is_refused_with_the_limit_named(caplog):
     rig = Rig(max_memory=3 * SIZE)
     rig.hello(A, B)
     rig.send(A, "ch", body(1), body(2), req=1)
-    assert rig.sock.replies(A)[0].code == 0
+    assert rig.wire.replies(A)[0].code == 0
     with caplog.at_level(logging.WARNING, "django_message_broker.server"):
         rig.send(A, "ch", body(3), body(4), req=2)  # checked: all or nothing
         err = rig.error(A)
@@ -133,19 +133,19 @@ def test_send_past_the_limit_is_refused_with_the_limit_named(caplog):
     assert used(rig) == 3 * SIZE
     # room again once a consumer takes messages
     rig.handle(B, p.Subscribe(0, "ch", 3))
-    assert len(rig.sock.delivered(B)) == 3
+    assert len(rig.wire.delivered(B)) == 3
     rig.send(A, "ch", body(9), req=5)
-    assert rig.sock.replies(A)[0].code == 0
+    assert rig.wire.replies(A)[0].code == 0
 
 
 def test_expired_messages_make_room_before_a_refusal():
     rig = Rig(max_memory=2 * SIZE)
     rig.hello(A)
     rig.send(A, "ch", body(1), body(2), ttl=1)
-    rig.sock.take(A)
+    rig.wire.take(A)
     rig.now += 2
     rig.send(A, "ch", body(3), req=2)
-    assert rig.sock.replies(A)[0].code == 0
+    assert rig.wire.replies(A)[0].code == 0
     assert used(rig) == SIZE
 
 
@@ -154,9 +154,9 @@ def test_group_send_skips_members_past_the_limit():
     rig.hello(A)
     for req, channel in enumerate(("a", "b", "c")):
         rig.handle(A, p.GroupAdd(req, "room", channel, 60))
-    rig.sock.take(A)
+    rig.wire.take(A)
     rig.handle(A, p.GroupSend(9, "room", 60, 10), body(1))
-    assert rig.sock.replies(A) == [p.Reply(9, 0, "", [2, 1])]
+    assert rig.wire.replies(A) == [p.Reply(9, 0, "", [2, 1])]
     assert used(rig) == 2 * SIZE and rig.broker.counters["refused_memory"] == 1
 
 
@@ -165,7 +165,7 @@ def test_return_keeps_what_fits():
     rig.hello(A, B)
     rig.handle(B, p.Subscribe(0, "ch", 3))
     rig.send(A, "ch", body(1), body(2), body(3))
-    assert len(rig.sock.delivered(B)) == 3
+    assert len(rig.wire.delivered(B)) == 3
     rig.send(A, "other", body(4), body(5))
     assert used(rig) == 2 * SIZE
     rig.handle(B, p.Unsubscribe(1, "ch"))

@@ -84,7 +84,6 @@ def test_every_command_round_trips(cls, data):
     decoded = p.decode_command(header)
     assert type(decoded) is cls
     assert decoded == msg
-    assert p.decode(header) == msg  # the alias
     # The broker hands the decoder zmq frames and memoryviews, not bytes.
     assert p.decode_command(zmq.Frame(header)) == msg
     assert p.decode_command(memoryview(header)) == msg
@@ -268,11 +267,6 @@ def test_names_agree_with_channels(name):
         except ex.InvalidName:
             ours_ok = False
         assert ours_ok == channels_ok, (ours.__name__, name)
-
-
-def test_is_process_channel():
-    assert p.is_process_channel("a!b") and p.is_process_channel("a!")
-    assert not p.is_process_channel("a.b")
 
 
 # -- exceptions over the wire ---------------------------------------------------

@@ -40,10 +40,10 @@ def ttls_of(msg: Deliver) -> list[float]:
 
 
 class FakeSocket:
-    """A ROUTER socket stand-in. Accepts ``send_multipart(frames, flags, copy)``
-    and frame-by-frame ``send(frame, flags, copy)`` (``SNDMORE`` until the
-    last frame). ``mode`` says what the next messages do; ``script`` (a list
-    of modes) overrides it, one entry per message. As with
+    """A ROUTER socket stand-in for the standalone path (no sink): accepts
+    frame-by-frame ``send(frame, flags)`` (``SNDMORE`` until the last
+    frame). ``mode`` says what the next messages do; ``script`` (a list of
+    modes) overrides it, one entry per message. As with
     ``ROUTER_MANDATORY``, only the first frame of a message can fail."""
 
     def __init__(self, mode: str = OK) -> None:
@@ -73,12 +73,6 @@ class FakeSocket:
             frames, self._partial = self._partial, None
             self._complete(frames)
 
-    def send_multipart(self, frames: list, flags: int = 0, copy: bool = True, **kwargs: Any) -> None:
-        assert self._partial is None
-        self._first_frame()
-        self.flags.extend([int(flags)] * len(frames))
-        self._complete([bytes(f) for f in frames])
-
     def _complete(self, frames: list) -> None:
         routing, header, *bodies = frames
         msg = decode_to_client(header)
@@ -106,10 +100,8 @@ class FakeSocket:
 def make_queue(
     name: bytes = b"chan", max_length: int | None = None, clock: FakeClock | None = None
 ) -> tuple[ChannelQueue, FakeClock]:
-    q = ChannelQueue(name, max_length)
     clock = clock or FakeClock()
-    q.clock = clock  # type: ignore[method-assign]
-    return q, clock
+    return ChannelQueue(name, max_length, clock=clock), clock
 
 
 def endpoint(name: str, channel: bytes = b"chan", socket: FakeSocket | None = None, **kw: Any) -> Endpoint:
@@ -770,3 +762,57 @@ def test_next_ready_skips_endpoints_without_credit():
     eps[1].credit = eps[2].credit = 0
     assert d.next_ready() is None
     assert RoundRobinDict().next_ready() is None
+
+
+# -- with a sink (the broker's path) ------------------------------------------------
+class ListSink:
+    """Takes runs as the broker's Outbox does: a list, no I/O."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[ChannelQueue, Endpoint, list[DataMessage]]] = []
+
+    def defer(self, queue: ChannelQueue, endpoint: Endpoint, messages: list[DataMessage]) -> None:
+        self.runs.append((queue, endpoint, messages))
+
+
+def test_deliver_hands_runs_to_the_sink_and_never_touches_the_socket():
+    q, _ = make_queue()
+    sock = FakeSocket(GONE)  # would fail if used
+    ep = endpoint("a", socket=sock)
+    q.grant(ep, 3)
+    push_all(q, [b"1", b"2", b"3", b"4"])
+    sink = ListSink()
+    assert q.deliver(sink=sink) == 3
+    assert [(e, [m.body for m in ms]) for _, e, ms in sink.runs] == [(ep, [b"1", b"2", b"3"])]
+    assert sock.attempts == 0
+    assert ep.held == q.held == 3 and ep.credit == 0 and len(q.queue) == 1
+
+
+@pytest.mark.parametrize("gone", [False, True])
+def test_requeue_puts_a_run_back_at_the_head_exactly(gone):
+    q, _ = make_queue()
+    ep = endpoint("a")
+    q.grant(ep, 2)
+    push_all(q, [b"1", b"2", b"3"])
+    sink = ListSink()
+    q.deliver(sink=sink)
+    used = q.meter.used
+    [(_, _, run)] = sink.runs
+    q.requeue(ep, run, gone=gone)
+    assert [m.body for m in q.queue] == [b"1", b"2", b"3"]
+    assert q.meter.used == used + sum(m.size for m in run)
+    assert ep.held == q.held == 0
+    if gone:
+        assert ep.id not in q.subscribers
+    else:
+        assert ep.credit == 2 and q.stalled and ep.id in q.subscribers
+
+
+def test_expire_and_expire_endpoints_take_now():
+    q, clock = make_queue()
+    q.subscribe(endpoint("a", time_to_live=5))
+    push_all(q, [b"old"], ttl=1)
+    push_all(q, [b"new"], ttl=100)
+    assert q.expire(clock.now + 2) == 1 and [m.body for m in q.queue] == [b"new"]
+    assert q.expire_endpoints(clock.now + 2) == 0
+    assert q.expire_endpoints(clock.now + 6) == 1 and not q.subscribers

@@ -4,16 +4,23 @@ How it works. ``Broker.handle`` takes the frames of one message from the
 ROUTER socket (routing id, header, optional body), decodes the header, and
 acts on it in one ``match``. Queues are ``ChannelQueue``s keyed by channel
 name; an endpoint is a (client, channel) pair whose credit comes from the
-client's receives (``Subscribe``). Every reply and delivery goes out on the
-ROUTER socket without blocking (``ROUTER_MANDATORY`` makes an unroutable or
-busy peer an error instead of a silent drop). Time is given as ``now``; the
-shell (``server.py``) owns the socket's read loop and calls ``sweep`` about
-once a second. No asyncio here.
+client's receives (``Subscribe``). Sans-IO, as h11 and h2 are: no socket,
+no asyncio, no zmq. Every reply and delivery goes into one per-peer
+outgoing buffer (``Outbox``), in the order decided; ``data_to_send()``
+hands it over as ZeroMQ messages and the shell (``server.py``), which owns
+the socket, sends them and reports each one that failed
+(``send_failed(unsent, errno)``): a busy peer (``EAGAIN``) gets its runs
+back at the head of their queues with their credit, for a retry
+(``retry_stalled``); a gone peer (``EHOSTUNREACH``) gets them back and loses
+its endpoints' place. A reply that fails is dropped (logged at debug): the
+client's request times out, as it would had the reply been lost. Time is
+given as ``now``; the shell calls ``sweep`` about once a second.
 
 Memory. All queues share one ``MemoryMeter``: the bytes of the messages
 queued in the broker (body + ``MESSAGE_OVERHEAD`` each). A message counts
 while it sits in a queue: from its send (or its Return) until it is handed
-to the socket for delivery, expires, or is flushed. Delivered messages a
+to the outbox for delivery, expires, or is flushed (a delivery that the
+shell fails to send comes back, and counts again). Delivered messages a
 client has not consumed no longer count: they left this process (they
 count against their channel's capacity instead). A group_send body shared
 by N queues counts N times: conservative (the body is in memory once) and
@@ -24,14 +31,14 @@ members it cannot add, and a Return keeps what fits.
 
 from __future__ import annotations
 
+import errno as _errno
 import functools
 import logging
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
-
-import zmq
 
 from .. import protocol as p
 from .._memory import default_max_memory, format_size
@@ -40,17 +47,17 @@ from ..options import DEFAULT_MAX_MESSAGE_SIZE
 from ..protocol import MAX_BATCH, MAX_CREDIT, MAX_TTL, PIPELINE_SLACK
 from .data_message import DataMessage
 from .groups import Groups
-from .outbox import Outbox
+from .outbox import Outbox, Outgoing
 from .server_queue import ChannelQueue, Endpoint, MemoryMeter
 
-__all__ = ["DEFAULT_MAX_BODY", "Broker"]
+__all__ = ["BUSY", "DEFAULT_MAX_BODY", "GONE", "Broker", "Outgoing"]
 
 logger = logging.getLogger("django_message_broker.server")
 
 DEFAULT_MAX_BODY = DEFAULT_MAX_MESSAGE_SIZE  # 16 MiB, as the clients' max_message_size
 _KEEP_AS_FRAME = 65536
-_NOBLOCK = int(zmq.NOBLOCK)
-_MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
+#: What ``send_failed`` is told: the peer's pipe is full, or the peer is gone.
+BUSY, GONE = _errno.EAGAIN, _errno.EHOSTUNREACH
 
 
 _MAX_RULES = 64
@@ -91,20 +98,15 @@ class ClientState:
 class Broker:
     def __init__(
         self,
-        socket: Any,
         *,
         clock: Callable[[], float],
         max_body: int = DEFAULT_MAX_BODY,
         max_queue_length: Optional[int] = None,
         max_memory: Optional[int] = None,
         missed_heartbeats: int = 3,
-        autoflush: bool = True,
     ) -> None:
-        self.socket = socket
-        #: Deliveries wait here until ``send_deliveries`` (after each message
-        #: with ``autoflush``, else when the server has read a batch).
-        self.outbox = Outbox(socket)
-        self.autoflush = autoflush
+        #: Replies and deliveries wait here until ``data_to_send``.
+        self.outbox = Outbox()
         self.clock = clock
         self.max_body = max_body
         self.max_queue_length = max_queue_length
@@ -137,16 +139,43 @@ class Broker:
 
     # -- helpers ------------------------------------------------------------
     def _reply(self, ident: bytes, reply: Any) -> None:
-        self._send_raw(ident, p.encode(reply))
+        self.outbox.reply(ident, p.encode(reply))
 
-    def _send_raw(self, ident: bytes, header: bytes) -> None:
-        if self.outbox:  # what was decided for this peer goes first
-            self._count_flush(*self.outbox.flush_peer(ident, self.clock()))
-        try:
-            self.socket.send(ident, _MORE_NOBLOCK)
-            self.socket.send(header, _NOBLOCK)
-        except zmq.ZMQError as exc:  # peer gone or its pipe full: a reply cannot wait
-            logger.debug("message to %r dropped: %s", ident, exc)
+    # -- the shell's side: what to send, and what failed ---------------------
+    def data_to_send(self) -> list[list[Outgoing]]:
+        """Everything decided since the last call, as ZeroMQ messages: one
+        list per peer, each in order (send ``[out.ident, *out.frames]``).
+        Does no I/O (h2's name). Delivered messages count as delivered from
+        here; what the caller cannot send goes back through ``send_failed``."""
+        if not self.outbox:
+            return []
+        peers = self.outbox.take(self.clock())
+        delivered = 0
+        for messages in peers:
+            for out in messages:
+                if out.runs:
+                    delivered += len(out.frames) - 1
+        self.counters["delivered"] += delivered
+        return peers
+
+    def send_failed(self, unsent: Iterable[Outgoing], errno: int) -> None:
+        """The shell could not send ``unsent`` (h11's name): the message that
+        failed with ``errno`` and those after it to the same peer, which the
+        shell must not send out of order. ``BUSY`` (EAGAIN): the peer's pipe
+        is full; its runs go back to the head of their queues with their
+        credit, and the queues are retried (``retry_stalled``). ``GONE``
+        (EHOSTUNREACH): the peer left; its runs go back and its endpoints
+        are dropped. A reply is dropped: the client's request times out."""
+        gone = errno == GONE
+        for out in reversed(list(unsent)):  # the last first: each run goes back to the head
+            if not out.runs:
+                logger.debug("message to %r dropped: errno %d", out.ident, errno)
+                continue
+            self.counters["delivered"] -= len(out.frames) - 1
+            for queue, endpoint, messages in reversed(out.runs):
+                queue.requeue(endpoint, messages, gone=gone)
+                if self.queues.get(queue.name) is queue:
+                    self.stalled.add(queue)
 
     def _warn_bad_input(self, ident: bytes, exc: BrokerError, now: float) -> None:
         """One log line per second at most: bad input must not cost more
@@ -184,27 +213,12 @@ class Broker:
         queue = self.queues.get(name)
         if queue is None:
             p.check_channel_name(name)
-            queue = ChannelQueue(name.encode(), self.max_queue_length)
-            queue.clock = self.clock  # type: ignore[method-assign]
-            queue.meter = self.memory
+            queue = ChannelQueue(name.encode(), self.max_queue_length, clock=self.clock, meter=self.memory)
             self.queues[name] = queue
         return queue
 
-    def send_deliveries(self) -> None:
-        """Send what the outbox holds (one message per peer per batch)."""
-        if self.outbox:
-            self._count_flush(*self.outbox.flush(self.clock()))
-
-    def _count_flush(self, sent: int, retry: set[ChannelQueue]) -> None:
-        self.counters["delivered"] += sent
-        for queue in retry:
-            if self.queues.get(queue.name) is queue:
-                self.stalled.add(queue)
-
     def _deliver(self, queue: ChannelQueue) -> None:
-        queue.deliver()
-        if queue.stalled:
-            self.stalled.add(queue)
+        queue.deliver(sink=self.outbox)
 
     @staticmethod
     def _room(queue: ChannelQueue, capacity: int, wanted: int = 1) -> int:
@@ -219,7 +233,7 @@ class Broker:
                 room = min(room, queue.max_length - len(queue.queue))
             if room >= wanted or attempt or not queue.queue:
                 return max(room, 0)
-            queue._flush_messages()
+            queue.expire()
         return 0  # pragma: no cover - the loop always returns
 
     def _push(self, queue: ChannelQueue, body: Any, ttl: float, limit: int, deliver: bool = True) -> int:
@@ -261,7 +275,8 @@ class Broker:
 
     # -- the one entry point ---------------------------------------------------
     def handle(self, frames: list, now: float) -> None:
-        """Act on one message from the ROUTER socket: ``[ident, header, body...]``."""
+        """Act on one message from the ROUTER socket: ``[ident, header, body...]``.
+        What it decides to send waits for ``data_to_send``."""
         self.counters["received"] += 1
         if len(frames) < 2:
             if frames:
@@ -273,7 +288,7 @@ class Broker:
             return
         # Small bodies are kept as bytes: a zmq.Frame costs ~200 bytes more and
         # pins libzmq's receive buffer. Large ones stay frames (never copied).
-        bodies = [f.bytes if type(f) is zmq.Frame and len(f) < _KEEP_AS_FRAME else f for f in frames[2:]]
+        bodies = [f if type(f) is bytes or len(f) >= _KEEP_AS_FRAME else bytes(f) for f in frames[2:]]
         try:
             cmd = p.decode_command(frames[1])
         except ProtocolError as exc:
@@ -294,152 +309,186 @@ class Broker:
         except Exception as exc:  # a bug must not take the broker down
             logger.exception("error handling %r from %r", type(cmd).__name__, ident)
             self._error(ident, req, BrokerError(f"internal error: {exc}"))
-        if self.autoflush:
-            self.send_deliveries()
 
     def _dispatch(self, client: ClientState, cmd: Any, bodies: list, now: float) -> None:
-        ident = client.ident
         if bodies and not isinstance(cmd, (p.Send, p.GroupSend, p.Return)):
             raise ProtocolError(f"{type(cmd).__name__} takes no body frames")
         match cmd:
-            case p.Send(req, channel, ttl, capacity, checked):
-                self._check_bodies(bodies)
-                _check_ttl(ttl)
-                queue = self._queue(channel)
-                if checked:  # all or nothing, within capacity, the hard cap and memory
-                    if self._room(queue, capacity, len(bodies)) < len(bodies):
-                        self.counters["refused_full"] += len(bodies)
-                        limit = capacity if queue.max_length is None else min(capacity, queue.max_length)
-                        raise QueueFull(channel, limit)
-                    messages = [DataMessage(body) for body in bodies]
-                    if not self._fits(sum(m.size for m in messages)):
-                        self._forget_if_empty(queue)
-                        raise self._memory_full(channel, len(bodies))
-                    for message in messages:
-                        queue.push(message, ttl)
-                    self._deliver(queue)
-                    self._reply(ident, p.Reply(req, 0, "", queue.depth))
-                else:
-                    limit = capacity * PIPELINE_SLACK
-                    refused = no_memory = 0
-                    for body in bodies:
-                        outcome = self._push(queue, body, ttl, limit, deliver=False)
-                        refused += outcome == _FULL
-                        no_memory += outcome == _NO_MEMORY
-                    self._deliver(queue)
-                    if no_memory:
-                        raise self._memory_full(channel, no_memory)
-                    if refused:
-                        raise QueueFull(channel, capacity)
-            case p.Subscribe(req, channel, credit):
-                if not 0 < credit <= MAX_CREDIT:
-                    raise ProtocolError(f"credit must be in [1, {MAX_CREDIT}], not {credit}")
-                endpoint = client.endpoints.get(channel)
-                queue = self._queue(channel)
-                if endpoint is None:
-                    endpoint = Endpoint(
-                        self.outbox, [ident], channel.encode(), queue.is_process_channel, time_to_live=None
-                    )
-                try:
-                    endpoint = queue.grant(endpoint, credit)
-                except SubscriptionError as exc:
-                    raise SubscriptionError(str(exc), channel) from None
-                client.endpoints[channel] = endpoint
-                self._deliver(queue)
-            case p.Unsubscribe(req, channel):
-                left = 0
-                endpoint = client.endpoints.get(channel)
-                subscribed = self.queues.get(channel)
-                if endpoint is not None and subscribed is not None and endpoint.id in subscribed.subscribers:
-                    left = endpoint.credit or 0
-                    subscribed.discard(endpoint)
-                    endpoint.credit = 0
-                self._forget_endpoint_if_done(client, channel)
-                self._reply(ident, p.Reply(req, 0, "", left))
-            case p.Consumed(epoch, channels, counts):
-                if len(channels) != len(counts) or any(type(c) is not int or c < 0 for c in counts):
-                    raise ProtocolError("Consumed needs one count (>= 0) per channel")
-                if epoch == self.epoch:  # else: about messages a flush dropped
-                    for channel, count in zip(channels, counts, strict=True):
-                        self._release(client, channel, count)
-            case p.Return(channel, ttls, epoch):
-                self._check_bodies(bodies, len(ttls))
-                if epoch != self.epoch:  # delivered before a flush: flushed
-                    return
-                self._release(client, channel, len(bodies))
-                queue = self._queue(channel)
-                # The hard cap (--max-queue-length) holds for returned messages
-                # too: what does not fit is refused, counted and logged.
-                room = None if queue.max_length is None else max(queue.max_length - len(queue.queue), 0)
-                if room is not None and room < len(bodies):
-                    self.counters["refused_full"] += len(bodies) - room
-                    logger.warning("%d returned message(s) refused: %r is at its hard cap", len(bodies) - room, channel)
-                    bodies, ttls = bodies[:room], ttls[:room]  # the oldest stay first
-                # So does the memory limit: the oldest that fit are kept.
-                returned = [
-                    DataMessage(body, now + ttl)
-                    for body, ttl in zip(bodies, ttls, strict=True)
-                    if 0 < ttl <= MAX_TTL  # expired (or nonsense) ttls are dropped
-                ]
-                fit, size = 0, 0
-                while fit < len(returned) and self._fits(size + returned[fit].size):
-                    size += returned[fit].size
-                    fit += 1
-                if fit < len(returned):
-                    self._memory_full(channel, len(returned) - fit)
-                for message in reversed(returned[:fit]):  # newest first to the front
-                    queue.push_front(message)
-                self._deliver(queue)
-            case p.GroupSend(req, group, ttl, capacity, capacities):
-                self._check_bodies(bodies, 1)
-                _check_ttl(ttl)
-                p.check_group_name(group)
-                rules = _compile_rules(capacities)
-                body = bodies[0]
-                sent = skipped = no_memory = 0
-                for channel in self.groups.members(group, now):
-                    limit = next((cap for pattern, cap in rules if pattern.match(channel)), capacity)
-                    outcome = self._push(self._queue(channel), body, ttl, limit)
-                    sent += outcome == _QUEUED
-                    skipped += outcome != _QUEUED
-                    no_memory += outcome == _NO_MEMORY
-                if no_memory:
-                    self._memory_full(group, no_memory)  # counted and logged; the members are skipped
-                if skipped:
-                    logger.info("group_send to %r: %d of %d channels over capacity", group, skipped, sent + skipped)
-                self._reply(ident, p.Reply(req, 0, "", [sent, skipped]))
-            case p.GroupAdd(req, group, channel, ttl):
-                _check_ttl(ttl)
-                p.check_group_name(group)
-                p.check_channel_name(channel)
-                self.groups.add(group, channel, ttl, now)
-                self._reply(ident, p.Reply(req))
-            case p.GroupDiscard(req, group, channel):
-                p.check_group_name(group)
-                p.check_channel_name(channel)
-                self.groups.discard(group, channel)
-                self._reply(ident, p.Reply(req))
-            case p.Hello(req, client_id, heartbeat):
-                self._drop_endpoints(client)  # a (re)connecting client replays its state
-                client.client_id = client_id
-                client.heartbeat = max(0.05, heartbeat)
-                self._reply(ident, p.Reply(req, 0, "", [self.instance, self.max_body, self.epoch]))
+            case p.Send():
+                self._on_send(client, cmd, bodies)
+            case p.Subscribe():
+                self._on_subscribe(client, cmd)
+            case p.Unsubscribe():
+                self._on_unsubscribe(client, cmd)
+            case p.Consumed():
+                self._on_consumed(client, cmd)
+            case p.Return():
+                self._on_return(client, cmd, bodies, now)
+            case p.GroupSend():
+                self._on_group_send(client, cmd, bodies, now)
+            case p.GroupAdd():
+                self._on_group_add(client, cmd, now)
+            case p.GroupDiscard():
+                self._on_group_discard(client, cmd)
+            case p.Hello():
+                self._on_hello(client, cmd)
             case p.Heartbeat(req):
-                self._reply(ident, p.Reply(req, 0, "", self.instance))
-            case p.Flush(req):
-                self.flush()
-                # Every client drops what it was delivered and has not read;
-                # the flusher sees the notice before its reply (one pipe).
-                notice = p.encode(p.Flushed(self.epoch))
-                for other in self.clients:
-                    self._send_raw(other, notice)
-                self._reply(ident, p.Reply(req))
+                self._reply(client.ident, p.Reply(req, 0, "", self.instance))
+            case p.Flush():
+                self._on_flush(client, cmd)
             case p.Stats(req):
-                self._reply(ident, p.Reply(req, 0, "", self.stats()))
+                self._reply(client.ident, p.Reply(req, 0, "", self.stats()))
             case p.Bye():
-                self.drop_client(ident)
+                self.drop_client(client.ident)
             case _:  # the decoder only yields known commands; kept for safety
                 raise ProtocolError(f"unknown command {type(cmd).__name__}")
+
+    # -- one method per command ----------------------------------------------
+    def _on_send(self, client: ClientState, cmd: p.Send, bodies: list) -> None:
+        self._check_bodies(bodies)
+        _check_ttl(cmd.ttl)
+        channel, capacity = cmd.channel, cmd.capacity
+        queue = self._queue(channel)
+        if not cmd.checked:  # pipelined: silent unless refused
+            limit = capacity * PIPELINE_SLACK
+            refused = no_memory = 0
+            for body in bodies:
+                outcome = self._push(queue, body, cmd.ttl, limit, deliver=False)
+                refused += outcome == _FULL
+                no_memory += outcome == _NO_MEMORY
+            self._deliver(queue)
+            if no_memory:
+                raise self._memory_full(channel, no_memory)
+            if refused:
+                raise QueueFull(channel, capacity)
+            return
+        # Checked: all or nothing, within capacity, the hard cap and memory.
+        if self._room(queue, capacity, len(bodies)) < len(bodies):
+            self.counters["refused_full"] += len(bodies)
+            limit = capacity if queue.max_length is None else min(capacity, queue.max_length)
+            raise QueueFull(channel, limit)
+        messages = [DataMessage(body) for body in bodies]
+        if not self._fits(sum(m.size for m in messages)):
+            self._forget_if_empty(queue)
+            raise self._memory_full(channel, len(bodies))
+        for message in messages:
+            queue.push(message, cmd.ttl)
+        self._deliver(queue)
+        self._reply(client.ident, p.Reply(cmd.req, 0, "", queue.depth))
+
+    def _on_subscribe(self, client: ClientState, cmd: p.Subscribe) -> None:
+        channel, credit = cmd.channel, cmd.credit
+        if not 0 < credit <= MAX_CREDIT:
+            raise ProtocolError(f"credit must be in [1, {MAX_CREDIT}], not {credit}")
+        endpoint = client.endpoints.get(channel)
+        queue = self._queue(channel)
+        if endpoint is None:
+            # No socket: the broker's endpoints are delivered through the outbox.
+            endpoint = Endpoint(None, [client.ident], channel.encode(), queue.is_process_channel, time_to_live=None)
+        try:
+            endpoint = queue.grant(endpoint, credit)
+        except SubscriptionError as exc:
+            raise SubscriptionError(str(exc), channel) from None
+        client.endpoints[channel] = endpoint
+        self._deliver(queue)
+
+    def _on_unsubscribe(self, client: ClientState, cmd: p.Unsubscribe) -> None:
+        channel = cmd.channel
+        left = 0
+        endpoint = client.endpoints.get(channel)
+        subscribed = self.queues.get(channel)
+        if endpoint is not None and subscribed is not None and endpoint.id in subscribed.subscribers:
+            left = endpoint.credit or 0
+            subscribed.discard(endpoint)
+            endpoint.credit = 0
+        self._forget_endpoint_if_done(client, channel)
+        self._reply(client.ident, p.Reply(cmd.req, 0, "", left))
+
+    def _on_consumed(self, client: ClientState, cmd: p.Consumed) -> None:
+        channels, counts = cmd.channels, cmd.counts
+        if len(channels) != len(counts) or any(type(c) is not int or c < 0 for c in counts):
+            raise ProtocolError("Consumed needs one count (>= 0) per channel")
+        if cmd.epoch == self.epoch:  # else: about messages a flush dropped
+            for channel, count in zip(channels, counts, strict=True):
+                self._release(client, channel, count)
+
+    def _on_return(self, client: ClientState, cmd: p.Return, bodies: list, now: float) -> None:
+        channel, ttls = cmd.channel, cmd.ttls
+        self._check_bodies(bodies, len(ttls))
+        if cmd.epoch != self.epoch:  # delivered before a flush: flushed
+            return
+        self._release(client, channel, len(bodies))
+        queue = self._queue(channel)
+        # The hard cap (--max-queue-length) holds for returned messages
+        # too: what does not fit is refused, counted and logged.
+        room = None if queue.max_length is None else max(queue.max_length - len(queue.queue), 0)
+        if room is not None and room < len(bodies):
+            self.counters["refused_full"] += len(bodies) - room
+            logger.warning("%d returned message(s) refused: %r is at its hard cap", len(bodies) - room, channel)
+            bodies, ttls = bodies[:room], ttls[:room]  # the oldest stay first
+        # So does the memory limit: the oldest that fit are kept.
+        returned = [
+            DataMessage(body, now + ttl)
+            for body, ttl in zip(bodies, ttls, strict=True)
+            if 0 < ttl <= MAX_TTL  # expired (or nonsense) ttls are dropped
+        ]
+        fit, size = 0, 0
+        while fit < len(returned) and self._fits(size + returned[fit].size):
+            size += returned[fit].size
+            fit += 1
+        if fit < len(returned):
+            self._memory_full(channel, len(returned) - fit)
+        for message in reversed(returned[:fit]):  # newest first to the front
+            queue.push_front(message)
+        self._deliver(queue)
+
+    def _on_group_send(self, client: ClientState, cmd: p.GroupSend, bodies: list, now: float) -> None:
+        self._check_bodies(bodies, 1)
+        _check_ttl(cmd.ttl)
+        group = p.check_group_name(cmd.group)
+        rules = _compile_rules(cmd.capacities)
+        body, ttl, capacity = bodies[0], cmd.ttl, cmd.capacity
+        sent = skipped = no_memory = 0
+        for channel in self.groups.members(group, now):
+            limit = next((cap for pattern, cap in rules if pattern.match(channel)), capacity)
+            outcome = self._push(self._queue(channel), body, ttl, limit)
+            sent += outcome == _QUEUED
+            skipped += outcome != _QUEUED
+            no_memory += outcome == _NO_MEMORY
+        if no_memory:
+            self._memory_full(group, no_memory)  # counted and logged; the members are skipped
+        if skipped:
+            logger.info("group_send to %r: %d of %d channels over capacity", group, skipped, sent + skipped)
+        self._reply(client.ident, p.Reply(cmd.req, 0, "", [sent, skipped]))
+
+    def _on_group_add(self, client: ClientState, cmd: p.GroupAdd, now: float) -> None:
+        _check_ttl(cmd.ttl)
+        p.check_group_name(cmd.group)
+        p.check_channel_name(cmd.channel)
+        self.groups.add(cmd.group, cmd.channel, cmd.ttl, now)
+        self._reply(client.ident, p.Reply(cmd.req))
+
+    def _on_group_discard(self, client: ClientState, cmd: p.GroupDiscard) -> None:
+        p.check_group_name(cmd.group)
+        p.check_channel_name(cmd.channel)
+        self.groups.discard(cmd.group, cmd.channel)
+        self._reply(client.ident, p.Reply(cmd.req))
+
+    def _on_hello(self, client: ClientState, cmd: p.Hello) -> None:
+        self._drop_endpoints(client)  # a (re)connecting client replays its state
+        client.client_id = cmd.client_id
+        client.heartbeat = max(0.05, cmd.heartbeat)
+        self._reply(client.ident, p.Reply(cmd.req, 0, "", [self.instance, self.max_body, self.epoch]))
+
+    def _on_flush(self, client: ClientState, cmd: p.Flush) -> None:
+        self.flush()
+        # Every client drops what it was delivered and has not read; the
+        # notice follows what each was sent before it, and the flusher sees
+        # it before its reply (one ordered buffer per peer).
+        notice = p.encode(p.Flushed(self.epoch))
+        for other in self.clients:
+            self.outbox.reply(other, notice)
+        self._reply(client.ident, p.Reply(cmd.req))
 
     # -- state changes ----------------------------------------------------
     def _forget_if_empty(self, queue: ChannelQueue) -> None:
@@ -508,18 +557,18 @@ class Broker:
         self.groups.clear()
 
     def retry_stalled(self) -> None:
+        """Deliver again from the queues whose peer was busy or gone (the
+        output waits for ``data_to_send``)."""
         stalled, self.stalled = self.stalled, set()
         for queue in stalled:
             if self.queues.get(queue.name) is queue:
                 self._deliver(queue)
-        self.send_deliveries()
 
     def _expire_messages(self) -> None:
+        now = self.clock()
         for queue in self.queues.values():
             if queue.queue:
-                before = queue.expired
-                queue._flush_messages()
-                self.counters["expired"] += queue.expired - before
+                self.counters["expired"] += queue.expire(now)
 
     def sweep(self, now: float) -> None:
         """Expire messages, endpoints, memberships and silent clients."""
@@ -530,7 +579,7 @@ class Broker:
         self._expire_messages()
         for queue in list(self.queues.values()):
             if queue.subscribers:
-                queue._flush_subscribers()
+                queue.expire_endpoints(now)
             self._forget_if_empty(queue)
         self.groups.sweep(now)
 

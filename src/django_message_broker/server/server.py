@@ -1,10 +1,15 @@
 """The broker process: a zmq.asyncio ROUTER socket around ``Broker``.
 
-How it works. One reader task waits until the socket is readable, then
-reads every message that is ready (non-blocking, up to a batch) and hands
-each to ``Broker.handle``; replies and deliveries are written without
-awaiting. One sweeper task ticks ten times a second: it retries deliveries
-to peers that were busy and, once a second, expires messages, endpoints,
+How it works. ``Broker`` is the sans-IO core; this is its shell, and the
+only module of the broker that imports zmq or asyncio. One reader task
+waits until the socket is readable, then reads every message that is ready
+(non-blocking, up to a batch) and hands each to ``Broker.handle``; then it
+sends what the core decided (``Broker.data_to_send``: one multi-channel
+``Deliver`` per peer for the whole batch) without awaiting, and reports a
+send that fails (``Broker.send_failed``: EAGAIN, the peer's pipe is full;
+EHOSTUNREACH, the peer is gone). ``_send_all`` is the only frame-send loop.
+One sweeper task ticks ten times a second: it retries deliveries to peers
+that were busy and, once a second, expires messages, endpoints,
 memberships and silent clients. There is no task or timer per queue.
 
 Security (docs/security.md). With ``secret_key`` the socket is a CURVE
@@ -33,7 +38,7 @@ import zmq.asyncio
 
 from ..keys import server_curve
 from ..options import DEFAULT_ADDRESS, is_local_address  # DEFAULT_ADDRESS re-exported: its home was here
-from .broker import DEFAULT_MAX_BODY, Broker
+from .broker import BUSY, DEFAULT_MAX_BODY, GONE, Broker
 
 __all__ = ["DEFAULT_ADDRESS", "BrokerServer", "check_bind", "serve"]
 
@@ -42,6 +47,34 @@ logger = logging.getLogger("django_message_broker.server")
 _BATCH = 512
 _PEER_HWM = 50_000
 _TICK = 0.1
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
+_FAILED: dict[Any, int] = {zmq.EAGAIN: BUSY, zmq.EHOSTUNREACH: GONE}
+
+
+def _send_all(sock: zmq.Socket, broker: Broker) -> None:
+    """Send what ``broker`` decided, peer by peer, in order, never blocking.
+    With ROUTER_MANDATORY only a message's first frame can fail; when one
+    fails, it and the rest for that peer go back to the core (sending the
+    rest could overtake it)."""
+    send = sock.send
+    for messages in broker.data_to_send():
+        for i, out in enumerate(messages):
+            frames = out.frames
+            try:
+                send(out.ident, _MORE_NOBLOCK)
+                if len(frames) == 1:
+                    send(frames[0], _NOBLOCK)
+                else:
+                    last = len(frames) - 1
+                    for j, frame in enumerate(frames):
+                        send(frame, _NOBLOCK if j == last else _MORE_NOBLOCK)
+            except zmq.ZMQError as exc:
+                errno = _FAILED.get(exc.errno)
+                if errno is None:
+                    raise
+                broker.send_failed(messages[i:], errno)
+                break
 
 
 def normalize_bind(address: str) -> str:
@@ -108,6 +141,7 @@ class BrokerServer:
         self._context = context
         self._own_context = context is None
         self._socket: Optional[zmq.asyncio.Socket] = None
+        self._sync_socket: Optional[zmq.Socket] = None
         self._tasks: list[asyncio.Task] = []
         self._closed: Optional[asyncio.Event] = None
         self.broker: Optional[Broker] = None
@@ -172,13 +206,12 @@ class BrokerServer:
         self._socket = sock
         sync_socket: zmq.Socket = zmq.Socket.shadow(sock.underlying)  # plain calls on the hot path
         self.broker = Broker(
-            sync_socket,
             clock=time.monotonic,
             max_body=self.max_body,
             max_queue_length=self.max_queue_length,
             max_memory=self.max_memory,
-            autoflush=False,  # deliveries go out once per batch read (see _read_loop)
         )
+        self._sync_socket = sync_socket
         self._closed = asyncio.Event()
         self._tasks = [
             asyncio.create_task(self._read_loop(sync_socket), name="dmb-reader"),
@@ -251,7 +284,7 @@ class BrokerServer:
                     handle(frames, now)
                 except Exception:  # Broker.handle answers errors itself; this is a bug's last guard
                     logger.exception("unexpected error handling a message: dropped it")
-            broker.send_deliveries()  # one Deliver per peer for the whole batch
+            _send_all(sock, broker)  # one Deliver per peer for the whole batch
             if burst:
                 await asyncio.sleep(0)  # a long burst: let the sweeper run
 
@@ -267,6 +300,9 @@ class BrokerServer:
             if now - last_sweep >= 1.0:
                 last_sweep = now
                 broker.sweep(now)
+            if broker.outbox:
+                assert self._sync_socket is not None
+                _send_all(self._sync_socket, broker)
             if self.idle_timeout is not None:
                 if not broker.is_idle():
                     idle_since = now

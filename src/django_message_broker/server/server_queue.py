@@ -5,15 +5,22 @@ and its endpoints (a ``RoundRobinDict``, in subscription order). Each
 endpoint holds *credit*: how many more messages it may be sent. ``None`` is
 unlimited (what ``subscribe`` grants, as in the documented API); the broker
 uses ``grant`` so that an endpoint receives only what its process asked
-for. ``deliver`` pops messages and sends each to the next endpoint with
-credit, on its ROUTER socket, without blocking. A send that fails puts the
-message back at the *head* of the queue, so FIFO holds across retries.
+for. ``deliver`` pops messages and hands each run for one endpoint to a
+*sink*: the broker passes its ``Outbox`` (``deliver(sink=outbox)``), which
+only collects; without a sink the run is sent on ``endpoint.socket`` (a
+ROUTER) without blocking, as the documented API does. A run that cannot go
+comes back through ``requeue``, the one place that puts it back at the
+*head* of the queue (FIFO holds across retries), takes it off ``held``, and
+drops the endpoint (peer gone) or restores its credit (peer busy).
 
-Time comes from ``ChannelQueue.clock`` (monotonic seconds; set it on an
-instance to inject a fake clock). Nothing here starts a task or a timer:
-the broker drives ``deliver`` and one broker-wide sweeper calls
-``_flush_messages`` / ``_flush_subscribers``. ``event_loop`` is there for
-code that wants a queue to run on its own; awaiting it is opt-in.
+Time comes from the queue's clock (monotonic seconds; ``clock=`` injects a
+fake one). Nothing here starts a task or a timer: the broker drives
+``deliver`` and one broker-wide sweeper calls ``expire(now)`` and
+``expire_endpoints(now)`` (the documented ``_flush_messages`` and
+``_flush_subscribers`` call them). ``event_loop`` is there for code that
+wants a queue to run on its own; awaiting it is opt-in. This module
+imports neither asyncio nor zmq when loaded: ``event_loop``,
+``pull_and_send`` and the standalone send import them when called.
 
 Process channels (name contains ``!``) have exactly one endpoint.
 
@@ -21,32 +28,41 @@ Memory. Every message that enters ``queue`` adds its ``size`` to the
 queue's ``meter`` and every one that leaves (delivered, expired, cleared)
 takes it off; the broker gives all its queues one shared ``MemoryMeter``
 and so knows the bytes it holds queued. Change ``queue`` only through the
-methods here (``push``, ``push_front``, ``put_back``, ``deliver``,
-``_flush_messages``, ``clear``) so the count stays exact.
+methods here (``push``, ``push_front``, ``put_back``, ``requeue``,
+``deliver``, ``expire``, ``clear``) so the count stays exact.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections import UserDict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Callable, Deque, FrozenSet, List, Optional, Union
-
-import zmq
+from typing import TYPE_CHECKING, Any, Callable, Deque, FrozenSet, List, Optional, Protocol, Union
 
 from ..exceptions import QueueFull, SubscriptionError
 from ..protocol import MAX_BATCH, MAX_CREDIT, Deliver, encode
 from .data_message import DataMessage
 
-__all__ = ["ChannelQueue", "DataMessage", "Endpoint", "MemoryMeter", "RoundRobinDict", "SubscriptionError"]
+if TYPE_CHECKING:
+    import asyncio
 
-# Outcomes of one send attempt.
-_SENT, _BUSY, _GONE = 0, 1, 2
-_NOBLOCK = int(zmq.NOBLOCK)
-_MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
+    import zmq
+
+__all__ = ["ChannelQueue", "DataMessage", "Endpoint", "MemoryMeter", "RoundRobinDict", "Sink", "SubscriptionError"]
+
+# zmq.NOBLOCK and zmq.NOBLOCK | zmq.SNDMORE (libzmq's ABI: fixed values).
+_NOBLOCK, _MORE_NOBLOCK = 1, 3
+
+
+class Sink(Protocol):
+    """Where ``ChannelQueue.deliver`` hands its runs (the broker's ``Outbox``).
+    Taking a run is final for the queue: the messages are out of it and
+    ``held`` by the endpoint; a run that then fails to go comes back through
+    ``ChannelQueue.requeue``."""
+
+    def defer(self, queue: ChannelQueue, endpoint: Endpoint, messages: list[DataMessage]) -> None: ...
 
 
 class MemoryMeter:
@@ -190,19 +206,26 @@ class ChannelQueue:
         SubscriptionError: Attempt to add multiple endpoints or change the endpoint of a Process Channel
     """
 
-    #: Monotonic clock, in seconds. Assign on an instance to inject a fake one.
-    clock: Callable[[], float] = staticmethod(time.monotonic)
     #: Seconds ``pull_and_send`` waits after a send that found the peer busy.
     penalty: float = 0.1
 
-    def __init__(self, channel_name: bytes = b"", max_length: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        channel_name: bytes = b"",
+        max_length: Optional[int] = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        meter: Optional[MemoryMeter] = None,
+    ) -> None:
         self.channel_name = channel_name
         self.name = channel_name.decode("utf-8", "replace")
         self.is_process_channel = b"!" in channel_name
         self.max_length = max_length
+        #: Monotonic clock, in seconds.
+        self.clock = clock
         self.queue: Deque[DataMessage] = deque()
-        #: Counts the bytes of ``queue`` (shared broker-wide by the broker).
-        self.meter = MemoryMeter()
+        #: Counts the bytes of ``queue`` (the broker shares one broker-wide).
+        self.meter = MemoryMeter() if meter is None else meter
         self.subscribers = RoundRobinDict()
         #: Messages that left the queue for an endpoint and are not yet
         #: consumed there: still "in the channel" for its capacity (the
@@ -260,6 +283,8 @@ class ChannelQueue:
         """Queue event loop. Waits for subscribers, and if there are messages
         in the queue pulls them from the queue and sends them to the
         subscribers. Runs until ``stop()``."""
+        import asyncio
+
         if self.stopped:
             return
         self._task = asyncio.current_task()
@@ -353,7 +378,7 @@ class ChannelQueue:
             QueueFull: The queue holds ``max_length`` messages.
         """
         if self.max_length is not None and len(self.queue) >= self.max_length:
-            self._flush_messages()
+            self.expire()
             if len(self.queue) >= self.max_length:
                 raise QueueFull(self.name, self.max_length)
         message.deadline = self.clock() + time_to_live if time_to_live else math.inf
@@ -383,22 +408,33 @@ class ChannelQueue:
         self._set_messages_available()
         return count
 
-    def _send(self, endpoint: Endpoint, messages: list[DataMessage], now: float) -> int:
-        """Send ``messages`` to ``endpoint`` as one Deliver (one header, a
-        body frame each). Never blocks. If the endpoint's socket collects
-        deliveries (the broker's ``Outbox``), hand them over instead."""
-        defer = getattr(endpoint.socket, "defer", None)
-        if defer is not None:
-            defer(self, endpoint, messages)
-            return _SENT
+    def requeue(self, endpoint: Endpoint, messages: list[DataMessage], *, gone: bool) -> None:
+        """A run taken for ``endpoint`` did not go: back to the head of the
+        queue, in order, and no longer held. If the peer is ``gone`` its
+        endpoint is dropped; else (busy) its credit comes back and the queue
+        is ``stalled``, for the owner to retry. The one place of this rule."""
+        self.put_back(messages)
+        self.release(endpoint, len(messages))
+        if gone:
+            self.subscribers.pop(endpoint.id, None)
+        else:
+            if endpoint.credit is not None:
+                endpoint.credit += len(messages)
+            self.stalled = True
+        self._set_subscribers_available()
+
+    def _send(self, endpoint: Endpoint, messages: list[DataMessage], now: float) -> Optional[bool]:
+        """Send ``messages`` to ``endpoint`` on its socket as one Deliver (one
+        header, a body frame each), never blocking: the standalone path.
+        Returns None if it went, else whether the peer is gone (else busy)."""
+        import zmq
+
         header = encode(Deliver(self.name, [m.deadline - now for m in messages]))
         send = endpoint.socket.send
         try:
             # Frame by frame with plain int flags: pyzmq's send_multipart and
-            # its IntFlag arithmetic cost more than the send itself. Small
-            # frames are copied (cheaper than zero-copy bookkeeping); a
-            # received zmq.Frame body is shared by reference either way.
-            # With ROUTER_MANDATORY only the first frame can fail.
+            # its IntFlag arithmetic cost more than the send itself. With
+            # ROUTER_MANDATORY only the first frame can fail.
             for frame in endpoint.dealer:
                 send(frame, _MORE_NOBLOCK)
             send(header, _MORE_NOBLOCK)
@@ -406,25 +442,29 @@ class ChannelQueue:
             for i, message in enumerate(messages):
                 send(message.body, _NOBLOCK if i == last else _MORE_NOBLOCK)
         except zmq.Again:
-            return _BUSY
+            return False
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
-                return _GONE
+                return True
             raise
-        return _SENT
+        return None
 
-    def deliver(self, limit: Optional[int] = None) -> int:
-        """Send queued messages to endpoints with credit, round robin, until
+    def deliver(self, limit: Optional[int] = None, *, sink: Optional[Sink] = None) -> int:
+        """Hand queued messages to endpoints with credit, round robin, until
         the queue is empty, no endpoint has credit, a peer is busy, or
-        ``limit`` messages went. Never blocks. Returns how many were sent.
+        ``limit`` messages went. Never blocks. Returns how many went.
 
         Messages leave strictly in queue order. A run of consecutive
         messages for the same endpoint (one endpoint with credit, the usual
-        case) travels as one Deliver of at most ``MAX_BATCH``. A run that
-        fails goes back to the head of the queue, in order, and nothing
-        after it is sent in this call: what went out is always a prefix of
-        the queue, so no endpoint ever sees a message after a later one.
-        An unreachable endpoint is dropped; a busy one sets ``stalled``."""
+        case) travels as one Deliver of at most ``MAX_BATCH``. With a
+        ``sink`` (the broker's ``Outbox``) each run is handed to
+        ``sink.defer`` and counts as gone; the sink's owner sends it later
+        and ``requeue``s what fails. Without one, each run is sent on the
+        endpoint's socket at once; a run that fails is ``requeue``d and
+        nothing after it is sent in this call: what went out is always a
+        prefix of the queue, so no endpoint ever sees a message after a
+        later one. An unreachable endpoint is dropped; a busy one sets
+        ``stalled``."""
         self.stalled = False
         if not self.queue or not self.subscribers:
             return 0
@@ -452,22 +492,21 @@ class ChannelQueue:
                     continue
             if run_to is None:
                 break
-            outcome = self._send(run_to, run, now)
-            if outcome == _SENT:
+            run_to.held += len(run)
+            self.held += len(run)
+            if sink is not None:
+                sink.defer(self, run_to, run)
                 sent += len(run)
-                run_to.held += len(run)
-                self.held += len(run)
             else:
-                self.put_back(run)  # back to the head, in order
-                if outcome == _GONE:
-                    self.subscribers.pop(run_to.id, None)
+                gone = self._send(run_to, run, now)
+                if gone is None:
+                    sent += len(run)
+                else:
+                    self.requeue(run_to, run, gone=gone)
+                    if not gone:
+                        break
                     if chosen is run_to:
                         chosen = None
-                else:
-                    if run_to.credit is not None:
-                        run_to.credit += len(run)
-                    self.stalled = True
-                    break
             run, run_to = [], None
         if chosen is not None:  # picked but not served: first in line next time
             self.subscribers._unget()
@@ -479,24 +518,42 @@ class ChannelQueue:
         """Pulls a message from the head of the queue and sends it to the next
         endpoint (round robin). If the endpoint is busy the message stays at
         the head and the queue waits ``penalty`` seconds before going on."""
+        import asyncio
+
         if not self.deliver(limit=1) and self.stalled:
             await asyncio.sleep(self.penalty)
         elif not self.stalled:
             await asyncio.sleep(0)
 
-    def _flush_messages(self) -> None:
-        """Flush expired messages from the queue."""
-        now = self.clock()
-        if any(m.deadline <= now for m in self.queue):
-            kept = deque(m for m in self.queue if m.deadline > now)
-            self.expired += len(self.queue) - len(kept)
-            self.meter.used -= sum(m.size for m in self.queue if m.deadline <= now)
-            self.queue = kept
+    def expire(self, now: Optional[float] = None) -> int:
+        """Drop the messages whose deadline has passed; returns how many."""
+        if now is None:
+            now = self.clock()
+        queue = self.queue
+        if not any(m.deadline <= now for m in queue):
+            return 0
+        kept = deque(m for m in queue if m.deadline > now)
+        dropped = len(queue) - len(kept)
+        self.expired += dropped
+        self.meter.used -= sum(m.size for m in queue if m.deadline <= now)
+        self.queue = kept
         self._set_messages_available()
+        return dropped
 
-    def _flush_subscribers(self) -> None:
-        """Flush expired subscribers from the queue."""
-        now = self.clock()
-        for key in [k for k, e in self.subscribers.items() if e.deadline <= now]:
+    def expire_endpoints(self, now: Optional[float] = None) -> int:
+        """Drop the endpoints whose deadline has passed; returns how many."""
+        if now is None:
+            now = self.clock()
+        gone = [k for k, e in self.subscribers.items() if e.deadline <= now]
+        for key in gone:
             del self.subscribers[key]
         self._set_subscribers_available()
+        return len(gone)
+
+    def _flush_messages(self) -> None:
+        """Flush expired messages from the queue (documented name of ``expire``)."""
+        self.expire()
+
+    def _flush_subscribers(self) -> None:
+        """Flush expired subscribers from the queue (documented name of ``expire_endpoints``)."""
+        self.expire_endpoints()
