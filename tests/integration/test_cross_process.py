@@ -162,6 +162,11 @@ def test_capacity_counts_what_another_process_prefetched(broker_process, tmp_pat
             receiver.stdin.write("receive\n")
             receiver.stdin.flush()
             assert receiver.stdout.readline().strip() == "0"
+            # The receiver's report (Consumed) comes from another process
+            # and may trail its output: wait until the broker has counted it.
+            deadline = time.monotonic() + 5
+            while (stats := sender.stats())["queued"] + stats["held"] > 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
             sender.send("xproc.capacity", b"4", capacity=3)  # one received: room for one
             with pytest.raises(QueueFull):
                 sender.send("xproc.capacity", b"5", capacity=3)

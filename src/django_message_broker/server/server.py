@@ -1,16 +1,25 @@
 """The broker process: a zmq.asyncio ROUTER socket around ``Broker``.
 
 How it works. ``Broker`` is the sans-IO core; this is its shell, and the
-only module of the broker that imports zmq or asyncio. One reader task
-waits until the socket is readable, then reads every message that is ready
-(non-blocking, up to a batch) and hands each to ``Broker.handle``; then it
-sends what the core decided (``Broker.data_to_send``: one multi-channel
-``Deliver`` per peer for the whole batch) without awaiting, and reports a
-send that fails (``Broker.send_failed``: EAGAIN, the peer's pipe is full;
-EHOSTUNREACH, the peer is gone). ``_send_all`` is the only frame-send loop.
-One sweeper task ticks ten times a second: it retries deliveries to peers
-that were busy and, once a second, expires messages, endpoints,
-memberships and silent clients. There is no task or timer per queue.
+only module of the broker that imports zmq or asyncio. The socket belongs
+to one thread (``_serve``), which blocks in ``zmq_poll``: when the socket
+is readable it reads every message that is ready (non-blocking, up to a
+batch) and hands each to ``Broker.handle``; then it sends what the core
+decided (``Broker.data_to_send``: one multi-channel ``Deliver`` per peer for
+the whole batch) and reports a send that fails (``Broker.send_failed``:
+EAGAIN, the peer's pipe is full; EHOSTUNREACH, the peer is gone).
+``_send_all`` is the only frame-send loop. Ten times a second the same
+thread retries deliveries to peers that were busy and, once a second,
+expires messages, endpoints, memberships and silent clients. There is no
+task or timer per queue.
+
+Why a thread: an asyncio wake (a future per poll, a task step) costs more
+than the work of a small message; the blocking poll measured about 25%
+lower request/reply latency end to end (CHANGELOG, ``benchmarks/``). The
+asyncio face stays: ``BrokerServer`` is an async context manager, its
+``wait_closed`` is awaited, and ``serve`` handles signals on the loop,
+where the ZAP authenticator (CURVE) runs too. ``stop`` wakes the thread
+through an inproc pair and joins it.
 
 Security (docs/security.md). With ``secret_key`` the socket is a CURVE
 server: every connection is encrypted. With ``authorized_keys`` (a
@@ -30,6 +39,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -141,8 +151,9 @@ class BrokerServer:
         self._context = context
         self._own_context = context is None
         self._socket: Optional[zmq.asyncio.Socket] = None
-        self._sync_socket: Optional[zmq.Socket] = None
-        self._tasks: list[asyncio.Task] = []
+        self._thread: Optional[threading.Thread] = None
+        self._wake: Optional[zmq.Socket] = None
+        self._stopping = False
         self._closed: Optional[asyncio.Event] = None
         self.broker: Optional[Broker] = None
         #: Why the server stopped by itself, if it failed (``serve`` re-raises it).
@@ -211,14 +222,8 @@ class BrokerServer:
             max_queue_length=self.max_queue_length,
             max_memory=self.max_memory,
         )
-        self._sync_socket = sync_socket
         self._closed = asyncio.Event()
-        self._tasks = [
-            asyncio.create_task(self._read_loop(sync_socket), name="dmb-reader"),
-            asyncio.create_task(self._sweep_loop(), name="dmb-sweeper"),
-        ]
-        for task in self._tasks:
-            task.add_done_callback(self._task_done)
+        self._start_thread(sync_socket)
         logger.info(
             "broker %s listening on %s (%s)",
             self.broker.instance,
@@ -256,59 +261,85 @@ class BrokerServer:
             logger.warning("no client key is authorized in %s: every client is refused", self.authorized_keys)
         return count
 
-    def _task_done(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.failure = task.exception()
-            logger.error("broker task %s failed", task.get_name(), exc_info=self.failure)
-        if self._closed is not None:
-            self._closed.set()
+    # -- the I/O thread ------------------------------------------------------
+    def _start_thread(self, sock: zmq.Socket) -> None:
+        """Serve on a thread of its own: a blocking poll, no event loop per
+        wake. The socket is the thread's from here until it ends; ``stop``
+        wakes it through an inproc pair."""
+        assert self._context is not None
+        ctx: zmq.Context = zmq.Context.shadow(self._context.underlying)
+        address = f"inproc://dmb-wake-{id(self):x}-{os.getpid()}"
+        wake_in = ctx.socket(zmq.PAIR)
+        wake_in.bind(address)
+        wake = ctx.socket(zmq.PAIR)
+        wake.connect(address)
+        self._wake = wake
+        self._stopping = False
+        loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(
+            target=self._run_thread, args=(sock, wake_in, loop), name="dmb-broker", daemon=True
+        )
+        self._thread.start()
 
-    async def _read_loop(self, sock: zmq.Socket) -> None:
-        assert self._socket is not None and self.broker is not None
-        handle = self.broker.handle
-        poll = self._socket.poll
-        recv = sock.recv_multipart
-        noblock = int(zmq.NOBLOCK)
-        broker = self.broker
-        while True:
-            await poll()
-            now = time.monotonic()
-            burst = True
-            for _ in range(_BATCH):
+    def _run_thread(self, sock: zmq.Socket, wake: zmq.Socket, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            self._serve(sock, wake)
+        except BaseException as exc:  # reported by wait_closed and serve
+            self.failure = exc
+            logger.error("broker thread failed", exc_info=exc)
+        finally:
+            wake.close(0)
+            if self._closed is not None:
                 try:
-                    frames = recv(noblock, copy=False)
-                except zmq.Again:
-                    burst = False
-                    break
-                try:
-                    handle(frames, now)
-                except Exception:  # Broker.handle answers errors itself; this is a bug's last guard
-                    logger.exception("unexpected error handling a message: dropped it")
-            _send_all(sock, broker)  # one Deliver per peer for the whole batch
-            if burst:
-                await asyncio.sleep(0)  # a long burst: let the sweeper run
+                    loop.call_soon_threadsafe(self._closed.set)
+                except RuntimeError:  # the loop is closed: nobody waits
+                    pass
 
-    async def _sweep_loop(self) -> None:
+    def _serve(self, sock: zmq.Socket, wake: zmq.Socket) -> None:
+        """Read every ready message (up to a batch), handle each, send what
+        the core decided; every ``_TICK`` retry busy peers, once a second
+        sweep, and exit when idle for ``idle_timeout``."""
         assert self.broker is not None
         broker = self.broker
-        last_sweep = idle_since = time.monotonic()
+        handle = broker.handle
+        recv = sock.recv_multipart
+        noblock = _NOBLOCK
+        poll = zmq.zmq_poll
+        items = [(sock, int(zmq.POLLIN)), (wake, int(zmq.POLLIN))]
+        monotonic = time.monotonic
+        now = last_sweep = idle_since = monotonic()
+        next_tick = now + _TICK
         while True:
-            await asyncio.sleep(_TICK)
-            now = time.monotonic()
-            if broker.stalled:
-                broker.retry_stalled()
-            if now - last_sweep >= 1.0:
-                last_sweep = now
-                broker.sweep(now)
-            if broker.outbox:
-                assert self._sync_socket is not None
-                _send_all(self._sync_socket, broker)
-            if self.idle_timeout is not None:
-                if not broker.is_idle():
-                    idle_since = now
-                elif now - idle_since >= self.idle_timeout:
-                    logger.info("broker idle for %.0fs: exiting", self.idle_timeout)
-                    return
+            ready = poll(items, max(0, int((next_tick - now) * 1000.0) + 1))  # ms, rounded up
+            if self._stopping:
+                return
+            now = monotonic()
+            if ready:
+                for _ in range(_BATCH):
+                    try:
+                        frames = recv(noblock, copy=False)
+                    except zmq.Again:
+                        break
+                    try:
+                        handle(frames, now)
+                    except Exception:  # Broker.handle answers errors itself; this is a bug's last guard
+                        logger.exception("unexpected error handling a message: dropped it")
+                _send_all(sock, broker)  # one Deliver per peer for the whole batch
+            if now >= next_tick:
+                next_tick = now + _TICK
+                if broker.stalled:
+                    broker.retry_stalled()
+                if now - last_sweep >= 1.0:
+                    last_sweep = now
+                    broker.sweep(now)
+                if broker.outbox:
+                    _send_all(sock, broker)
+                if self.idle_timeout is not None:
+                    if not broker.is_idle():
+                        idle_since = now
+                    elif now - idle_since >= self.idle_timeout:
+                        logger.info("broker idle for %.0fs: exiting", self.idle_timeout)
+                        return
 
     async def wait_closed(self) -> None:
         """Wait until the server stops (``stop()``, idle exit, or a failure)."""
@@ -317,14 +348,18 @@ class BrokerServer:
 
     async def stop(self) -> None:
         """Stop serving; log what was still queued. Idempotent."""
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except BaseException:
-                pass
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stopping = True
+            if self._wake is not None and thread.is_alive():
+                try:  # a PAIR send blocks once its peer is gone: never wait
+                    self._wake.send(b"", zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # the thread is ending by itself
+            thread.join()
+        if self._wake is not None:
+            self._wake.close(0)
+            self._wake = None
         if self.broker is not None and self._socket is not None:
             queued = self.broker.queued()
             if queued:
