@@ -654,3 +654,20 @@ def test_a_gone_peer_loses_its_endpoint_and_keeps_the_messages(rig):
     rig.broker.send_failed(messages, GONE)
     queue = rig.broker.queues["x"]
     assert [m.body for m in queue.queue] == [b"1"] and not queue.subscribers and queue.held == 0
+
+
+def test_replies_can_go_before_the_batch_ends(rig):
+    """The shell takes the peers that got a reply after each message (their
+    whole list, in order); deliveries to the others wait for the batch."""
+    rig.hello(A, B, C)
+    rig.handle(B, p.Subscribe(0, "x", 10))
+    rig.handle(C, p.Subscribe(0, "y", 10))
+    rig.broker.handle([A, p.encode(p.Send(1, "x", 60, 100, False)), b"1"], rig.now)
+    rig.broker.handle([B, p.encode(p.Heartbeat(5))], rig.now)
+    rig.broker.handle([A, p.encode(p.Send(2, "y", 60, 100, False)), b"2"], rig.now)
+    [messages] = rig.broker.data_to_send(replies_only=True)
+    assert [type(p.decode_to_client(out.frames[0])).__name__ for out in messages] == ["Deliver", "Reply"]
+    assert messages[0].ident == B
+    assert rig.broker.data_to_send(replies_only=True) == []
+    [[rest]] = rig.broker.data_to_send()
+    assert rest.ident == C and rest.frames[1:] == [b"2"]

@@ -142,14 +142,22 @@ class Broker:
         self.outbox.reply(ident, p.encode(reply))
 
     # -- the shell's side: what to send, and what failed ---------------------
-    def data_to_send(self) -> list[list[Outgoing]]:
+    def data_to_send(self, *, replies_only: bool = False) -> list[list[Outgoing]]:
         """Everything decided since the last call, as ZeroMQ messages: one
         list per peer, each in order (send ``[out.ident, *out.frames]``).
         Does no I/O (h2's name). Delivered messages count as delivered from
-        here; what the caller cannot send goes back through ``send_failed``."""
+        here; what the caller cannot send goes back through ``send_failed``.
+
+        ``replies_only``: only the peers that were sent a reply (with what
+        was decided for them before it). The shell takes those after each
+        message it handles and the rest once per read batch: a reply
+        unblocks a caller at once, and deliveries to a peer still coalesce
+        into one Deliver per batch. (Holding replies to the end of the batch
+        slowed a group_send producer, so its consumers got smaller batches
+        and asked for credit three times as often.)"""
         if not self.outbox:
             return []
-        peers = self.outbox.take(self.clock())
+        peers = self.outbox.take(self.clock(), replies_only=replies_only)
         delivered = 0
         for messages in peers:
             for out in messages:

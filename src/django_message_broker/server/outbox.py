@@ -8,7 +8,10 @@ become one ``Deliver`` per ``MAX_BATCH`` bodies whatever channels they
 belong to (a group_send to 500 channels of one process costs one message,
 not 500), and each reply is its own message. So a peer sees everything in
 the order the broker decided it, and the shell sends what it is given
-(``Broker.data_to_send``). Nothing here does I/O.
+(``Broker.data_to_send``). ``take(replies_only=True)`` takes only the peers
+that were sent a reply since the last take: the shell sends those after
+each message it handles, and the rest once per read batch. Nothing here
+does I/O.
 
 An ``Outgoing`` remembers the runs it carries, so that a send that fails
 can give them back to their queues (``Broker.send_failed`` and
@@ -49,12 +52,15 @@ class Outbox:
     def __init__(self) -> None:
         #: peer -> what it is to be sent: header bytes (a reply) or a run
         self._peers: dict[bytes, list[Any]] = {}
+        #: Peers sent a reply or notice since the last ``take``.
+        self.replied: set[bytes] = set()
 
     def __bool__(self) -> bool:
         return bool(self._peers)
 
     def reply(self, ident: bytes, header: bytes) -> None:
         """Queue an encoded header (a reply or a notice) for ``ident``."""
+        self.replied.add(ident)
         items = self._peers.get(ident)
         if items is None:
             self._peers[ident] = [header]
@@ -70,9 +76,16 @@ class Outbox:
         else:
             items.append((queue, endpoint, messages))
 
-    def take(self, now: float) -> list[list[Outgoing]]:
-        """Everything buffered, as messages: one list per peer, in order.
-        The buffer is empty afterwards."""
+    def take(self, now: float, *, replies_only: bool = False) -> list[list[Outgoing]]:
+        """What is buffered, as messages: one list per peer, in order; those
+        peers' buffers are empty afterwards. ``replies_only``: only the peers
+        sent a reply or notice since the last take (their whole list, so
+        their order holds); the others wait for the end of the batch, where
+        their deliveries coalesce."""
+        replied, self.replied = self.replied, set()
+        if replies_only:
+            pop = self._peers.pop
+            return [_messages(ident, pop(ident), now) for ident in replied]
         peers, self._peers = self._peers, {}
         return [_messages(ident, items, now) for ident, items in peers.items()]
 

@@ -1,4 +1,4 @@
-"""The broker process: a zmq.asyncio ROUTER socket around ``Broker``.
+"""The broker process: a ROUTER socket, served on a thread, around ``Broker``.
 
 How it works. ``Broker`` is the sans-IO core; this is its shell, and the
 only module of the broker that imports zmq or asyncio. The socket belongs
@@ -62,13 +62,13 @@ _MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
 _FAILED: dict[Any, int] = {zmq.EAGAIN: BUSY, zmq.EHOSTUNREACH: GONE}
 
 
-def _send_all(sock: zmq.Socket, broker: Broker) -> None:
+def _send_all(sock: zmq.Socket, broker: Broker, replies_only: bool = False) -> None:
     """Send what ``broker`` decided, peer by peer, in order, never blocking.
     With ROUTER_MANDATORY only a message's first frame can fail; when one
     fails, it and the rest for that peer go back to the core (sending the
     rest could overtake it)."""
     send = sock.send
-    for messages in broker.data_to_send():
+    for messages in broker.data_to_send(replies_only=replies_only):
         for i, out in enumerate(messages):
             frames = out.frames
             try:
@@ -150,7 +150,7 @@ class BrokerServer:
         self._authenticator: Any = None
         self._context = context
         self._own_context = context is None
-        self._socket: Optional[zmq.asyncio.Socket] = None
+        self._socket: Optional[zmq.Socket] = None
         self._thread: Optional[threading.Thread] = None
         self._wake: Optional[zmq.Socket] = None
         self._stopping = False
@@ -184,7 +184,10 @@ class BrokerServer:
             )
         ctx = self._context or zmq.asyncio.Context()
         self._context = ctx
-        sock = ctx.socket(zmq.ROUTER)
+        # A plain socket: a zmq.asyncio one would register its fd with the
+        # event loop, which would then wake (and touch the socket) on every
+        # event, from another thread than the one that owns it.
+        sock: zmq.Socket = zmq.Socket(ctx, zmq.ROUTER)
         if curve:
             if self.authorized_keys is not None:
                 self._start_authenticator(ctx)
@@ -215,7 +218,6 @@ class BrokerServer:
                 ctx.term()
             raise
         self._socket = sock
-        sync_socket: zmq.Socket = zmq.Socket.shadow(sock.underlying)  # plain calls on the hot path
         self.broker = Broker(
             clock=time.monotonic,
             max_body=self.max_body,
@@ -223,7 +225,7 @@ class BrokerServer:
             max_memory=self.max_memory,
         )
         self._closed = asyncio.Event()
-        self._start_thread(sync_socket)
+        self._start_thread(sock)
         logger.info(
             "broker %s listening on %s (%s)",
             self.broker.instance,
@@ -269,7 +271,7 @@ class BrokerServer:
         assert self._context is not None
         ctx: zmq.Context = zmq.Context.shadow(self._context.underlying)
         address = f"inproc://dmb-wake-{id(self):x}-{os.getpid()}"
-        wake_in = ctx.socket(zmq.PAIR)
+        wake_in: zmq.Socket = ctx.socket(zmq.PAIR)
         wake_in.bind(address)
         wake = ctx.socket(zmq.PAIR)
         wake.connect(address)
@@ -304,6 +306,7 @@ class BrokerServer:
         handle = broker.handle
         recv = sock.recv_multipart
         noblock = _NOBLOCK
+        outbox = broker.outbox
         poll = zmq.zmq_poll
         items = [(sock, int(zmq.POLLIN)), (wake, int(zmq.POLLIN))]
         monotonic = time.monotonic
@@ -324,7 +327,9 @@ class BrokerServer:
                         handle(frames, now)
                     except Exception:  # Broker.handle answers errors itself; this is a bug's last guard
                         logger.exception("unexpected error handling a message: dropped it")
-                _send_all(sock, broker)  # one Deliver per peer for the whole batch
+                    if outbox.replied:  # a reply goes at once: a caller waits for it
+                        _send_all(sock, broker, replies_only=True)
+                _send_all(sock, broker)  # the deliveries: one Deliver per peer for the whole batch
             if now >= next_tick:
                 next_tick = now + _TICK
                 if broker.stalled:
