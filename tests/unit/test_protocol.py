@@ -201,7 +201,18 @@ def test_protocol_error_is_a_broker_error():
 
 
 # -- names ----------------------------------------------------------------------
-GOOD_CHANNELS = ["a", "chat.room-1_x", "a!b", "a!", "specific.abc123!def", "x" * 99, "x" * 163, "A.B-C_D", "a!b-c.d_e", "a!é"]
+GOOD_CHANNELS = [
+    "a",
+    "chat.room-1_x",
+    "a!b",
+    "a!",
+    "specific.abc123!def",
+    "x" * 99,
+    "x" * 163,
+    "A.B-C_D",
+    "a!b-c.d_e",
+    "a!é",
+]
 BAD_CHANNELS = ["", "a!b!c", "a b", "a\n", "abc\n", "a!b\n", "\na", "x" * 164, "!a", "a$", "é", "a/b", "a:b", "a\x00"]
 
 
