@@ -752,25 +752,30 @@ class Core:
                         logger.warning("bad Deliver from broker: %d ttls, %d bodies", len(ttls), len(frames) - 1)
                 case p.Reply(req, code, detail, value):
                     self._on_reply(req, code, detail, value)
-                case p.Flushed(epoch):
-                    self._on_flushed(epoch)
+                case p.Flushed(epoch, prefix):
+                    self._on_flushed(epoch, prefix)
                 case p.Welcome(instance, max_body):
                     self.max_body = max_body
                     if instance != self.instance:
                         logger.info("broker %s is new to this client: restoring state", instance)
                         self._hello()
 
-    def _on_flushed(self, epoch: int) -> None:
-        """The broker dropped every queued message and group: drop what was
-        delivered here and not read, and what we knew of depths and groups.
-        Unreported consumption was about flushed messages: forget it too."""
+    def _on_flushed(self, epoch: int, prefix: str = "") -> None:
+        """The broker dropped every queued message and group of namespace
+        ``prefix`` (``""``: all): drop what was delivered here and not read,
+        and what we knew of depths and groups, in that namespace. Unreported
+        consumption there was about flushed messages: forget it too."""
+        covered = p.in_namespace
         with self._lock:
             self.epoch = epoch
             for state in self._channels.values():
-                state.buffer.clear()
-                state.consumed = 0
-        self._groups.clear()
-        self.depth.clear()
+                if covered(state.name, prefix):
+                    state.buffer.clear()
+                    state.consumed = 0
+        for key in [key for key in self._groups if covered(key[0], prefix)]:
+            del self._groups[key]
+        for channel in [channel for channel in self.depth if covered(channel, prefix)]:
+            del self.depth[channel]
 
     def _refuse_channel(self, channel: str, error: BaseException) -> None:
         """The broker refused this process's receive (another process owns
