@@ -229,7 +229,7 @@ async def test_the_next_receive_gets_the_message_of_a_cancelled_one(broker, clie
     assert await asyncio.to_thread(rx.wait_connected, 5)
     first = asyncio.create_task(rx.receive("next.gets.it"))
     await asyncio.sleep(0)  # the receive is waiting
-    state = rx.core._channels["next.gets.it"]
+    state = rx.core.state.channels["next.gets.it"]
     assert len(state.waiters) == 1
     tx.send("next.gets.it", b"m1")
     tx.send("next.gets.it", b"m2")

@@ -43,7 +43,6 @@ every ``_AUTH_RETRY`` seconds to find out).
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import itertools
 import logging
@@ -70,6 +69,7 @@ from ..exceptions import (
 )
 from ..keys import client_curve
 from ..options import ClientOptions
+from ._state import ChannelState, ClientState, Item, W
 from .waiters import AsyncWaiter, SyncWaiter, Waiter
 
 __all__ = ["AsyncWaiter", "Core", "SyncWaiter"]
@@ -136,38 +136,6 @@ def _flush_at_process_exit() -> None:
         multiprocessing.util.Finalize(None, _close_live_cores, exitpriority=0)
 
 
-class _Channel:
-    """Receive state of one channel in this process."""
-
-    __slots__ = (
-        "buffer",
-        "consumed",
-        "credit",
-        "handoffs",
-        "last_wanted",
-        "name",
-        "prefetch",
-        "waiters",
-        "withdrawing",
-    )
-
-    def __init__(self, name: str, prefetch: int) -> None:
-        self.name = name
-        self.buffer: deque[tuple[bytes, float]] = deque()  # (body, local deadline)
-        self.waiters: deque[Waiter] = deque()
-        self.credit = 0  # deliveries granted and not yet arrived
-        self.last_wanted = 0.0
-        self.withdrawing = False
-        self.prefetch = prefetch
-        self.handoffs = 0  # messages on their way to a receive's event loop
-        self.consumed = 0  # messages receives returned, not yet reported to the broker
-
-    def unused(self, now: float, idle: float) -> bool:
-        """Nothing here, nothing owed, nobody asked for ``idle`` seconds."""
-        busy = self.waiters or self.buffer or self.credit or self.withdrawing or self.handoffs or self.consumed
-        return not busy and now - self.last_wanted >= idle
-
-
 class _Request:
     __slots__ = ("deadline", "frames", "on_reply", "sent", "track", "waiter")
 
@@ -181,8 +149,12 @@ class _Request:
 
 
 class Core:
-    """Owns the DEALER socket and all client state. Thread-safe entry points:
-    ``request``, ``post``, ``receive``, ``close``."""
+    """The driver: owns the DEALER socket, the I/O thread and the lock, and
+    feeds the pure ``ClientState`` (``self.state``), sending what it returns.
+    Thread-safe entry points: ``call``, ``request``, ``post``,
+    ``send_pipelined``, ``may_pipeline``, ``acked``, ``refused``, ``take``,
+    ``put_back``, ``forget_waiter``, ``remember_group``, ``forget_group``,
+    ``close``."""
 
     def __init__(
         self,
@@ -207,37 +179,29 @@ class Core:
         self._auth_retry_at = 0.0
         self.timeout = timeout
         self.heartbeat = heartbeat
-        self.prefetch = max(1, prefetch)
-        self.process_prefetch = max(1, process_prefetch)
-        self.idle_return = idle_return
+        #: Receive buffers, credit, consumption, groups and the send window;
+        #: touched only with ``lock`` held.
+        self.state = ClientState(prefetch=prefetch, process_prefetch=process_prefetch, idle_return=idle_return)
         self.on_unreachable = on_unreachable
         self.client_id = uuid.uuid4().hex
         self.max_body = max_message_size  # the broker's limit, once its Hello reply tells
         self.instance: Optional[str] = None
-        self.epoch = 0  # the broker's flush epoch (see protocol.Consumed)
         self.connected = False
         self.closed = False
 
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self._commands: deque[Any] = deque()  # callables, or pipelined sends as tuples
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._wake_pending = False
-        self._report_due = False  # some channel's ``consumed`` count is waiting to go out
         self._reqs = itertools.count(1)
         self._requests: dict[int, _Request] = {}
         self._backlog: deque[int] = deque()  # requests not yet on the wire (no connection)
-        self._channels: dict[str, _Channel] = {}
-        self._groups: dict[tuple[str, str], float] = {}  # memberships to replay -> local deadline
-        #: channel -> messages the senders here believe are queued (see the
-        #: clients' pipelining rule); shared by every client of this core.
-        self.depth: dict[str, int] = {}
-        self._calls: dict[Any, list] = {}  # loop -> [(fn, args)] to run there this batch
+        #: loop -> [(waiter, value, error)] to settle there this batch
+        self._calls: dict[Any, list[tuple[AsyncWaiter, Any, Optional[BaseException]]]] = {}
         self._last_heard = 0.0
         self._last_hello = 0.0
         self._heartbeat_req = 0
-        #: pipelined sends not yet known to have reached the broker (approximate)
-        self.unacked = 0
         self._next_scan = 0.0  # timeouts, liveness and idle channels are checked every _SCAN_INTERVAL
         self._unreachable_reported = False
         self._ready = threading.Event()
@@ -312,7 +276,7 @@ class Core:
             except Exception as exc:  # a value the clients failed to check: fail the caller, not the thread
                 if waiter is None:
                     raise
-                with self._lock:
+                with self.lock:
                     waiter.resolve(None, exc)
 
         self.call(start)
@@ -328,130 +292,88 @@ class Core:
         self.call(lambda: self._send_frames(self._frames(msg, body)))
 
     # ---------------------------------------------------------------- receive
-    def _state(self, channel: str) -> _Channel:
-        state = self._channels.get(channel)
-        if state is None:
-            prefetch = self.process_prefetch if "!" in channel else self.prefetch
-            state = self._channels[channel] = _Channel(channel, prefetch)
-        return state
-
-    def take(
-        self, channel: str, make_waiter: Callable[[], Waiter]
-    ) -> tuple[Optional[tuple[bytes, float]], Optional[Waiter]]:
+    def take(self, channel: str, make_waiter: Callable[[ChannelState], W]) -> tuple[Optional[Item], Optional[W]]:
         """The next message of ``channel`` if one is here, else a new waiter
-        (from ``make_waiter``) that the next delivery resolves with
-        ``(body, deadline)``. Grants the broker credit as needed."""
+        (``make_waiter(channel state)``) that the next delivery resolves with
+        ``(body, deadline)``. Grants the broker credit as the state decides."""
         now = time.monotonic()
-        item = waiter = None
-        with self._lock:
-            state = self._state(channel)
-            state.last_wanted = now
-            while state.buffer and not state.waiters and not state.handoffs:
-                candidate = state.buffer.popleft()
-                if candidate[1] > now:
-                    item = candidate
-                    self._consume(state)
-                    break
-            else:
-                waiter = make_waiter()
-                state.waiters.append(waiter)
-            # Top credit up in batches of at least half the window: one
-            # Subscribe per prefetch/2 messages, not one per message.
-            want = state.prefetch - state.credit - len(state.buffer)
-            if (
-                want > 0
-                and (waiter is not None or want * 2 >= state.prefetch)
-                and not state.withdrawing
-                and self.connected
-            ):
-                state.credit += want
-                self.post(p.Subscribe(0, channel, want))
+        with self.lock:
+            state = self.state
+            was_due = state.report_due
+            item, waiter, grant = state.take(channel, now, make_waiter, self.connected)
+            if grant is not None:
+                self.post(grant)
             elif waiter is not None and not self.connected:
                 self.call(_nothing)  # wake the I/O thread: it grants credit once connected
+            if state.report_due and not was_due:
+                self._report_soon()
         return item, waiter
 
-    def _put_back(self, channel: str, item: tuple[bytes, float]) -> None:
-        """A message whose receive was cancelled: first in line again."""
-        with self._lock:
-            state = self._state(channel)
-            state.buffer.appendleft(item)
-            self._feed(state)
-            self._flush_calls_if_not_io()
+    def put_back(self, channel: str, item: Item) -> None:
+        """A message whose receive was cancelled as it was resolved: first in
+        line again."""
+        with self.lock:
+            self.state.put_back(channel, item, time.monotonic())
+            self._after_loop_side()
 
-    def _settle_handoff(self, channel: str, item: tuple[bytes, float], future: asyncio.Future) -> None:
-        """On the receive's loop: give it the message, or, if it was
-        cancelled, put the message back first in line."""
-        with self._lock:
-            state = self._state(channel)
-            state.handoffs -= 1
-            if future.done():
-                state.buffer.appendleft(item)
-            else:
-                future.set_result(item)
-                self._consume(state)
-            self._feed(state)
-            self._flush_calls_if_not_io()
+    def forget_waiter(self, channel: str, waiter: Waiter) -> None:
+        with self.lock:
+            self.state.forget_waiter(channel, waiter)
 
-    def _feed(self, state: _Channel) -> None:
-        """Hand buffered messages to live waiters (lock held). One hand-off
-        to an event loop at a time per channel: if that receive turns out to
-        be cancelled, its message must still be first for the next one."""
-        now = time.monotonic()
-        while state.buffer and state.waiters and not state.handoffs:
-            waiter = state.waiters[0]
-            if not waiter.alive():
-                state.waiters.popleft()
-                continue
-            item = state.buffer.popleft()
-            if item[1] <= now:
-                continue
-            state.waiters.popleft()
-            waiter.resolve(item)
-            if not waiter.settles_later:  # a blocked thread: it has the message now
-                self._consume(state)
+    # -- the waiters' hub (see waiters.Hub) --
+    def schedule(self, waiter: AsyncWaiter, value: Any, error: Optional[BaseException]) -> None:
+        self._calls.setdefault(waiter.loop, []).append((waiter, value, error))
 
-    def _consume(self, state: _Channel) -> None:
-        """A receive returned a message of ``state`` (lock held): report it
-        soon (the I/O thread sends one ``Consumed`` per wake)."""
-        state.consumed += 1
-        if not self._report_due:
-            self._report_due = True
-            if threading.current_thread() is not self._thread and not self.closed:
-                self._wake()
+    def settled(self, channel: ChannelState, item: Item, accepted: bool) -> None:
+        with self.lock:
+            self.state.settle(channel, item, accepted, time.monotonic())
+            self._after_loop_side()
+
+    def _after_loop_side(self) -> None:
+        """After a change made on a receive's thread (lock held): hand-offs
+        it started go out now, a consumption report soon."""
+        if threading.current_thread() is not self._thread:
+            self._flush_calls()
+            if self.state.report_due:
+                self._report_soon()
+
+    def _report_soon(self) -> None:
+        """Wake the I/O thread: a ``Consumed`` report is due."""
+        if threading.current_thread() is not self._thread and not self.closed:
+            self._wake()
 
     def _report_consumed(self) -> None:
         """Send what receives took since the last report (I/O thread)."""
-        with self._lock:
-            self._report_due = False
-            if not self.connected:
-                self._report_due = True  # sent once a connection is up
-                return
-            states = [state for state in self._channels.values() if state.consumed]
-            counts = [state.consumed for state in states]
-            for state in states:
-                state.consumed = 0
-        if states and not self._send_frames(self._frames(p.Consumed(self.epoch, [s.name for s in states], counts))):
-            with self._lock:  # no connection after all: keep them for the next try
-                for state, count in zip(states, counts, strict=True):
-                    state.consumed += count
-                self._report_due = True
+        with self.lock:
+            report = self.state.report(self.connected)
+        if report is not None and not self._send_frames(self._frames(report)):
+            with self.lock:  # no connection after all: keep them for the next try
+                self.state.report_failed(report)
+
+    # -- the send window (see _state.SendWindow) --
+    def may_pipeline(self, channel: str, capacity: int) -> bool:
+        with self.lock:
+            return self.state.window.may_pipeline(channel, capacity, self.connected)
+
+    def acked(self, channel: str, depth: int) -> None:
+        with self.lock:
+            self.state.window.acked(channel, depth)
+
+    def refused(self, channel: str, capacity: int, full: bool) -> None:
+        with self.lock:
+            self.state.window.refused(channel, capacity, full)
 
     def remember_group(self, group: str, channel: str, ttl: float) -> None:
         """A membership this process added: replayed after a broker restart."""
         deadline = time.monotonic() + ttl
-        self.call(lambda: self._groups.__setitem__((group, channel), deadline))
+        self.call(lambda: self._locked(self.state.remember_group, group, channel, deadline))
 
     def forget_group(self, group: str, channel: str) -> None:
-        self.call(lambda: self._groups.pop((group, channel), None))
+        self.call(lambda: self._locked(self.state.forget_group, group, channel))
 
-    def forget_waiter(self, channel: str, waiter: Waiter) -> None:
-        with self._lock:
-            state = self._channels.get(channel)
-            if state is not None:
-                try:
-                    state.waiters.remove(waiter)
-                except ValueError:
-                    pass
+    def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self.lock:
+            return fn(*args)
 
     # ----------------------------------------------------------------- close
     def close(self, timeout: float = 2.0) -> None:
@@ -473,24 +395,16 @@ class Core:
             self._thread.join(timeout)
 
     # ============================================================ I/O thread
-    def _schedule(self, loop: Any, fn: Callable, *args: Any) -> None:
-        self._calls.setdefault(loop, []).append((fn, args))
-
-    def _flush_calls_if_not_io(self) -> None:
-        if threading.current_thread() is not self._thread:
-            with self._lock:
-                self._flush_calls()
-
     def _flush_calls(self) -> None:
+        """Hand the outcomes of this batch to their loops, one call per loop
+        (lock held)."""
         calls, self._calls = self._calls, {}
         for loop, batch in calls.items():
             try:
                 loop.call_soon_threadsafe(_run_batch, batch)
             except RuntimeError:  # the loop is closed: its waiters are gone
-                for fn, args in batch:
-                    waiter = getattr(fn, "__self__", None)
-                    if isinstance(waiter, AsyncWaiter) and args[1] is None:
-                        waiter.undeliverable(args[0])
+                for waiter, value, error in batch:
+                    waiter.undeliverable(value, error)
 
     def _frames(self, msg: Any, body: Optional[bytes] | list = None) -> list:
         header = p.encode(msg)
@@ -512,7 +426,7 @@ class Core:
                 send(frame, _NOBLOCK if i == last else _MORE_NOBLOCK, copy=not big)
         except zmq.Again:
             if self.connected:
-                with self._lock:
+                with self.lock:
                     self.connected = False
                 self._ready.clear()
                 logger.warning("lost the connection to the broker at %s", self.address)
@@ -557,7 +471,7 @@ class Core:
         answers them only to refuse, which is logged."""
         if self.auth_error is not None:  # --- CURVE: refused; fail fast
             if waiter is not None:
-                with self._lock:
+                with self.lock:
                     waiter.resolve(None, self.auth_error)
             return 0
         req = next(self._reqs)
@@ -586,7 +500,7 @@ class Core:
         if not request.track:
             logger.error("a message was dropped: no broker answered at %s (%s)", self.address, why)
         if request.waiter is not None:
-            with self._lock:
+            with self.lock:
                 request.waiter.resolve(None, BrokerUnavailable(self.address, self.timeout))
 
     def _drain_backlog(self) -> None:
@@ -623,15 +537,15 @@ class Core:
                 self._wake_pending = False
                 if monitor in events:
                     self._on_monitor_events(monitor)
-                if self._report_due:  # what receives took goes before later sends
+                if self.state.report_due:  # what receives took goes before later sends
                     self._report_consumed()
                 self._run_commands()
                 self._read_all()
                 self._tick(time.monotonic())
-                if self._report_due:
+                if self.state.report_due:
                     self._report_consumed()
                 if self._calls:
-                    with self._lock:
+                    with self.lock:
                         self._flush_calls()
         except _Stop:
             pass
@@ -640,7 +554,7 @@ class Core:
         finally:
             self.closed = True
             self._fail_all(ClientClosed("the client is closed"))
-            with self._lock:
+            with self.lock:
                 self._flush_calls()
             self._socket.disable_monitor()
             monitor.close(0)
@@ -658,7 +572,7 @@ class Core:
                 return
             if event == zmq.EVENT_DISCONNECTED and self.connected:
                 logger.warning("lost the connection to the broker at %s", self.address)
-                with self._lock:
+                with self.lock:
                     self.connected = False
                 self._ready.clear()
             elif event == zmq.EVENT_CONNECTED and self.instance is not None:
@@ -696,7 +610,7 @@ class Core:
             logger.error("the broker at %s refused this client: %s", self.address, reason)
         self.auth_error = AuthenticationFailed(self.address, reason)
         self._auth_retry_at = time.monotonic() + _AUTH_RETRY
-        with self._lock:
+        with self.lock:
             self.connected = False
         self._ready.clear()
         self._fail_all(self.auth_error)
@@ -717,13 +631,11 @@ class Core:
     def _fail_all(self, error: BrokerError) -> None:
         requests, self._requests = self._requests, {}
         self._backlog.clear()
-        with self._lock:
+        with self.lock:
             for request in requests.values():
                 if request.waiter is not None:
                     request.waiter.resolve(None, error)
-            for state in self._channels.values():
-                while state.waiters:
-                    state.waiters.popleft().resolve(None, error)
+            self.state.fail_waiters(error)
 
     def _read_all(self) -> None:
         recv = self._socket.recv
@@ -759,44 +671,20 @@ class Core:
                         self._hello()
 
     def _on_flushed(self, epoch: int) -> None:
-        """The broker dropped every queued message and group: drop what was
-        delivered here and not read, and what we knew of depths and groups.
-        Unreported consumption was about flushed messages: forget it too."""
-        with self._lock:
-            self.epoch = epoch
-            for state in self._channels.values():
-                state.buffer.clear()
-                state.consumed = 0
-        self._groups.clear()
-        self.depth.clear()
-
-    def _refuse_channel(self, channel: str, error: BaseException) -> None:
-        """The broker refused this process's receive (another process owns
-        that process channel): fail the waiting receives."""
-        with self._lock:
-            state = self._channels.pop(channel, None)
-            if state is not None:
-                while state.waiters:
-                    state.waiters.popleft().resolve(None, error)
+        with self.lock:
+            self.state.flushed(epoch)
 
     def _on_deliver(self, channels: list[str], bodies: list[bytes], ttls: list[float]) -> None:
         now = time.monotonic()
-        with self._lock:
-            touched: dict[str, _Channel] = {}
-            for channel, body, ttl in zip(channels, bodies, ttls, strict=True):
-                state = touched.get(channel)
-                if state is None:
-                    state = touched[channel] = self._state(channel)
-                state.credit = max(0, state.credit - 1)
-                state.buffer.append((body, now + ttl))
-            for state in touched.values():
-                self._feed(state)
+        with self.lock:
+            self.state.deliver(channels, bodies, ttls, now)
 
     def _on_reply(self, req: int, code: int, detail: str, value: Any) -> None:
         request = self._requests.pop(req, None)
         if request is None:
             if code == SubscriptionError.code and isinstance(value, dict) and value.get("channel"):
-                self._refuse_channel(value["channel"], from_wire(code, detail, value))
+                with self.lock:
+                    self.state.refuse(value["channel"], from_wire(code, detail, value))
             elif code:
                 logger.error("broker refused a message: %s", detail)
             return
@@ -812,7 +700,7 @@ class Core:
                 except BaseException as exc:
                     error = exc
         if request.waiter is not None:
-            with self._lock:
+            with self.lock:
                 request.waiter.resolve(result, error)
         elif error is not None:
             logger.error("broker refused a pipelined message: %s", error)
@@ -824,34 +712,23 @@ class Core:
         def welcomed(value: Any) -> None:
             instance, max_body, epoch = value
             restarted = self.instance is not None and instance != self.instance
-            self.instance, self.max_body, self.epoch = instance, max_body, epoch
+            self.instance, self.max_body = instance, max_body
+            with self.lock:
+                self.state.epoch = epoch
             self._on_connected(restarted)
 
         self._start_request(p.Hello(0, self.client_id, self.heartbeat), None, None, welcomed, first=True)
 
     def _on_connected(self, restarted: bool) -> None:
         self._unreachable_reported = False
-        now = time.monotonic()
-        self.unacked = 0
-        if restarted:
-            self.depth.clear()  # a new broker holds nothing
-        with self._lock:
+        with self.lock:
             self.connected = True  # under the lock: take() must not grant while credit is reset
-            for state in self._channels.values():
-                state.credit = 0
-                state.withdrawing = False
-                if restarted:  # the new broker never counted what we hold
-                    state.consumed = 0
-                if state.waiters:
-                    want = state.prefetch - len(state.buffer)
-                    if want > 0:
-                        state.credit = want
-                        self._send_frames(self._frames(p.Subscribe(0, state.name, want), None))
-        for (group, channel), deadline in list(self._groups.items()):
-            if deadline <= now:
-                del self._groups[(group, channel)]
-            elif restarted:
-                self._start_request(p.GroupAdd(0, group, channel, deadline - now), None, None, None)
+            out = self.state.connected(time.monotonic(), restarted)
+        for msg in out:
+            if isinstance(msg, p.GroupAdd):
+                self._start_request(msg, None, None, None)
+            else:
+                self._send_frames(self._frames(msg))
         self._ready.set()
 
     def _tick(self, now: float) -> None:
@@ -895,50 +772,19 @@ class Core:
         self._hello()
 
     def _return_idle(self, now: float) -> None:
-        """Withdraw credit from channels nobody receives from, and hand their
-        unread messages back to the broker."""
-        idle = []
-        with self._lock:
-            for state in self._channels.values():
-                if state.waiters or state.withdrawing:
-                    continue
-                if now - state.last_wanted < self.idle_return:
-                    continue
-                if state.credit or state.buffer:
-                    idle.append(state)
-                elif not state.buffer:
-                    state.last_wanted = now  # nothing to do; look again later
-        for state in idle:
-            state.withdrawing = True
+        """Withdraw credit from channels nobody receives from; hand their
+        unread messages back to the broker once it confirms."""
+        with self.lock:
+            withdrawals = self.state.idle(now)
+        for msg in withdrawals:
 
-            def withdrawn(_left: Any, state: _Channel = state) -> None:
-                self._finish_withdraw(state)
+            def withdrawn(_left: Any, name: str = msg.channel) -> None:
+                with self.lock:
+                    out = self.state.withdrawn(name, time.monotonic(), self.connected)
+                for header, bodies in out:
+                    self._send_frames(self._frames(header, bodies))
 
-            self._start_request(p.Unsubscribe(0, state.name), None, None, withdrawn)
-        with self._lock:
-            for name in [n for n, state in self._channels.items() if state.unused(now, self.idle_return)]:
-                del self._channels[name]
-
-    def _finish_withdraw(self, state: _Channel) -> None:
-        # Every delivery the broker sent before our Unsubscribe has arrived
-        # (one pipe, in order), so the buffer is complete.
-        now = time.monotonic()
-        with self._lock:
-            state.withdrawing = False
-            state.credit = 0
-            if state.waiters:  # a receive came in meanwhile: keep serving it
-                self._feed(state)
-                want = state.prefetch - len(state.buffer)
-                if want > 0:
-                    state.credit = want
-                    self._send_frames(self._frames(p.Subscribe(0, state.name, want), None))
-                return
-            returned = [(body, deadline) for body, deadline in state.buffer if deadline > now]
-            state.buffer.clear()
-        for start in range(0, len(returned), p.MAX_BATCH):
-            chunk = returned[start : start + p.MAX_BATCH]
-            header = p.Return(state.name, [d - now for _, d in chunk], self.epoch)
-            self._send_frames(self._frames(header, [b for b, _ in chunk]))
+            self._start_request(msg, None, None, withdrawn)
 
 
 class _Stop(Exception):
@@ -949,6 +795,6 @@ def _nothing() -> None:
     pass
 
 
-def _run_batch(batch: list) -> None:
-    for fn, args in batch:
-        fn(*args)
+def _run_batch(batch: list[tuple[AsyncWaiter, Any, Optional[BaseException]]]) -> None:
+    for waiter, value, error in batch:
+        waiter.settle(value, error)
