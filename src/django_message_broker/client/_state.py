@@ -370,15 +370,18 @@ class ClientState:
         ``Unsubscribe`` requests and calls ``withdrawn`` on the answer).
         Channels with nothing left at all are forgotten."""
         out = []
+        unused = []
         for state in self.channels.values():
             if state.waiters or state.withdrawing or now - state.last_wanted < self.idle_return:
                 continue
             if state.credit or state.buffer:
                 state.withdrawing = True
                 out.append(p.Unsubscribe(0, state.name))
+            elif state.unused(now, self.idle_return):
+                unused.append(state.name)
             else:
-                state.last_wanted = now  # nothing to do; look again later
-        for name in [n for n, state in self.channels.items() if state.unused(now, self.idle_return)]:
+                state.last_wanted = now  # a hand-off or a report pending; look again later
+        for name in unused:
             del self.channels[name]
         return out
 

@@ -1,44 +1,43 @@
-"""The client's protocol core: one I/O thread owns one DEALER socket.
+"""The client's driver: one I/O thread owns one DEALER socket.
 
-How it works. Callers on any thread or event loop never touch the socket.
-They hand the I/O thread a command (a deque and a wake-up pipe) and wait on
-a *waiter*: an asyncio future on their own loop (``AsyncWaiter``) or a
-blocking slot (``SyncWaiter``). The thread sends, reads every frame that is
-ready, resolves waiters (one ``call_soon_threadsafe`` per loop per batch)
+How it works. The rules live in the pure ``client._state.ClientState``
+(receive buffers, credit, hand-offs, consumption reports, idle withdrawal,
+restart replay, the send window); ``Core`` owns the socket, the I/O thread,
+the lock and the waiters' scheduling. It calls the state with the lock held
+and the time as ``now``, and sends the messages the state returns.
+
+Callers on any thread or event loop never touch the socket. They hand the
+I/O thread a command (a deque and a wake-up pipe) and wait on a *waiter*
+(``client.waiters``): an asyncio future on their own loop or a blocking
+slot. The thread sends, reads every frame that is ready, feeds the state
+(which resolves waiters; one ``call_soon_threadsafe`` per loop per batch)
 and keeps the clock: heartbeats, request timeouts, idle receive credit.
+A receive on an event loop settles its hand-off there (``settled``), where
+cancellation happens.
 
-Receiving uses credit (see docs/protocol.md): a receive grants the broker
-permission to deliver up to ``prefetch`` messages of that channel here.
-Deliveries wait in a small per-channel buffer until a receive takes them.
-A delivery is handed to a waiter on the waiter's own loop, which checks
-there whether the receive was cancelled: if so the message goes back to the
-front of the buffer for the next receive, never lost, never twice. When no
-receive has asked for a channel for ``idle_return`` seconds, the client
-withdraws its credit and hands unread messages back to the head of the
-broker's queue, so a process that stopped receiving strands nothing.
+What receives took is reported to the broker (one ``Consumed`` per wake)
+before anything else is sent, so a send made after a receive in this
+process is checked against what the broker knows the receive took.
 
-A delivered message still counts against its channel's capacity at the
-broker until a receive here returns it: each receive that returns a message
-adds one to its channel's ``consumed`` count, and the I/O thread reports the
-counts (one ``Consumed`` per wake, for every channel) before it sends
-anything else, so a send made after a receive in this process is checked
-against what the broker knows the receive took.
-
-Sending is pipelined while a channel is known to be far from full (see
-``Sender``): a sender far below capacity pays no round trip per message, and
-one near capacity waits for the broker's answer, so ``QueueFull`` is exact
-for a single sender.
+Sending is pipelined while the send window allows (``_state.SendWindow``):
+a sender far below capacity pays no round trip per message, and one near
+capacity waits for the broker's answer, so ``QueueFull`` is exact for a
+single sender. Consecutive pipelined sends to one channel are packed into
+one ``Send`` with many bodies.
 
 Restarts: every reply names the broker instance. A new instance (or a
-``Welcome``) means the broker restarted: the client says Hello again,
-grants credit again for channels with waiting receives, and replays the
-group memberships it added that have not expired.
+``Welcome``) means the broker restarted: the client says Hello again and
+sends what ``ClientState.connected`` returns (credit for waiting receives,
+group memberships that have not expired).
 
 Security (docs/security.md): with a server key the DEALER is a CURVE
 client. A refused handshake shows on the socket monitor; every pending
 request and waiting receive then fails with ``AuthenticationFailed``, and so
 does every later call until a handshake succeeds (the socket reconnects
 every ``_AUTH_RETRY`` seconds to find out).
+
+Fork safety: a core made before ``fork()`` belongs to the parent
+(``Core.inherited``); the child neither uses nor closes it.
 """
 
 from __future__ import annotations
