@@ -42,14 +42,11 @@ Fork safety: a core made before ``fork()`` belongs to the parent
 
 from __future__ import annotations
 
-import atexit
-import itertools
 import logging
 import os
 import threading
 import time
 import uuid
-import weakref
 from collections import deque
 from typing import Any, Callable, Optional
 
@@ -68,6 +65,8 @@ from ..exceptions import (
 )
 from ..keys import client_curve
 from ..options import ClientOptions
+from . import _lifecycle
+from ._requests import Requests
 from ._state import ChannelState, ClientState, Item, W
 from .waiters import AsyncWaiter, SyncWaiter, Waiter
 
@@ -92,59 +91,7 @@ _HANDSHAKE_EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
 
-_live_cores: weakref.WeakSet[Core] = weakref.WeakSet()
 _D = ClientOptions()  # the defaults; the clients check the values
-
-#: Bumped in a child process right after ``fork()``. A ``Core`` made under an
-#: earlier generation belongs to the parent: its socket, I/O thread and
-#: ZeroMQ context are the parent's, and the child must neither use nor close
-#: them (see ``Core.inherited``). Faces build a fresh core on next use.
-_fork_generation = 0
-#: The parent's cores, kept alive in the child so that nothing here ever
-#: finalizes (closes) the parent's sockets.
-_inherited: list[Core] = []
-_exit_flush_pid = 0
-
-
-def _forget_parent_cores() -> None:
-    global _fork_generation
-    _fork_generation += 1
-    _inherited.extend(_live_cores)
-    _live_cores.clear()
-
-
-os.register_at_fork(after_in_child=_forget_parent_cores)
-
-
-@atexit.register
-def _close_live_cores() -> None:
-    """A script that sends and exits without close() still sends."""
-    for core in list(_live_cores):
-        core.close(timeout=1.0)
-
-
-def _flush_at_process_exit() -> None:
-    """The same for a ``multiprocessing`` child, which ends with
-    ``os._exit()`` after its finalizers, without running atexit handlers."""
-    global _exit_flush_pid
-    pid = os.getpid()
-    if _exit_flush_pid != pid:
-        _exit_flush_pid = pid
-        import multiprocessing.util
-
-        multiprocessing.util.Finalize(None, _close_live_cores, exitpriority=0)
-
-
-class _Request:
-    __slots__ = ("deadline", "frames", "on_reply", "sent", "track", "waiter")
-
-    def __init__(self, waiter: Optional[Waiter], deadline: float, on_reply: Optional[Callable], frames: list) -> None:
-        self.waiter = waiter
-        self.deadline = deadline
-        self.on_reply = on_reply
-        self.frames = frames
-        self.sent = False
-        self.track = True
 
 
 class Core:
@@ -193,9 +140,7 @@ class Core:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._wake_pending = False
-        self._reqs = itertools.count(1)
-        self._requests: dict[int, _Request] = {}
-        self._backlog: deque[int] = deque()  # requests not yet on the wire (no connection)
+        self._requests = Requests(_MAX_BACKLOG)
         #: loop -> [(waiter, value, error)] to settle there this batch
         self._calls: dict[Any, list[tuple[AsyncWaiter, Any, Optional[BaseException]]]] = {}
         self._last_heard = 0.0
@@ -207,15 +152,14 @@ class Core:
         self._context = zmq.Context()
         self._socket = self._new_socket()
         self._thread = threading.Thread(target=self._run, name=f"dmb-client-{self.client_id[:8]}", daemon=True)
-        self.generation = _fork_generation
+        self.generation = _lifecycle.generation()
         self._thread.start()
-        _live_cores.add(self)
-        _flush_at_process_exit()
+        _lifecycle.track(self)
 
     @property
     def inherited(self) -> bool:
         """Made by the parent of this (forked) process: not ours to use."""
-        return self.generation != _fork_generation
+        return self.generation != _lifecycle.generation()
 
     # ------------------------------------------------------------------ setup
     def _new_socket(self) -> zmq.Socket:
@@ -473,27 +417,25 @@ class Core:
                 with self.lock:
                     waiter.resolve(None, self.auth_error)
             return 0
-        req = next(self._reqs)
+        requests = self._requests
+        req = requests.number()
         frames = self._frames(msgspec.structs.replace(msg, req=req), body)
         now = time.monotonic()
-        if not self._backlog and self._send_frames(frames):
+        if not requests.backlog and self._send_frames(frames):
             if track:
-                self._requests[req] = _Request(waiter, now + self.timeout, on_reply, [])
-                self._requests[req].sent = True
+                requests.sent(req, waiter, on_reply, now + self.timeout)
             return req
         # No connection. A pipelined send already returned to its caller: it
         # waits for a broker as long as its message would live (then it is
         # dropped, with a log line); a request waits for its timeout.
         deadline = now + (msg.ttl if not track else self.timeout)
-        request = self._requests[req] = _Request(waiter, deadline, on_reply, frames)
-        request.track = track
-        self._backlog.appendleft(req) if first else self._backlog.append(req)
-        if len(self._backlog) > _MAX_BACKLOG:
-            self._drop_request(self._backlog.popleft(), "the backlog is full")
+        overflow = requests.hold(req, frames, waiter, on_reply, deadline, track, first)
+        if overflow is not None:
+            self._drop_request(overflow, "the backlog is full")
         return req
 
     def _drop_request(self, req: int, why: str) -> None:
-        request = self._requests.pop(req, None)
+        request = self._requests.pop(req)
         if request is None:
             return
         if not request.track:
@@ -501,21 +443,6 @@ class Core:
         if request.waiter is not None:
             with self.lock:
                 request.waiter.resolve(None, BrokerUnavailable(self.address, self.timeout))
-
-    def _drain_backlog(self) -> None:
-        while self._backlog:
-            req = self._backlog[0]
-            request = self._requests.get(req)
-            if request is None or request.sent:
-                self._backlog.popleft()
-                continue
-            if not self._send_frames(request.frames):
-                return
-            request.sent = True
-            request.frames = []
-            self._backlog.popleft()
-            if not request.track:
-                del self._requests[req]
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -526,7 +453,7 @@ class Core:
         self._hello()
         try:
             while True:
-                timeout_ms = 20 if (self._backlog or not self.connected) else max(1, int(self.heartbeat * 250))
+                timeout_ms = 20 if (self._requests.backlog or not self.connected) else max(1, int(self.heartbeat * 250))
                 events = dict(poller.poll(timeout_ms))
                 if self._wake_r in events:
                     try:
@@ -559,7 +486,7 @@ class Core:
             monitor.close(0)
             self._socket.close(linger=_CLOSE_LINGER_MS if self.connected else 0)
             self._context.term()
-            _live_cores.discard(self)
+            _lifecycle.untrack(self)
             os.close(self._wake_r)
             os.close(self._wake_w)
 
@@ -628,10 +555,9 @@ class Core:
                 logger.warning("cannot reconnect to %s: %s", self.address, exc)
 
     def _fail_all(self, error: BrokerError) -> None:
-        requests, self._requests = self._requests, {}
-        self._backlog.clear()
+        requests = self._requests.clear()
         with self.lock:
-            for request in requests.values():
+            for request in requests:
                 if request.waiter is not None:
                     request.waiter.resolve(None, error)
             self.state.fail_waiters(error)
@@ -679,7 +605,7 @@ class Core:
             self.state.deliver(channels, bodies, ttls, now)
 
     def _on_reply(self, req: int, code: int, detail: str, value: Any) -> None:
-        request = self._requests.pop(req, None)
+        request = self._requests.pop(req)
         if request is None:
             if code == SubscriptionError.code and isinstance(value, dict) and value.get("channel"):
                 with self.lock:
@@ -731,8 +657,8 @@ class Core:
         self._ready.set()
 
     def _tick(self, now: float) -> None:
-        if self._backlog:
-            self._drain_backlog()
+        if self._requests.backlog:
+            self._requests.drain(self._send_frames)
         if now < self._next_scan:
             return
         self._next_scan = now + _SCAN_INTERVAL
@@ -740,7 +666,7 @@ class Core:
             self._retry_handshake(now)
             return
         # request timeouts
-        for req in [req for req, r in self._requests.items() if r.deadline <= now]:
+        for req in self._requests.expired(now):
             self._drop_request(req, "timed out")
         # liveness
         silent = now - self._last_heard
@@ -765,8 +691,7 @@ class Core:
             self._unreachable_reported = True
             threading.Thread(target=self.on_unreachable, args=(self.address,), daemon=True).start()
         # Old requests keep their deadlines; unsent ones stay in the backlog.
-        stale = [req for req, r in self._requests.items() if r.waiter is None and r.on_reply is not None]
-        for req in stale:  # hellos and heartbeats to a dead peer
+        for req in self._requests.internal():  # hellos and heartbeats to a dead peer
             self._requests.pop(req)
         self._hello()
 
