@@ -5,7 +5,8 @@ client state (``client._state.ClientState``).
 The package: ``_state`` (receive buffers, credit, consumption, the send
 window: the rules, no I/O), ``_requests`` (requests in flight),
 ``waiters`` (how a result reaches a thread or an event loop), ``core``
-(socket, I/O thread, lock), ``_lifecycle`` (fork and exit).
+(socket, I/O thread, lock), ``_handshake`` (CURVE refusals),
+``_lifecycle`` (fork and exit).
 
 Both may be used from any number of threads and event loops at once. A
 client owns one I/O thread and one socket; make one per process and

@@ -66,6 +66,7 @@ from ..exceptions import (
 from ..keys import client_curve
 from ..options import ClientOptions
 from . import _lifecycle
+from ._handshake import Handshake
 from ._requests import Requests
 from ._state import ChannelState, ClientState, Item, W
 from .waiters import AsyncWaiter, SyncWaiter, Waiter
@@ -84,6 +85,10 @@ _MAX_BACKLOG = 10_000  # messages waiting for a connection; past it the oldest i
 _CLOSE_LINGER_MS = 1000  # how long close() lets queued messages drain
 # --- CURVE (docs/security.md) ---
 _AUTH_RETRY = 5.0  # seconds between new handshakes after a refusal (libzmq does not retry by itself)
+_FAILURES: dict[int, str] = {
+    int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "auth",
+    int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "protocol",
+}
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -119,10 +124,7 @@ class Core:
         self.address = address
         # --- CURVE: keys are read here, so a bad file fails the constructor.
         self._curve = client_curve(server_key, client_key)
-        #: Set while the broker refuses our handshake: every call fails with it.
-        self.auth_error: Optional[AuthenticationFailed] = None
-        self._vague_failures = 0  # handshakes failed without detail, in a row
-        self._auth_retry_at = 0.0
+        self._handshake = Handshake(address, self._curve is not None)
         self.timeout = timeout
         self.heartbeat = heartbeat
         #: Receive buffers, credit, consumption, groups and the send window;
@@ -506,48 +508,37 @@ class Core:
             elif event & _HANDSHAKE_EVENTS:
                 self._on_handshake(event)
 
-    # --- CURVE: handshake outcomes ---------------------------------------
+    # --- CURVE: handshake outcomes (the decisions: _handshake.Handshake) ---
+    @property
+    def auth_error(self) -> Optional[AuthenticationFailed]:
+        """Set while the broker refuses our handshake: every call fails with it."""
+        return self._handshake.error
+
     def _on_handshake(self, event: int) -> None:
+        handshake = self._handshake
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self._vague_failures = 0
-            if self.auth_error is not None:
+            if handshake.succeeded():
                 logger.info("the broker at %s accepted this client again", self.address)
-                self.auth_error = None
                 self._hello()
             return
-        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-            # A wrong server key looks like this, repeated at every reconnect
-            # (~50 ms apart); a single one is also what a broker going away
-            # mid-handshake looks like, so it takes two in a row. Without
-            # CURVE it is never about keys (a peer that is not a broker, a
-            # proxy with no backend): left to the usual timeouts.
-            if self._curve is None:
-                return
-            self._vague_failures += 1
-            if self._vague_failures < 2:
-                return
-        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            reason = "key not authorized"
-        elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-            reason = "security mismatch: CURVE on one side only, or not a broker"
-        else:
-            reason = "handshake failed: wrong server key?"
-        if self.auth_error is None:
-            logger.error("the broker at %s refused this client: %s", self.address, reason)
-        self.auth_error = AuthenticationFailed(self.address, reason)
-        self._auth_retry_at = time.monotonic() + _AUTH_RETRY
+        kind = _FAILURES.get(event, "vague")
+        was_refused = handshake.error is not None
+        if not handshake.failed(kind, time.monotonic(), _AUTH_RETRY):
+            return
+        assert handshake.error is not None
+        if not was_refused:
+            logger.error("the broker at %s refused this client: %s", self.address, handshake.error.reason)
         with self.lock:
             self.connected = False
         self._ready.clear()
-        self._fail_all(self.auth_error)
+        self._fail_all(handshake.error)
 
     def _retry_handshake(self, now: float) -> None:
         """Fail receives that came in meanwhile; now and then, try again
         (the key may have been authorized since)."""
         assert self.auth_error is not None
         self._fail_all(self.auth_error)
-        if now >= self._auth_retry_at:
-            self._auth_retry_at = now + _AUTH_RETRY
+        if self._handshake.retry_due(now, _AUTH_RETRY):
             try:
                 self._socket.disconnect(self.address)
                 self._socket.connect(self.address)

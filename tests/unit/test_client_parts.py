@@ -1,5 +1,6 @@
-"""``client._requests.Requests``: numbering, the backlog and timeouts, with
-a fake send. No sockets."""
+"""The client's small pure parts: ``_requests.Requests`` (numbering, the
+backlog, timeouts, with a fake send) and ``_handshake.Handshake`` (CURVE
+refusals). No sockets."""
 
 from __future__ import annotations
 
@@ -39,3 +40,15 @@ def test_overflow_drops_the_oldest_and_deadlines_expire():
     assert requests.expired(6.5) == [1, 2]
     assert requests.pop(1) is not None and requests.pop(1) is None
     assert len(requests.clear()) == 3 and not requests.backlog and 4 not in requests
+
+
+def test_a_refusal_needs_two_vague_failures_and_ends_on_success():
+    from django_message_broker.client._handshake import Handshake
+
+    handshake = Handshake("tcp://x:1", curve=True)
+    assert not handshake.failed("vague", 0.0, 5.0)  # one alone: a broker going away
+    assert handshake.failed("vague", 0.1, 5.0) and handshake.error is not None
+    assert not handshake.retry_due(1.0, 5.0) and handshake.retry_due(5.1, 5.0)
+    assert handshake.succeeded() and handshake.error is None and not handshake.succeeded()
+    assert handshake.failed("auth", 6.0, 5.0) and handshake.error.reason == "key not authorized"
+    assert not Handshake("tcp://x:1", curve=False).failed("vague", 0.0, 5.0)
