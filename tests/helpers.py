@@ -240,8 +240,8 @@ class PureClient:
                     callback(value)
                 else:
                     self.replies[req] = msg
-            case p.Flushed(epoch):
-                self.state.flushed(epoch)
+            case p.Flushed(epoch, prefix):
+                self.state.flushed(epoch, prefix)
             case p.Welcome():
                 pass
 

@@ -180,6 +180,27 @@ def test_flush_drops_buffers_consumption_depths_and_groups(pair):
         assert pair[A].send("ch", body, capacity=4) is None
 
 
+def test_a_namespace_flush_drops_only_that_namespace(pair):
+    for name in ("a.ch", "b.ch"):
+        pair[B].receive(name)
+        for body in (b"1", b"2"):
+            pair[A].send(name, body, capacity=10)
+        pair[B].state.remember_group(name[0] + ".room", name, pair.now + 60)
+    pair[A].request(p.Flush(0, "a"))
+    state = pair[B].state
+    assert not state.channels["a.ch"].buffer and len(state.channels["b.ch"].buffer) == 1
+    assert list(state.groups) == [("b.room", "b.ch")]
+    assert list(pair[A].state.window.depth) == ["b.ch"]
+
+
+def test_a_refused_pipelined_send_makes_the_next_one_checked():
+    window = SendWindow()
+    window.refused_pipelined("ch")
+    assert not window.may_pipeline("ch", 1_000_000, connected=True)
+    window.acked("ch", 3)
+    assert window.may_pipeline("ch", 100, connected=True)
+
+
 # -- restarts -----------------------------------------------------------------------
 def test_a_restart_replays_credit_for_waiting_receives_and_live_groups(pair):
     waiting = pair[B].receive("ch")

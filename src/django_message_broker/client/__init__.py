@@ -74,6 +74,7 @@ class _ClientBase:
         idle_return: float = _D.idle_return,
         embedded: bool = _D.embedded,
         embedded_idle_timeout: float = _D.embedded_idle_timeout,
+        embedded_max_memory: Optional[int] = _D.embedded_max_memory,
         max_message_size: int = _D.max_message_size,
         server_key: Optional[str] = _D.server_key,
         client_key: Optional[str] = _D.client_key,
@@ -93,6 +94,7 @@ class _ClientBase:
             idle_return=idle_return,
             embedded=embedded,
             embedded_idle_timeout=embedded_idle_timeout,
+            embedded_max_memory=embedded_max_memory,
             max_message_size=max_message_size,
             server_key=server_key,
             client_key=client_key,
@@ -148,6 +150,7 @@ class _ClientBase:
                     address,
                     idle_timeout=options.embedded_idle_timeout,
                     max_body=options.max_message_size,
+                    max_memory=options.embedded_max_memory,
                     server_key=options.server_key,
                     client_key=options.client_key,
                 )
@@ -233,14 +236,21 @@ class _ClientBase:
         return core, p.Send(0, channel, ttl, capacity, True), body
 
     def _group_send(
-        self, group: str, body: bytes, ttl: float, capacity: int, capacities: Sequence[tuple[str, int]]
+        self,
+        group: str,
+        body: bytes,
+        ttl: float,
+        capacity: int,
+        capacities: Sequence[tuple[str, int]],
+        prefix: str = "",
     ) -> tuple[p.GroupSend, bytes]:
         p.check_group_name(group)
         ttl = check_ttl("ttl", ttl)
         capacity = check_capacity("capacity", capacity)
         rules = _check_capacities(capacities)
+        p.check_prefix(prefix)
         body = self._check_body(self.core, body)
-        return p.GroupSend(0, group, ttl, capacity, rules), body
+        return p.GroupSend(0, group, ttl, capacity, rules, prefix), body
 
     def _send_failed(self, core: Core, channel: str, capacity: int, error: BaseException) -> None:
         core.refused(channel, capacity, isinstance(error, QueueFull))
@@ -316,17 +326,21 @@ class AsyncClient(_ClientBase):
         ttl: float = 60.0,
         capacity: int = 100,
         capacities: Sequence[tuple[str, int]] = (),
+        prefix: str = "",
     ) -> tuple[int, int]:
         """Send to every member; full members are skipped. ``capacities``:
-        (regex, capacity) rules for members, first match wins. Returns
+        (regex, capacity) rules for members, first match wins; with
+        ``prefix``, they are matched against member names without
+        ``prefix.`` (see ``protocol.GroupSend``). Returns
         ``(delivered, skipped)``."""
-        msg, body = self._group_send(group, body, ttl, capacity, capacities)
+        msg, body = self._group_send(group, body, ttl, capacity, capacities, prefix)
         sent, skipped = await self._request(msg, body)
         return sent, skipped
 
-    async def flush(self) -> None:
-        """Drop every queued message and group on the broker."""
-        await self._request(p.Flush(0))
+    async def flush(self, prefix: str = "") -> None:
+        """Drop every queued message and group on the broker, or only those
+        of namespace ``prefix`` (names ``prefix.*``)."""
+        await self._request(p.Flush(0, p.check_prefix(prefix)))
 
     async def stats(self) -> dict[str, Any]:
         return await self._request(p.Stats(0))  # type: ignore[no-any-return]
@@ -393,14 +407,15 @@ class SyncClient(_ClientBase):
         ttl: float = 60.0,
         capacity: int = 100,
         capacities: Sequence[tuple[str, int]] = (),
+        prefix: str = "",
     ) -> tuple[int, int]:
         """As ``AsyncClient.group_send``, blocking."""
-        msg, body = self._group_send(group, body, ttl, capacity, capacities)
+        msg, body = self._group_send(group, body, ttl, capacity, capacities, prefix)
         sent, skipped = self._request(msg, body)
         return sent, skipped
 
-    def flush(self) -> None:
-        self._request(p.Flush(0))
+    def flush(self, prefix: str = "") -> None:
+        self._request(p.Flush(0, p.check_prefix(prefix)))
 
     def stats(self) -> dict[str, Any]:
         return self._request(p.Stats(0))  # type: ignore[no-any-return]

@@ -41,6 +41,7 @@ __all__ = ["MAX_TRACKED_CHANNELS", "MAX_UNACKED", "ChannelState", "ClientState",
 MAX_UNACKED = 4096
 #: Channels whose depth the send window remembers; past it, it forgets them all.
 MAX_TRACKED_CHANNELS = 10_000
+_FULL = 1 << 62  # a channel's depth once a pipelined send to it was refused: ask next time
 
 Item = tuple[bytes, float]  # a delivered message: (body, local deadline)
 Outgoing = tuple[p.Command, Optional[list[bytes]]]  # a message for the driver to send, with its bodies
@@ -208,14 +209,21 @@ class SendWindow:
         else:
             self.depth.pop(channel, None)
 
+    def refused_pipelined(self, channel: str) -> None:
+        """The broker refused a pipelined send (full, or out of memory): the
+        next sends to ``channel`` wait for its answer (an exact QueueFull)."""
+        self.depth[channel] = _FULL
+
     def reset(self, restarted: bool) -> None:
         """(Re)connected: nothing is in flight; a new broker holds nothing."""
         self.unacked = 0
         if restarted:
             self.depth.clear()
 
-    def flushed(self) -> None:
-        self.depth.clear()
+    def flushed(self, prefix: str = "") -> None:
+        """Namespace ``prefix`` (``""``: everything) was flushed."""
+        for channel in [channel for channel in self.depth if p.in_namespace(channel, prefix)]:
+            del self.depth[channel]
 
 
 class ClientState:
@@ -322,16 +330,20 @@ class ClientState:
         self.report_due = True
 
     # -- the broker's lifecycle ---------------------------------------------
-    def flushed(self, epoch: int) -> None:
-        """The broker dropped every queued message and group: drop what was
-        delivered here and not read, and what we knew of depths and groups.
-        Unreported consumption was about flushed messages: forget it too."""
+    def flushed(self, epoch: int, prefix: str = "") -> None:
+        """The broker dropped every queued message and group of namespace
+        ``prefix`` (``""``: all): drop what was delivered here and not read,
+        and what we knew of depths and groups, in that namespace. Unreported
+        consumption there was about flushed messages: forget it too."""
+        covered = p.in_namespace
         self.epoch = epoch
         for state in self.channels.values():
-            state.buffer.clear()
-            state.consumed = 0
-        self.groups.clear()
-        self.window.flushed()
+            if covered(state.name, prefix):
+                state.buffer.clear()
+                state.consumed = 0
+        for key in [key for key in self.groups if covered(key[0], prefix)]:
+            del self.groups[key]
+        self.window.flushed(prefix)
 
     def connected(self, now: float, restarted: bool) -> list[p.Command]:
         """A broker answered our Hello. Outstanding credit is void: grant it

@@ -60,6 +60,7 @@ from ..exceptions import (
     BrokerError,
     BrokerUnavailable,
     ClientClosed,
+    QueueFull,
     SubscriptionError,
     from_wire,
 )
@@ -578,17 +579,17 @@ class Core:
                         logger.warning("bad Deliver from broker: %d ttls, %d bodies", len(ttls), len(frames) - 1)
                 case p.Reply(req, code, detail, value):
                     self._on_reply(req, code, detail, value)
-                case p.Flushed(epoch):
-                    self._on_flushed(epoch)
+                case p.Flushed(epoch, prefix):
+                    self._on_flushed(epoch, prefix)
                 case p.Welcome(instance, max_body):
                     self.max_body = max_body
                     if instance != self.instance:
                         logger.info("broker %s is new to this client: restoring state", instance)
                         self._hello()
 
-    def _on_flushed(self, epoch: int) -> None:
+    def _on_flushed(self, epoch: int, prefix: str = "") -> None:
         with self.lock:
-            self.state.flushed(epoch)
+            self.state.flushed(epoch, prefix)
 
     def _on_deliver(self, channels: list[str], bodies: list[bytes], ttls: list[float]) -> None:
         now = time.monotonic()
@@ -603,6 +604,9 @@ class Core:
                     self.state.refuse(value["channel"], from_wire(code, detail, value))
             elif code:
                 logger.error("broker refused a message: %s", detail)
+                if code == QueueFull.code and isinstance(value, dict) and isinstance(value.get("channel"), str):
+                    with self.lock:  # the next sends to it wait for an exact QueueFull
+                        self.state.window.refused_pipelined(value["channel"])
             return
         if code:
             error: Optional[BaseException] = from_wire(code, detail, value)

@@ -17,6 +17,7 @@ See docs/security.md.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 from typing import Any
@@ -25,6 +26,7 @@ import zmq
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from ..._memory import parse_size
 from ...options import LayerOptions
 from ...server.server import check_bind, serve
 
@@ -42,6 +44,13 @@ def server_settings() -> dict[str, Any]:
     return dict(value)
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _octal(text: str) -> int:
     return int(text, 8)
 
@@ -54,6 +63,13 @@ class Command(BaseCommand):
         parser.add_argument("--alias", default="default", help="CHANNEL_LAYERS alias to read the address from")
         parser.add_argument(
             "--max-body", type=int, default=None, help="largest message in bytes (default: CONFIG's max_message_size)"
+        )
+        parser.add_argument(
+            "--max-memory",
+            type=_size,
+            default=None,
+            help="bytes of queued messages held at most, e.g. 256MB or 1GiB "
+            "(default: CONFIG's embedded_max_memory, else a quarter of physical memory)",
         )
         parser.add_argument("--idle-timeout", type=float, default=None)
         parser.add_argument("--secret-key", default=None, help="the broker's secret certificate (CURVE)")
@@ -72,6 +88,7 @@ class Command(BaseCommand):
             raise CommandError(f"CHANNEL_LAYERS[{options['alias']!r}]: {exc}") from None
         address = options["bind"] or conf.get("bind") or client.address
         max_body = options["max_body"] or client.max_message_size
+        max_memory = options["max_memory"] or client.embedded_max_memory
         security: dict[str, Any] = {
             key: options[key] if options[key] is not None else conf.get(key)
             for key in ("secret_key", "authorized_keys", "ipc_mode", "insecure")
@@ -89,7 +106,11 @@ class Command(BaseCommand):
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
-            asyncio.run(serve(address, max_body=max_body, idle_timeout=options["idle_timeout"], **security))
+            asyncio.run(
+                serve(
+                    address, max_body=max_body, max_memory=max_memory, idle_timeout=options["idle_timeout"], **security
+                )
+            )
         except ValueError as exc:
             raise CommandError(f"refusing to serve on {address}: {exc}") from None
         except (OSError, zmq.ZMQError) as exc:
