@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from typing import Iterator
 import pytest
 
 from django_message_broker.embedded import probe
+from helpers import free_port
 
 N = 10_000
 
@@ -55,12 +55,6 @@ CONSUMER = textwrap.dedent(
     print(json.dumps({"got": got, "extra": extra}), flush=True)
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
