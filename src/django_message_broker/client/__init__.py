@@ -18,6 +18,7 @@ time the child uses it, and leaves the parent's alone.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar
@@ -38,6 +39,7 @@ from .core import AsyncWaiter, Core, SyncWaiter
 
 __all__ = ["DEFAULT_ADDRESS", "AsyncClient", "SyncClient"]
 
+logger = logging.getLogger("django_message_broker.client")
 _C = TypeVar("_C", bound="_ClientBase")
 #: Guards building and dropping cores (rare), for every client: a lock of
 #: the client's own could be held by a parent thread at fork() and would
@@ -146,14 +148,19 @@ class _ClientBase:
             from ..embedded import ensure_broker
 
             def on_unreachable(address: str) -> None:
-                ensure_broker(
-                    address,
-                    idle_timeout=options.embedded_idle_timeout,
-                    max_body=options.max_message_size,
-                    max_memory=options.embedded_max_memory,
-                    server_key=options.server_key,
-                    client_key=options.client_key,
-                )
+                # On a thread of its own: a failure is logged, and the calls
+                # waiting for a broker raise BrokerUnavailable at their timeout.
+                try:
+                    ensure_broker(
+                        address,
+                        idle_timeout=options.embedded_idle_timeout,
+                        max_body=options.max_message_size,
+                        max_memory=options.embedded_max_memory,
+                        server_key=options.server_key,
+                        client_key=options.client_key,
+                    )
+                except Exception as exc:
+                    logger.error("could not start an embedded broker at %s: %s", address, exc)
 
         return Core(
             options.address,
