@@ -44,6 +44,9 @@ def probe(address: str, timeout: float = 0.3, *, server_key: Any = None, client_
     if curve is not None:
         sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
     sock.setsockopt(zmq.ROUTING_ID, b"probe-" + uuid.uuid4().hex.encode())
+    # A DEALER with no connected peer blocks on send (after a refused CURVE
+    # handshake libzmq drops the pipe): never wait longer than the probe.
+    sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
     try:
         sock.connect(address)
         sock.send_multipart([p.encode(p.Hello(1, "probe", 1.0))])

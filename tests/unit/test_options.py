@@ -45,6 +45,7 @@ WRONG_TYPES: dict[str, tuple[Any, str]] = {
     "port": ("5556", "int"),
     "server_key": (42, "certificate file"),
     "client_key": (["a"], "certificate file"),
+    "prefix": (b"mysite", "str"),
 }
 
 #: key -> values of the right type that are out of range
@@ -74,6 +75,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "port": [0, 65536],
     "server_key": [""],
     "client_key": [""],
+    "prefix": ["my.site", "my site", "x" * 64, "é"],
 }
 
 

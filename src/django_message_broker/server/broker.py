@@ -36,6 +36,7 @@ import functools
 import logging
 import os
 import re
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -62,6 +63,8 @@ BUSY, GONE = _errno.EAGAIN, _errno.EHOSTUNREACH
 
 _MAX_RULES = 64
 _QUEUED, _FULL, _NO_MEMORY = 0, 1, 2
+#: Flushes remembered to judge late reports (see ``Broker._flushed_since``).
+_FLUSH_HISTORY = 256
 
 
 @functools.lru_cache(maxsize=256)
@@ -120,8 +123,10 @@ class Broker:
         self.instance = os.urandom(8).hex()
         #: Incremented by every flush: reports (``Consumed``, ``Return``) made
         #: before a flush the client had not yet heard of are about messages
-        #: the flush dropped.
+        #: the flush dropped, if that flush covered their channel's namespace.
         self.epoch = 0
+        #: (epoch, prefix) of the latest flushes, oldest first.
+        self._flushes: deque[tuple[int, str]] = deque(maxlen=_FLUSH_HISTORY)
         self.queues: dict[str, ChannelQueue] = {}
         self.groups = Groups()
         self.clients: dict[bytes, ClientState] = {}
@@ -416,14 +421,14 @@ class Broker:
         channels, counts = cmd.channels, cmd.counts
         if len(channels) != len(counts) or any(type(c) is not int or c < 0 for c in counts):
             raise ProtocolError("Consumed needs one count (>= 0) per channel")
-        if cmd.epoch == self.epoch:  # else: about messages a flush dropped
-            for channel, count in zip(channels, counts, strict=True):
+        for channel, count in zip(channels, counts, strict=True):
+            if not self._flushed_since(cmd.epoch, channel):  # else: about messages a flush dropped
                 self._release(client, channel, count)
 
     def _on_return(self, client: ClientState, cmd: p.Return, bodies: list, now: float) -> None:
         channel, ttls = cmd.channel, cmd.ttls
         self._check_bodies(bodies, len(ttls))
-        if cmd.epoch != self.epoch:  # delivered before a flush: flushed
+        if self._flushed_since(cmd.epoch, channel):  # delivered before a flush: flushed
             return
         self._release(client, channel, len(bodies))
         queue = self._queue(channel)
@@ -454,11 +459,15 @@ class Broker:
         self._check_bodies(bodies, 1)
         _check_ttl(cmd.ttl)
         group = p.check_group_name(cmd.group)
+        prefix = p.check_prefix(cmd.prefix)
         rules = _compile_rules(cmd.capacities)
         body, ttl, capacity = bodies[0], cmd.ttl, cmd.capacity
         sent = skipped = no_memory = 0
+        cut = len(prefix) + 1 if prefix else 0
         for channel in self.groups.members(group, now):
-            limit = next((cap for pattern, cap in rules if pattern.match(channel)), capacity)
+            # Rules see the name the sender's users know (no "prefix.").
+            name = channel[cut:] if cut and p.in_namespace(channel, prefix) else channel
+            limit = next((cap for pattern, cap in rules if pattern.match(name)), capacity)
             outcome = self._push(self._queue(channel), body, ttl, limit)
             sent += outcome == _QUEUED
             skipped += outcome != _QUEUED
@@ -489,11 +498,12 @@ class Broker:
         self._reply(client.ident, p.Reply(cmd.req, 0, "", [self.instance, self.max_body, self.epoch]))
 
     def _on_flush(self, client: ClientState, cmd: p.Flush) -> None:
-        self.flush()
-        # Every client drops what it was delivered and has not read; the
-        # notice follows what each was sent before it, and the flusher sees
-        # it before its reply (one ordered buffer per peer).
-        notice = p.encode(p.Flushed(self.epoch))
+        prefix = p.check_prefix(cmd.prefix)
+        self.flush(prefix)
+        # Every client drops what it was delivered and has not read (in that
+        # namespace); the notice follows what each was sent before it, and
+        # the flusher sees it before its reply (one ordered buffer per peer).
+        notice = p.encode(p.Flushed(self.epoch, prefix))
         for other in self.clients:
             self.outbox.reply(other, notice)
         self._reply(client.ident, p.Reply(cmd.req))
@@ -548,21 +558,37 @@ class Broker:
                 queue.release(endpoint, endpoint.held)
         self._drop_endpoints(client)
 
-    def flush(self) -> None:
-        """Drop every queued message and every group (endpoints stay), and
-        what clients hold: the ``Flushed`` notice tells them to drop it."""
+    def flush(self, prefix: str = "") -> None:
+        """Drop every queued message and every group of namespace ``prefix``
+        (``""``: all; endpoints stay), and what clients hold there: the
+        ``Flushed`` notice tells them to drop it. Other namespaces are not
+        touched: their held counts stay, and their late reports count."""
         self.epoch += 1
+        self._flushes.append((self.epoch, prefix))
         for client in self.clients.values():
-            for endpoint in client.endpoints.values():
-                endpoint.held = 0
+            for channel, endpoint in client.endpoints.items():
+                if p.in_namespace(channel, prefix):
+                    endpoint.held = 0
         for queue in list(self.queues.values()):
-            queue.clear()
-            queue.held = 0
-            self._forget_if_empty(queue)
+            if p.in_namespace(queue.name, prefix):
+                queue.clear()
+                queue.held = 0
+                self._forget_if_empty(queue)
         for client in self.clients.values():
             for channel in list(client.endpoints):
-                self._forget_endpoint_if_done(client, channel)
-        self.groups.clear()
+                if p.in_namespace(channel, prefix):
+                    self._forget_endpoint_if_done(client, channel)
+        self.groups.clear(prefix)
+
+    def _flushed_since(self, epoch: int, channel: str) -> bool:
+        """Did a flush after ``epoch`` cover ``channel``? A report (``Consumed``,
+        ``Return``) made at ``epoch`` is then about messages it dropped. Flushes
+        too old to remember count as covering (the old, safe answer)."""
+        if epoch >= self.epoch:
+            return False
+        if epoch < self.epoch - len(self._flushes):
+            return True
+        return any(e > epoch and p.in_namespace(channel, prefix) for e, prefix in self._flushes)
 
     def retry_stalled(self) -> None:
         """Deliver again from the queues whose peer was busy or gone (the
