@@ -41,7 +41,7 @@ from .client import AsyncClient
 from .messages import decode_message, encode_message
 from .namespace import default_prefix
 from .options import LayerOptions
-from .protocol import NameCache
+from .protocol import NameCache, check_channel_name
 
 __all__ = [
     "ChannelFull",
@@ -76,7 +76,11 @@ class ForeignChannel(exceptions.SubscriptionError, AssertionError):
 
 def check_own_channel(channel: str, client_prefix: str) -> None:
     """Raise ``ForeignChannel`` unless a ``!`` channel was made by the
-    instance whose ``new_channel()`` names carry ``client_prefix``."""
+    instance whose ``new_channel()`` names carry ``client_prefix``. A name
+    that is not valid at all is a ``TypeError`` (``InvalidName``) first:
+    Channels' own check lets a trailing newline through (its regex ends in
+    ``$``), ours does not."""
+    check_channel_name(channel)
     head, bang, _ = channel.partition("!")
     if bang and not head.endswith("." + client_prefix) and head != client_prefix:
         raise ForeignChannel(

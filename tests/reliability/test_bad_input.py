@@ -803,6 +803,7 @@ _NAME_CHARS = st.sampled_from("abcXYZ019-_.!/ :é名\n\t\x00")
 @example(name="a!b!c")
 @example(name="")
 @example(name="0!")
+@example(name="0!\n")
 def test_layer_channel_and_group_names_are_checked(layer, loop, name):
     """Any name is either valid (the operation works) or refused with a
     TypeError, for every operation; nothing else escapes. The one valid name
