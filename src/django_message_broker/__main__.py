@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import zmq
 
+from ._memory import parse_size
 from .embedded import address_in_use_hint, serve_embedded, stop_embedded
 from .server.broker import DEFAULT_MAX_BODY
 from .server.server import DEFAULT_ADDRESS, check_bind, serve
@@ -31,6 +32,14 @@ def _mode(text: str) -> int:
     if not 0 <= mode <= 0o777:
         raise argparse.ArgumentTypeError(f"not a file mode: {text!r}")
     return mode
+
+
+def _size(text: str) -> int:
+    """A byte size: 268435456, 256MB, 1GiB."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def prog_name(argv0: Optional[str] = None) -> str:
@@ -59,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest message body in bytes (default 16 MiB)"
     )
     run.add_argument("--max-queue-length", type=int, default=None, help="hard cap on any one channel's queue")
+    run.add_argument(
+        "--max-memory",
+        type=_size,
+        default=None,
+        help="bytes of queued messages the broker holds at most, broker-wide; past it sends are refused "
+        "(e.g. 268435456, 256MB, 1GiB; default: a quarter of the host's physical memory)",
+    )
     run.add_argument(
         "--idle-timeout",
         type=float,
@@ -117,6 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.bind,
                 max_body=args.max_body,
                 max_queue_length=args.max_queue_length,
+                max_memory=args.max_memory,
                 idle_timeout=args.idle_timeout,
                 secret_key=args.secret_key,
                 authorized_keys=args.authorized_keys,

@@ -51,6 +51,9 @@ def probe(address: str, timeout: float = 0.3, *, server_key: Any = None, client_
     if curve is not None:
         sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
     sock.setsockopt(zmq.ROUTING_ID, b"probe-" + uuid.uuid4().hex.encode())
+    # A DEALER with no connected peer blocks on send (after a refused CURVE
+    # handshake libzmq drops the pipe): never wait longer than the probe.
+    sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
     try:
         sock.connect(address)
         sock.send_multipart([p.encode(p.Hello(1, "probe", 1.0))])
@@ -74,11 +77,13 @@ def ensure_broker(
     idle_timeout: Optional[float] = 60.0,
     timeout: float = 10.0,
     max_body: int = DEFAULT_MAX_MESSAGE_SIZE,
+    max_memory: Optional[int] = None,
     server_key: Any = None,
     client_key: Any = None,
 ) -> bool:
     """Make a broker available at ``address`` (started with a body limit of
-    ``max_body`` bytes). Returns True if this call started it. Raises
+    ``max_body`` bytes, and ``max_memory`` bytes of queued messages if
+    given, else the broker's default). Returns True if this call started it. Raises
     ``RuntimeError`` if it cannot. With ``server_key`` it only probes: an
     embedded broker has no secret key to serve CURVE."""
     if probe(address, server_key=server_key, client_key=client_key):
@@ -99,6 +104,8 @@ def ensure_broker(
             return False
         command = [sys.executable, "-m", "django_message_broker", "serve", "--embedded", "--bind", address]
         command += ["--max-body", str(max_body)]
+        if max_memory is not None:
+            command += ["--max-memory", str(max_memory)]
         if idle_timeout is not None:
             command += ["--idle-timeout", str(idle_timeout)]
         with open(log_path, "ab") as log:

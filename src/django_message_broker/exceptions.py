@@ -42,16 +42,23 @@ class ProtocolError(BrokerError):
 
 
 class QueueFull(BrokerError):
-    """The channel already holds ``capacity`` messages."""
+    """The channel already holds ``capacity`` messages, or (``reason`` set)
+    the broker refused for another reason, such as its memory limit."""
 
     code = 1
 
-    def __init__(self, channel: str = "", capacity: int = 0) -> None:
-        super().__init__(f"channel {channel!r} is full (capacity {capacity})")
+    def __init__(self, channel: str = "", capacity: int = 0, reason: str = "") -> None:
+        if reason:
+            super().__init__(f"channel {channel!r} refused the message: {reason}")
+        else:
+            super().__init__(f"channel {channel!r} is full (capacity {capacity})")
         self.channel = channel
         self.capacity = capacity
+        self.reason = reason
 
     def fields(self) -> dict[str, Any]:
+        if self.reason:
+            return {"channel": self.channel, "capacity": self.capacity, "reason": self.reason}
         return {"channel": self.channel, "capacity": self.capacity}
 
 

@@ -17,6 +17,13 @@ Messages are dicts, encoded with msgpack (msgspec); the broker never looks
 inside them. Names are checked with Channels' own rules (``TypeError``).
 With ``embedded`` (the default for a local address) the first use starts a
 broker for the whole host if none answers (see ``embedded.py``).
+
+Namespaces. Channel and group names travel as ``prefix.name``, where
+``prefix`` is the ``CONFIG`` key, by default derived from the project's base
+directory (``namespace.py``), so two projects on one broker never meet and
+``flush()`` empties only this project's channels and groups. Users only ever
+see their own names: ``new_channel()`` returns an unprefixed name, and
+capacity rules match unprefixed names (``GroupSend.prefix``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from channels.layers import BaseChannelLayer
 from . import exceptions
 from .client import AsyncClient
 from .messages import decode_message, encode_message
+from .namespace import default_prefix
 from .options import LayerOptions
 from .protocol import NameCache
 
@@ -123,6 +131,9 @@ class ChannelsServerLayer(BaseChannelLayer):
         self.group_expiry = options.group_expiry
         self.options = options.client
         self.address = options.client.address
+        #: The namespace on the broker ("": none); names go out as "prefix.name".
+        self.prefix = default_prefix() if options.prefix is None else options.prefix
+        self._wire = f"{self.prefix}." if self.prefix else ""
         #: This layer's part of ``new_channel()`` names: random, so unique
         #: across processes and unaffected by ``random.seed()``.
         self.client_prefix = uuid.uuid4().hex
@@ -151,9 +162,9 @@ class ChannelsServerLayer(BaseChannelLayer):
         self.require_valid_channel_name(channel)
         body = encode_message(message)
         try:
-            await self.client.send(channel, body, ttl=self.expiry, capacity=self.get_capacity(channel))
+            await self.client.send(self._wire + channel, body, ttl=self.expiry, capacity=self.get_capacity(channel))
         except exceptions.QueueFull as exc:
-            raise ChannelFull(channel, exc.capacity) from None
+            raise ChannelFull(channel, exc.capacity, getattr(exc, "reason", "")) from None
         except exceptions.MessageTooLarge as exc:
             raise MessageTooLarge(exc.size, exc.limit) from None
 
@@ -163,7 +174,7 @@ class ChannelsServerLayer(BaseChannelLayer):
         channel."""
         self.require_valid_channel_name(channel)
         check_own_channel(channel, self.client_prefix)
-        return decode_message(await self.client.receive(channel))
+        return decode_message(await self.client.receive(self._wire + channel))
 
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name, unique across processes."""
@@ -172,12 +183,12 @@ class ChannelsServerLayer(BaseChannelLayer):
     async def group_add(self, group: str, channel: str) -> None:
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
-        await self.client.group_add(group, channel, ttl=self.group_expiry)
+        await self.client.group_add(self._wire + group, self._wire + channel, ttl=self.group_expiry)
 
     async def group_discard(self, group: str, channel: str) -> None:
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
-        await self.client.group_discard(group, channel)
+        await self.client.group_discard(self._wire + group, self._wire + channel)
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send to every member; full members are skipped (and logged)."""
@@ -185,7 +196,12 @@ class ChannelsServerLayer(BaseChannelLayer):
         body = encode_message(message)
         try:
             sent, skipped = await self.client.group_send(
-                group, body, ttl=self.expiry, capacity=self.capacity, capacities=self._capacity_rules
+                self._wire + group,
+                body,
+                ttl=self.expiry,
+                capacity=self.capacity,
+                capacities=self._capacity_rules,
+                prefix=self.prefix,
             )
         except exceptions.MessageTooLarge as exc:
             raise MessageTooLarge(exc.size, exc.limit) from None
@@ -193,8 +209,9 @@ class ChannelsServerLayer(BaseChannelLayer):
             logger.info("%s of %s channels over capacity in group %s", skipped, sent + skipped, group)
 
     async def flush(self) -> None:
-        """Empty every channel and group on the broker."""
-        await self.client.flush()
+        """Empty every channel and group of this layer's namespace (with
+        ``prefix=""``: every one on the broker)."""
+        await self.client.flush(self.prefix)
 
     async def close(self) -> None:
         """Close this layer's connection (a later call opens a new one)."""

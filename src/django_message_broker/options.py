@@ -27,7 +27,8 @@ import os
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from .protocol import MAX_CREDIT, MAX_TTL
+from ._memory import parse_size
+from .protocol import MAX_CREDIT, MAX_PREFIX_LENGTH, MAX_TTL
 
 __all__ = [
     "CLIENT_KEYS",
@@ -104,6 +105,18 @@ def _int_at_least(low: int, high: int = _MAX_INT) -> Callable[[str, Any], int]:
     return check
 
 
+def _memory_size(key: str, value: Any) -> Optional[int]:
+    """``None`` (the broker's default), bytes as an int, or text: ``"256MB"``, ``"1GiB"``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{key} must be None, an int or a size such as '256MB', not {_type_name(value)}: {value!r}")
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+
+
 def _bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{key} must be True or False, not {_type_name(value)}: {value!r}")
@@ -155,6 +168,21 @@ def _host(key: str, value: Any) -> str:
 
 
 _capacity = _int_at_least(1)
+
+
+def _prefix(key: str, value: Any) -> Optional[str]:
+    """A namespace: ``None`` (derive it: ``namespace.default_prefix``), ``""``
+    (none), or letters, digits, ``-`` and ``_`` (no dot)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{key} must be a str (a namespace such as 'mysite'), not {_type_name(value)}: {value!r}")
+    if len(value) > MAX_PREFIX_LENGTH or not re.fullmatch(r"[a-zA-Z\d\-_]*", value):
+        raise ValueError(
+            f"{key} must be at most {MAX_PREFIX_LENGTH} letters, digits, '-' or '_' ('' for no namespace), "
+            f"not {value!r}"
+        )
+    return value
 
 
 def _channel_capacity(key: str, value: Any) -> Optional[dict[Any, int]]:
@@ -210,6 +238,11 @@ class ClientOptions:
     idle_return: float = _field(1.0, _seconds, "seconds without a receive before unread messages go back")
     embedded: bool = _field(False, _bool, "start a broker on this host if none answers")
     embedded_idle_timeout: float = _field(60.0, _seconds, "seconds an idle embedded broker lives")
+    embedded_max_memory: Optional[int] = _field(
+        None,
+        _memory_size,
+        "bytes of queued messages an embedded broker holds (int, or '256MB'); None: a quarter of physical memory",
+    )
     max_message_size: int = _field(
         DEFAULT_MAX_MESSAGE_SIZE, _int_at_least(1), "largest encoded message in bytes (MessageTooLarge)"
     )
@@ -245,6 +278,7 @@ _LAYER_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "channel_capacity": _channel_capacity,
     "ip_address": _host,  # the predecessor's spelling of the address
     "port": _int_at_least(1, 65535),
+    "prefix": _prefix,
 }
 #: Every key a layer's ``CONFIG`` (and ``ProcessClient``) accepts.
 LAYER_KEYS = CLIENT_KEYS + tuple(_LAYER_CHECKS)
@@ -287,7 +321,7 @@ def _parse(config: Any, owner: str) -> tuple[dict[str, Any], list[ConfigProblem]
         if check is None:
             problems.append(ConfigProblem(key, unknown_option(owner, key, LAYER_KEYS), unknown=True))
             continue
-        if value is None and key in ("address", "embedded", "channel_capacity", "server_key", "client_key"):
+        if value is None and key in ("address", "embedded", "channel_capacity", "server_key", "client_key", "prefix"):
             continue  # None: the default (the layer decides embedded by address)
         try:
             values[key] = check(f"{owner} option {key!r}", value)
@@ -306,11 +340,15 @@ class LayerOptions:
     group_expiry: float = 86400.0  # seconds a group membership lives
     capacity: int = 100  # messages a channel holds (ChannelFull)
     channel_capacity: Optional[dict[Any, int]] = None  # {glob or regex: capacity}
+    #: The namespace of channel and group names on the broker, and of
+    #: ``flush()``; ``None``: derived from the Django project (see
+    #: ``namespace.default_prefix``); ``""``: none (shared with everyone).
+    prefix: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.client, ClientOptions):
             raise TypeError(f"client must be a ClientOptions, not {_type_name(self.client)}")
-        for name in ("expiry", "group_expiry", "capacity", "channel_capacity"):
+        for name in ("expiry", "group_expiry", "capacity", "channel_capacity", "prefix"):
             object.__setattr__(self, name, _LAYER_CHECKS[name](f"option {name!r}", getattr(self, name)))
 
     @classmethod
@@ -322,7 +360,7 @@ class LayerOptions:
         values, problems = _parse(config, owner)
         if problems:
             raise problems[0].error
-        own = ("expiry", "group_expiry", "capacity", "channel_capacity")
+        own = ("expiry", "group_expiry", "capacity", "channel_capacity", "prefix")
         layer = {key: values.pop(key) for key in own if key in values}
         host, port = values.pop("ip_address", None), values.pop("port", None)
         if "address" not in values:

@@ -25,6 +25,7 @@ from .exceptions import BrokerError, InvalidName, ProtocolError
 __all__ = [
     "MAX_BATCH",
     "MAX_NAME_LENGTH",
+    "MAX_PREFIX_LENGTH",
     "PIPELINE_SLACK",
     "VERSION",
     "Command",
@@ -32,8 +33,10 @@ __all__ = [
     "Reply",
     "check_channel_name",
     "check_group_name",
+    "check_prefix",
     "decode",
     "encode",
+    "in_namespace",
 ]
 
 #: Version 2: receivers report what they consumed (``Consumed``), so that a
@@ -41,8 +44,11 @@ __all__ = [
 VERSION = 2
 _VERSION_BYTE = bytes([VERSION])
 
-#: Channels' own limit: names are ``str`` with ``len(name) < 100``.
-MAX_NAME_LENGTH = 100
+#: The longest namespace prefix (see ``in_namespace``).
+MAX_PREFIX_LENGTH = 63
+#: Channels' own limit is ``len(name) < 100``; a name on the wire may also
+#: carry a namespace prefix and its dot: ``prefix.name``.
+MAX_NAME_LENGTH = 100 + MAX_PREFIX_LENGTH + 1
 #: Most body frames one Send, Return or Deliver may carry.
 MAX_BATCH = 1024
 #: Unchecked (pipelined) sends are refused only past this multiple of capacity.
@@ -90,6 +96,9 @@ class GroupSend(_Msg, tag=3):
     ttl: float
     capacity: int
     capacities: list[tuple[str, int]] = []
+    #: The sender's namespace: rules are matched against member names
+    #: without ``prefix.`` (the names its users see).
+    prefix: str = ""
 
 
 class GroupAdd(_Msg, tag=4):
@@ -123,8 +132,9 @@ class Unsubscribe(_Msg, tag=7):
 class Return(_Msg, tag=8):
     """Hand delivered, unread messages (body frames, oldest first) back to
     the head of ``channel``'s queue; ``ttls``: seconds each has left.
-    ``epoch``: the flush epoch the client knew when it sent them (messages
-    of an earlier epoch were flushed and are dropped)."""
+    ``epoch``: the flush epoch the client knew when it sent them (if a
+    flush of the channel's namespace came later, they were flushed and are
+    dropped)."""
 
     channel: str
     ttls: list[float]
@@ -132,7 +142,11 @@ class Return(_Msg, tag=8):
 
 
 class Flush(_Msg, tag=9):
+    """Drop the queued messages and groups of namespace ``prefix`` (names
+    ``prefix.*``); ``""``: everything."""
+
     req: int
+    prefix: str = ""
 
 
 class Heartbeat(_Msg, tag=10):
@@ -150,7 +164,8 @@ class Bye(_Msg, tag=12):
 class Consumed(_Msg, tag=13):
     """Receives here returned ``counts[i]`` messages of ``channels[i]`` since
     the last report: they no longer count against those channels' capacity.
-    Reports of an earlier flush ``epoch`` are ignored. Never answered."""
+    A channel's counts are ignored if a flush of its namespace came after
+    ``epoch`` (they are about messages that flush dropped). Never answered."""
 
     epoch: int
     channels: list[str]
@@ -188,10 +203,12 @@ class Welcome(_Msg, tag=22):
 
 
 class Flushed(_Msg, tag=23):
-    """The broker was flushed: drop messages delivered here and not yet read.
-    ``epoch`` is the broker's new flush epoch (see ``Consumed``)."""
+    """Namespace ``prefix`` (``""``: everything) was flushed: drop its
+    messages delivered here and not yet read. ``epoch`` is the broker's new
+    flush epoch (see ``Consumed``)."""
 
     epoch: int = 0
+    prefix: str = ""
 
 
 Command = Union[
@@ -294,6 +311,24 @@ def check_group_name(name: Any) -> str:
     if not isinstance(name, str) or len(name) >= MAX_NAME_LENGTH or not _GROUP_RE.fullmatch(name):
         raise InvalidName(name, "invalid group name")
     return name
+
+
+_PREFIX_RE = re.compile(r"[a-zA-Z\d\-_]*")
+
+
+def check_prefix(prefix: Any) -> str:
+    """A namespace prefix: ``""`` (none) or letters, digits, ``-`` and ``_``
+    (no dot, so namespaces never nest), at most ``MAX_PREFIX_LENGTH``
+    characters; raises ``InvalidName``."""
+    if not isinstance(prefix, str) or len(prefix) > MAX_PREFIX_LENGTH or not _PREFIX_RE.fullmatch(prefix):
+        raise InvalidName(prefix, "invalid namespace prefix")
+    return prefix
+
+
+def in_namespace(name: str, prefix: str) -> bool:
+    """True if ``name`` (a channel or group on the wire) is in namespace
+    ``prefix``: named ``prefix.*``. Every name is in namespace ``""``."""
+    return not prefix or (name.startswith(prefix) and name[len(prefix) : len(prefix) + 1] == ".")
 
 
 def is_process_channel(name: str) -> bool:

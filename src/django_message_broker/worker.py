@@ -31,6 +31,7 @@ from .layer import (
     decode_message,
     encode_message,
 )
+from .namespace import default_prefix
 from .options import LayerOptions
 
 __all__ = ["ProcessClient"]
@@ -64,6 +65,9 @@ class ProcessClient:
         self.channel_capacity = compile_capacities(checked.channel_capacity or {})
         self._capacity_rules = capacity_rules(self.channel_capacity)
         self.options = checked.client
+        #: The namespace on the broker (see ``layer.py``): the layer's, by default.
+        self.prefix = default_prefix() if checked.prefix is None else checked.prefix
+        self._wire = f"{self.prefix}." if self.prefix else ""
         self._validator = BaseChannelLayer()
         self.client_prefix = uuid.uuid4().hex
         self._sync = SyncClient(**self.options.as_dict(), shared=True)
@@ -95,23 +99,23 @@ class ProcessClient:
     def send(self, channel: str, message: dict[str, Any]) -> None:
         body = self._prepare(channel, message)
         with _mapped_errors(channel):
-            self._sync.send(channel, body, ttl=self.expiry, capacity=self.get_capacity(channel))
+            self._sync.send(self._wire + channel, body, ttl=self.expiry, capacity=self.get_capacity(channel))
 
     def receive(self, channel: str, timeout: Optional[float] = None) -> dict[str, Any]:
         """The next message; ``TimeoutError`` after ``timeout`` seconds."""
         self._validator.require_valid_channel_name(channel)
         check_own_channel(channel, self.client_prefix)
-        return decode_message(self._sync.receive(channel, timeout))
+        return decode_message(self._sync.receive(self._wire + channel, timeout))
 
     def group_add(self, group: str, channel: str) -> None:
         self._validator.require_valid_group_name(group)
         self._validator.require_valid_channel_name(channel)
-        self._sync.group_add(group, channel, ttl=self.group_expiry)
+        self._sync.group_add(self._wire + group, self._wire + channel, ttl=self.group_expiry)
 
     def group_discard(self, group: str, channel: str) -> None:
         self._validator.require_valid_group_name(group)
         self._validator.require_valid_channel_name(channel)
-        self._sync.group_discard(group, channel)
+        self._sync.group_discard(self._wire + group, self._wire + channel)
 
     def group_send(self, group: str, message: dict[str, Any]) -> tuple[int, int]:
         """Returns ``(delivered, skipped)``: members over capacity are skipped."""
@@ -119,43 +123,54 @@ class ProcessClient:
         body = encode_message(message)
         with _mapped_errors(group):
             return self._sync.group_send(
-                group, body, ttl=self.expiry, capacity=self.capacity, capacities=self._capacity_rules
+                self._wire + group,
+                body,
+                ttl=self.expiry,
+                capacity=self.capacity,
+                capacities=self._capacity_rules,
+                prefix=self.prefix,
             )
 
     def flush(self) -> None:
-        self._sync.flush()
+        """Empty every channel and group of this client's namespace."""
+        self._sync.flush(self.prefix)
 
     # -- async -----------------------------------------------------------------
     async def asend(self, channel: str, message: dict[str, Any]) -> None:
         body = self._prepare(channel, message)
         with _mapped_errors(channel):
-            await self._async.send(channel, body, ttl=self.expiry, capacity=self.get_capacity(channel))
+            await self._async.send(self._wire + channel, body, ttl=self.expiry, capacity=self.get_capacity(channel))
 
     async def areceive(self, channel: str) -> dict[str, Any]:
         self._validator.require_valid_channel_name(channel)
         check_own_channel(channel, self.client_prefix)
-        return decode_message(await self._async.receive(channel))
+        return decode_message(await self._async.receive(self._wire + channel))
 
     async def agroup_add(self, group: str, channel: str) -> None:
         self._validator.require_valid_group_name(group)
         self._validator.require_valid_channel_name(channel)
-        await self._async.group_add(group, channel, ttl=self.group_expiry)
+        await self._async.group_add(self._wire + group, self._wire + channel, ttl=self.group_expiry)
 
     async def agroup_discard(self, group: str, channel: str) -> None:
         self._validator.require_valid_group_name(group)
         self._validator.require_valid_channel_name(channel)
-        await self._async.group_discard(group, channel)
+        await self._async.group_discard(self._wire + group, self._wire + channel)
 
     async def agroup_send(self, group: str, message: dict[str, Any]) -> tuple[int, int]:
         self._validator.require_valid_group_name(group)
         body = encode_message(message)
         with _mapped_errors(group):
             return await self._async.group_send(
-                group, body, ttl=self.expiry, capacity=self.capacity, capacities=self._capacity_rules
+                self._wire + group,
+                body,
+                ttl=self.expiry,
+                capacity=self.capacity,
+                capacities=self._capacity_rules,
+                prefix=self.prefix,
             )
 
     async def aflush(self) -> None:
-        await self._async.flush()
+        await self._async.flush(self.prefix)
 
 
 @contextmanager
@@ -166,6 +181,6 @@ def _mapped_errors(name: str) -> Iterator[None]:
     except (ChannelFull, MessageTooLarge):
         raise
     except exceptions.QueueFull as exc:
-        raise ChannelFull(name, exc.capacity) from None
+        raise ChannelFull(name, exc.capacity, getattr(exc, "reason", "")) from None
     except exceptions.MessageTooLarge as exc:
         raise MessageTooLarge(exc.size, exc.limit) from None

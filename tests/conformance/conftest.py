@@ -26,14 +26,9 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from django_message_broker.layer import ChannelsServerLayer
+from helpers import free_port
 
 LAYER_KINDS = ["dmb", "redis"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RedisServer:

@@ -130,6 +130,21 @@ async def test_new_channel_round_trip(layer):
     assert other.startswith("custom.") and other != channel
 
 
+async def test_receive_on_another_instances_process_channel_fails_fast(make_layer):
+    """A process-specific channel belongs to the instance whose new_channel()
+    made it: another instance's receive fails at once (channels_redis:
+    AssertionError "Wrong client prefix"; ours: ForeignChannel, which is an
+    AssertionError and our SubscriptionError) instead of waiting for ever."""
+    owner, other = make_layer(), make_layer()
+    channel = await owner.new_channel()
+    with pytest.raises(AssertionError):
+        await asyncio.wait_for(other.receive(channel), 2)
+    with pytest.raises(AssertionError):
+        await asyncio.wait_for(other.receive("specific.not-a-client-prefix!x"), 2)
+    await other.send(channel, {"type": "for.owner"})
+    assert await recv(owner, channel) == {"type": "for.owner"}
+
+
 async def test_new_channel_unique_after_random_seed(make_layer):
     first, second = make_layer(), make_layer()
     random.seed(1)

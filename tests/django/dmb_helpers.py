@@ -8,19 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
+from helpers import free_port, wait_for  # noqa: F401 - re-exported for the django tests
+
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def port_of(address: str) -> int:
@@ -61,16 +56,6 @@ def describe(processes: list[psutil.Process]) -> list[str]:
         except psutil.NoSuchProcess:
             out.append(f"pid {proc.pid} (gone)")
     return out
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something true, or ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 def django_env(**variables: Any) -> dict[str, str]:

@@ -15,7 +15,11 @@ options from the environment:
 """
 
 import os
+from pathlib import Path
 
+#: In-process tests (``settings.configure``) and subprocesses share it, so
+#: they share the layer's default ``prefix`` (namespace.py) and meet.
+BASE_DIR = Path(__file__).resolve().parent
 SECRET_KEY = "django-message-broker-tests"
 DEBUG = False
 USE_TZ = True

@@ -141,3 +141,23 @@ def run_all(config: dict[str, Any]) -> list[checks.CheckMessage]:
     with override_settings(CHANNEL_LAYERS={"default": {"BACKEND": BACKEND, "CONFIG": config}}):
         messages = checks.run_checks(tags=["django_message_broker"])
     return [m for m in messages if (m.id or "").startswith("django_message_broker.")]
+
+
+def test_runbroker_takes_max_memory_from_the_flag_or_config(monkeypatch):
+    from django.core.management import call_command
+
+    from django_message_broker.management.commands import runbroker
+
+    seen: list[Any] = []
+
+    async def fake_serve(address: str, **options: Any) -> None:
+        seen.append(options["max_memory"])
+
+    monkeypatch.setattr(runbroker, "serve", fake_serve)
+    config = {"address": "tcp://127.0.0.1:5556", "embedded_max_memory": "64MB"}
+    with override_settings(CHANNEL_LAYERS={"default": {"BACKEND": BACKEND, "CONFIG": config}}):
+        call_command("runbroker")
+        call_command("runbroker", "--max-memory", "1GiB")
+    with override_settings(CHANNEL_LAYERS={"default": {"BACKEND": BACKEND, "CONFIG": {}}}):
+        call_command("runbroker")
+    assert seen == [64_000_000, 1 << 30, None]

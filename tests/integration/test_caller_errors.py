@@ -40,7 +40,7 @@ BAD_CAPACITIES = [
     (-1, ValueError),
     (2**64, ValueError),
 ]
-BAD_NAMES = [123, None, b"bytes", "a b", "x" * 100]
+BAD_NAMES = [123, None, b"bytes", "a b", "x" * 164]  # 164: protocol.MAX_NAME_LENGTH
 #: (capacities, exception)
 BAD_RULES = [
     ("a.*", TypeError),

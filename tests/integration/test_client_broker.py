@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import socket
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -20,14 +19,9 @@ from asgiref.sync import async_to_sync
 from django_message_broker import AsyncClient, SyncClient
 from django_message_broker import protocol as p
 from django_message_broker.exceptions import BrokerUnavailable, MessageTooLarge, QueueFull, from_wire
+from helpers import free_port
 
 MiB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -229,7 +223,7 @@ async def test_the_next_receive_gets_the_message_of_a_cancelled_one(broker, clie
     assert await asyncio.to_thread(rx.wait_connected, 5)
     first = asyncio.create_task(rx.receive("next.gets.it"))
     await asyncio.sleep(0)  # the receive is waiting
-    state = rx.core._channels["next.gets.it"]
+    state = rx.core.state.channels["next.gets.it"]
     assert len(state.waiters) == 1
     tx.send("next.gets.it", b"m1")
     tx.send("next.gets.it", b"m2")

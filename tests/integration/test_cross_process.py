@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from typing import Iterator
 import pytest
 
 from django_message_broker.embedded import probe
+from helpers import free_port, wait_for
 
 N = 10_000
 
@@ -55,12 +55,6 @@ CONSUMER = textwrap.dedent(
     print(json.dumps({"got": got, "extra": extra}), flush=True)
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -132,10 +126,18 @@ RECEIVER = textwrap.dedent(
 )
 
 
+def in_channel(client: object) -> int:
+    """What counts against capacity at the broker: queued plus held."""
+    stats = client.stats()  # type: ignore[attr-defined]
+    return int(stats["queued"] + stats["held"])
+
+
 def test_capacity_counts_what_another_process_prefetched(broker_process, tmp_path: Path):
     """Messages delivered to another process's prefetch buffer and not yet
     received there still count: the sender's ChannelFull comes at exactly
-    ``capacity``, right after that process received from the channel."""
+    ``capacity``, right after that process received from the channel (once
+    its report of what it took has reached the broker: it goes out within
+    one wake of its I/O thread, on its own connection)."""
     from django_message_broker import QueueFull, SyncClient
 
     _, address = broker_process
@@ -153,6 +155,10 @@ def test_capacity_counts_what_another_process_prefetched(broker_process, tmp_pat
             receiver.stdin.write("receive\n")
             receiver.stdin.flush()
             assert receiver.stdout.readline().strip() == "warm"
+            # The receiver's report of what it took travels on its own
+            # connection; the broker's ROUTER keeps no order across
+            # connections, so wait (microseconds, usually) until it counted.
+            wait_for(lambda: in_channel(sender) == 0, 5, "the receiver's report of 'warm'")
             # The receiver now has credit: what follows is delivered to its
             # buffer at once, yet still counts against the capacity.
             for n in range(3):
@@ -162,11 +168,11 @@ def test_capacity_counts_what_another_process_prefetched(broker_process, tmp_pat
             receiver.stdin.write("receive\n")
             receiver.stdin.flush()
             assert receiver.stdout.readline().strip() == "0"
+            wait_for(lambda: in_channel(sender) == 2, 5, "the receiver's report of '0'")
             sender.send("xproc.capacity", b"4", capacity=3)  # one received: room for one
             with pytest.raises(QueueFull):
                 sender.send("xproc.capacity", b"5", capacity=3)
-            stats = sender.stats()
-            assert stats["queued"] + stats["held"] == 3
+            assert in_channel(sender) == 3
     finally:
         receiver.stdin.close()
         receiver.wait(10)

@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator, Optional
 import psutil
 import pytest
 
+from helpers import wait_for  # noqa: F401 - re-exported for the reliability tests
+
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_worker.py"
 
@@ -31,18 +33,6 @@ soak = pytest.mark.skipif(not SOAK, reason="soak test: runs only with DMB_SOAK=1
 
 
 # -- polling ---------------------------------------------------------------------
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 async def await_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
     """``wait_for`` for async predicates (``predicate()`` returns an awaitable)."""
     import asyncio

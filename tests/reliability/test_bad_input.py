@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from django_message_broker import SyncClient
 from django_message_broker import protocol as p
 from django_message_broker.exceptions import ProtocolError
-from django_message_broker.layer import ChannelsServerLayer
+from django_message_broker.layer import ChannelsServerLayer, ForeignChannel
 from django_message_broker.options import DEFAULT_MAX_MESSAGE_SIZE
 
 SEED = int(os.environ.get("DMB_FUZZ_SEED", "20240611"))
@@ -802,9 +802,12 @@ _NAME_CHARS = st.sampled_from("abcXYZ019-_.!/ :é名\n\t\x00")
 @example(name="abc\n")
 @example(name="a!b!c")
 @example(name="")
+@example(name="0!")
 def test_layer_channel_and_group_names_are_checked(layer, loop, name):
     """Any name is either valid (the operation works) or refused with a
-    TypeError, for every operation; nothing else escapes."""
+    TypeError, for every operation; nothing else escapes. The one valid name
+    a receive refuses is another instance's process channel (``!``):
+    ``ForeignChannel``, at once."""
     channel_ok = isinstance(name, str) and len(name) < 100 and p._CHANNEL_RE.fullmatch(name) is not None
     group_ok = isinstance(name, str) and len(name) < 100 and p._GROUP_RE.fullmatch(name) is not None
     operations: list[tuple[bool, Callable[[], Any]]] = [
@@ -821,7 +824,10 @@ def test_layer_channel_and_group_names_are_checked(layer, loop, name):
         else:
             with pytest.raises(TypeError):
                 _run(loop, operation())
-    if channel_ok:
+    if channel_ok and "!" in name:
+        with pytest.raises(ForeignChannel):
+            _run(loop, layer.receive(name))
+    elif channel_ok:
         assert _run(loop, layer.receive(name)) == {"type": "t"}
     else:
         with pytest.raises(TypeError):

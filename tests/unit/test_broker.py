@@ -6,64 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import zmq
 
 from django_message_broker import exceptions as ex
 from django_message_broker import protocol as p
 from django_message_broker.server.broker import Broker
+from helpers import FakeRouter
 
 A, B, C = b"client-a", b"client-b", b"client-c"
 V = bytes([p.VERSION])
-
-
-class FakeRouter:
-    """Stands in for the broker's ROUTER socket. Accepts frame-by-frame
-    ``send`` (``SNDMORE``) and ``send_multipart``. ``busy``/``gone``: routing
-    ids whose messages fail (first frame only, as with ROUTER_MANDATORY)."""
-
-    def __init__(self) -> None:
-        self.busy: set[bytes] = set()
-        self.gone: set[bytes] = set()
-        self.out: list[tuple[bytes, Any, list[bytes]]] = []  # (ident, decoded header, bodies)
-        self._partial: list[bytes] | None = None
-
-    def _check(self, ident: bytes) -> None:
-        if ident in self.busy:
-            raise zmq.Again()
-        if ident in self.gone:
-            raise zmq.ZMQError(zmq.EHOSTUNREACH)
-
-    def send(self, frame: Any, flags: int = 0, copy: bool = True, track: bool = False) -> None:
-        assert int(flags) & zmq.NOBLOCK, "the broker must never block on a send"
-        data = bytes(frame.buffer) if hasattr(frame, "buffer") else bytes(frame)
-        if self._partial is None:
-            self._check(data)
-            self._partial = []
-        self._partial.append(data)
-        if not int(flags) & zmq.SNDMORE:
-            frames, self._partial = self._partial, None
-            self._complete(frames)
-
-    def send_multipart(self, frames: list, flags: int = 0, copy: bool = True, **kw: Any) -> None:
-        assert int(flags) & zmq.NOBLOCK
-        self._check(bytes(frames[0]))
-        self._complete([bytes(f) for f in frames])
-
-    def _complete(self, frames: list[bytes]) -> None:
-        ident, header, *bodies = frames
-        self.out.append((ident, p.decode_to_client(header), bodies))
-
-    def take(self, ident: bytes) -> list[tuple[Any, list[bytes]]]:
-        """Messages sent to ``ident`` since the last take."""
-        mine = [(msg, bodies) for who, msg, bodies in self.out if who == ident]
-        self.out = [m for m in self.out if m[0] != ident]
-        return mine
-
-    def replies(self, ident: bytes) -> list[p.Reply]:
-        return [m for m, _ in self.take(ident) if isinstance(m, p.Reply)]
-
-    def delivered(self, ident: bytes) -> list[bytes]:
-        return [b for m, bodies in self.take(ident) if isinstance(m, p.Deliver) for b in bodies]
 
 
 class Rig:

@@ -35,6 +35,7 @@ WRONG_TYPES: dict[str, tuple[Any, str]] = {
     "idle_return": ([1], "number"),
     "embedded": (1, "True or False"),
     "embedded_idle_timeout": ("60", "number"),
+    "embedded_max_memory": (1.5, "size"),
     "max_message_size": (1.5, "int"),
     "expiry": ("60", "number"),
     "group_expiry": (None, "number"),
@@ -44,6 +45,7 @@ WRONG_TYPES: dict[str, tuple[Any, str]] = {
     "port": ("5556", "int"),
     "server_key": (42, "certificate file"),
     "client_key": (["a"], "certificate file"),
+    "prefix": (b"mysite", "str"),
 }
 
 #: key -> values of the right type that are out of range
@@ -63,6 +65,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "process_prefetch": [0],
     "idle_return": [-1, math.inf],
     "embedded_idle_timeout": [0, math.nan],
+    "embedded_max_memory": [0, -1, "lots", "12 parsecs"],
     "max_message_size": [0, -1],
     "expiry": [0, -60, math.nan, math.inf, 10**9],
     "group_expiry": [0, math.inf],
@@ -72,6 +75,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "port": [0, 65536],
     "server_key": [""],
     "client_key": [""],
+    "prefix": ["my.site", "my site", "x" * 64, "é"],
 }
 
 

@@ -17,20 +17,9 @@ from django_message_broker.exceptions import QueueFull, SubscriptionError
 from django_message_broker.protocol import Deliver, decode_to_client
 from django_message_broker.server.data_message import DataMessage
 from django_message_broker.server.server_queue import ChannelQueue, Endpoint, RoundRobinDict
-
+from helpers import FakeClock
 
 # -- fakes ----------------------------------------------------------------------
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 OK, BUSY, GONE = "ok", "busy", "gone"
 
 

@@ -1,5 +1,12 @@
 """Clients for the broker: ``AsyncClient`` (asyncio) and ``SyncClient``
-(blocking), two faces of one protocol core (``client.core.Core``).
+(blocking), two faces of one driver (``client.core.Core``) over one pure
+client state (``client._state.ClientState``).
+
+The package: ``_state`` (receive buffers, credit, consumption, the send
+window: the rules, no I/O), ``_requests`` (requests in flight),
+``waiters`` (how a result reaches a thread or an event loop), ``core``
+(socket, I/O thread, lock), ``_handshake`` (CURVE refusals),
+``_lifecycle`` (fork and exit).
 
 Both may be used from any number of threads and event loops at once. A
 client owns one I/O thread and one socket; make one per process and
@@ -11,6 +18,7 @@ time the child uses it, and leaves the parent's alone.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar
@@ -31,9 +39,7 @@ from .core import AsyncWaiter, Core, SyncWaiter
 
 __all__ = ["DEFAULT_ADDRESS", "AsyncClient", "SyncClient"]
 
-_MAX_TRACKED_CHANNELS = 10_000
-#: Pipelined (unanswered) sends a process may have in flight before one waits.
-MAX_UNACKED = 4096
+logger = logging.getLogger("django_message_broker.client")
 _C = TypeVar("_C", bound="_ClientBase")
 #: Guards building and dropping cores (rare), for every client: a lock of
 #: the client's own could be held by a parent thread at fork() and would
@@ -70,6 +76,7 @@ class _ClientBase:
         idle_return: float = _D.idle_return,
         embedded: bool = _D.embedded,
         embedded_idle_timeout: float = _D.embedded_idle_timeout,
+        embedded_max_memory: Optional[int] = _D.embedded_max_memory,
         max_message_size: int = _D.max_message_size,
         server_key: Optional[str] = _D.server_key,
         client_key: Optional[str] = _D.client_key,
@@ -89,6 +96,7 @@ class _ClientBase:
             idle_return=idle_return,
             embedded=embedded,
             embedded_idle_timeout=embedded_idle_timeout,
+            embedded_max_memory=embedded_max_memory,
             max_message_size=max_message_size,
             server_key=server_key,
             client_key=client_key,
@@ -140,13 +148,19 @@ class _ClientBase:
             from ..embedded import ensure_broker
 
             def on_unreachable(address: str) -> None:
-                ensure_broker(
-                    address,
-                    idle_timeout=options.embedded_idle_timeout,
-                    max_body=options.max_message_size,
-                    server_key=options.server_key,
-                    client_key=options.client_key,
-                )
+                # On a thread of its own: a failure is logged, and the calls
+                # waiting for a broker raise BrokerUnavailable at their timeout.
+                try:
+                    ensure_broker(
+                        address,
+                        idle_timeout=options.embedded_idle_timeout,
+                        max_body=options.max_message_size,
+                        max_memory=options.embedded_max_memory,
+                        server_key=options.server_key,
+                        client_key=options.client_key,
+                    )
+                except Exception as exc:
+                    logger.error("could not start an embedded broker at %s: %s", address, exc)
 
         return Core(
             options.address,
@@ -215,21 +229,6 @@ class _ClientBase:
             raise MessageTooLarge(len(body), limit)
         return body
 
-    def _pipelined(self, core: Core, channel: str, capacity: int) -> bool:
-        """Send without waiting while the channel is known to be at most half
-        full (the last depth the broker reported plus our own sends since)
-        and this process has fewer than ``MAX_UNACKED`` unanswered sends in
-        all. Near capacity, wait for the broker's answer: exact
-        ``QueueFull``. Every answered send resets the process-wide count, so
-        a producer never runs more than one window ahead of the broker."""
-        depths = core.depth
-        depth = depths.get(channel, 0)
-        if core.connected and depth < capacity // 2 and core.unacked < MAX_UNACKED:
-            depths[channel] = depth + 1
-            core.unacked += 1
-            return True
-        return False
-
     def _send_now_or_request(self, channel: str, body: bytes, ttl: float, capacity: int) -> tuple[Core, Any, bytes]:
         """Check a send; pipeline it if the rules allow (returns no request),
         else return the checked ``Send`` to wait for, and the body."""
@@ -238,34 +237,34 @@ class _ClientBase:
         capacity = check_capacity("capacity", capacity)
         core = self.core
         body = self._check_body(core, body)
-        if self._pipelined(core, channel, capacity):
+        if core.may_pipeline(channel, capacity):  # the rule: _state.SendWindow
             core.send_pipelined(channel, body, ttl, capacity)
             return core, None, body
         return core, p.Send(0, channel, ttl, capacity, True), body
 
     def _group_send(
-        self, group: str, body: bytes, ttl: float, capacity: int, capacities: Sequence[tuple[str, int]]
+        self,
+        group: str,
+        body: bytes,
+        ttl: float,
+        capacity: int,
+        capacities: Sequence[tuple[str, int]],
+        prefix: str = "",
     ) -> tuple[p.GroupSend, bytes]:
         p.check_group_name(group)
         ttl = check_ttl("ttl", ttl)
         capacity = check_capacity("capacity", capacity)
         rules = _check_capacities(capacities)
+        p.check_prefix(prefix)
         body = self._check_body(self.core, body)
-        return p.GroupSend(0, group, ttl, capacity, rules), body
+        return p.GroupSend(0, group, ttl, capacity, rules, prefix), body
 
     def _send_failed(self, core: Core, channel: str, capacity: int, error: BaseException) -> None:
-        # Full: the next sends must ask the broker too. Anything else: unknown.
-        if isinstance(error, QueueFull):
-            core.depth[channel] = capacity
-        else:
-            core.depth.pop(channel, None)
+        core.refused(channel, capacity, isinstance(error, QueueFull))
 
     def _record_depth(self, core: Core, channel: str) -> Callable[[Any], None]:
         def record(depth: Any) -> None:
-            core.unacked = 0  # the broker has read everything sent before this
-            if len(core.depth) >= _MAX_TRACKED_CHANNELS:
-                core.depth.clear()
-            core.depth[channel] = int(depth)
+            core.acked(channel, int(depth))
 
         return record
 
@@ -301,7 +300,7 @@ class AsyncClient(_ClientBase):
         """The next message of ``channel``. Cancelling loses nothing."""
         p.check_channel_name(channel)
         core = self.core
-        item, waiter = core.take(channel, lambda: AsyncWaiter(core, channel))
+        item, waiter = core.take(channel, lambda state: AsyncWaiter(core, state))
         if item is not None:
             return item[0]
         assert waiter is not None
@@ -310,7 +309,7 @@ class AsyncClient(_ClientBase):
         except asyncio.CancelledError:
             future = waiter.future
             if future.done() and not future.cancelled() and future.exception() is None:
-                core._put_back(channel, future.result())  # resolved as we were cancelled
+                core.put_back(channel, future.result())  # resolved as we were cancelled
             else:
                 core.forget_waiter(channel, waiter)
             raise
@@ -334,17 +333,21 @@ class AsyncClient(_ClientBase):
         ttl: float = 60.0,
         capacity: int = 100,
         capacities: Sequence[tuple[str, int]] = (),
+        prefix: str = "",
     ) -> tuple[int, int]:
         """Send to every member; full members are skipped. ``capacities``:
-        (regex, capacity) rules for members, first match wins. Returns
+        (regex, capacity) rules for members, first match wins; with
+        ``prefix``, they are matched against member names without
+        ``prefix.`` (see ``protocol.GroupSend``). Returns
         ``(delivered, skipped)``."""
-        msg, body = self._group_send(group, body, ttl, capacity, capacities)
+        msg, body = self._group_send(group, body, ttl, capacity, capacities, prefix)
         sent, skipped = await self._request(msg, body)
         return sent, skipped
 
-    async def flush(self) -> None:
-        """Drop every queued message and group on the broker."""
-        await self._request(p.Flush(0))
+    async def flush(self, prefix: str = "") -> None:
+        """Drop every queued message and group on the broker, or only those
+        of namespace ``prefix`` (names ``prefix.*``)."""
+        await self._request(p.Flush(0, p.check_prefix(prefix)))
 
     async def stats(self) -> dict[str, Any]:
         return await self._request(p.Stats(0))  # type: ignore[no-any-return]
@@ -363,7 +366,7 @@ class SyncClient(_ClientBase):
         core = self.core
         waiter = SyncWaiter()
         core.request(msg, body, waiter, on_reply)
-        return waiter.wait(core, None)  # the core times requests out
+        return waiter.wait(core.lock, None)  # the core times requests out
 
     def send(self, channel: str, body: bytes, *, ttl: float = 60.0, capacity: int = 100) -> None:
         """As ``AsyncClient.send``, blocking."""
@@ -383,11 +386,11 @@ class SyncClient(_ClientBase):
         if timeout is not None:
             timeout = check_timeout("timeout", timeout)
         core = self.core
-        item, waiter = core.take(channel, lambda: SyncWaiter(channel))
+        item, waiter = core.take(channel, SyncWaiter)
         if item is None:
             assert waiter is not None
             try:
-                item = waiter.wait(core, timeout)
+                item = waiter.wait(core.lock, timeout)
             except TimeoutError:
                 core.forget_waiter(channel, waiter)
                 raise
@@ -411,14 +414,15 @@ class SyncClient(_ClientBase):
         ttl: float = 60.0,
         capacity: int = 100,
         capacities: Sequence[tuple[str, int]] = (),
+        prefix: str = "",
     ) -> tuple[int, int]:
         """As ``AsyncClient.group_send``, blocking."""
-        msg, body = self._group_send(group, body, ttl, capacity, capacities)
+        msg, body = self._group_send(group, body, ttl, capacity, capacities, prefix)
         sent, skipped = self._request(msg, body)
         return sent, skipped
 
-    def flush(self) -> None:
-        self._request(p.Flush(0))
+    def flush(self, prefix: str = "") -> None:
+        self._request(p.Flush(0, p.check_prefix(prefix)))
 
     def stats(self) -> dict[str, Any]:
         return self._request(p.Stats(0))  # type: ignore[no-any-return]

@@ -1,57 +1,52 @@
-"""The client's protocol core: one I/O thread owns one DEALER socket.
+"""The client's driver: one I/O thread owns one DEALER socket.
 
-How it works. Callers on any thread or event loop never touch the socket.
-They hand the I/O thread a command (a deque and a wake-up pipe) and wait on
-a *waiter*: an asyncio future on their own loop (``AsyncWaiter``) or a
-blocking slot (``SyncWaiter``). The thread sends, reads every frame that is
-ready, resolves waiters (one ``call_soon_threadsafe`` per loop per batch)
+How it works. The rules live in the pure ``client._state.ClientState``
+(receive buffers, credit, hand-offs, consumption reports, idle withdrawal,
+restart replay, the send window); ``Core`` owns the socket, the I/O thread,
+the lock and the waiters' scheduling. It calls the state with the lock held
+and the time as ``now``, and sends the messages the state returns.
+
+Callers on any thread or event loop never touch the socket. They hand the
+I/O thread a command (a deque and a wake-up pipe) and wait on a *waiter*
+(``client.waiters``): an asyncio future on their own loop or a blocking
+slot. The thread sends, reads every frame that is ready, feeds the state
+(which resolves waiters; one ``call_soon_threadsafe`` per loop per batch)
 and keeps the clock: heartbeats, request timeouts, idle receive credit.
+A receive on an event loop settles its hand-off there (``settled``), where
+cancellation happens.
 
-Receiving uses credit (see docs/protocol.md): a receive grants the broker
-permission to deliver up to ``prefetch`` messages of that channel here.
-Deliveries wait in a small per-channel buffer until a receive takes them.
-A delivery is handed to a waiter on the waiter's own loop, which checks
-there whether the receive was cancelled: if so the message goes back to the
-front of the buffer for the next receive, never lost, never twice. When no
-receive has asked for a channel for ``idle_return`` seconds, the client
-withdraws its credit and hands unread messages back to the head of the
-broker's queue, so a process that stopped receiving strands nothing.
+What receives took is reported to the broker (one ``Consumed`` per wake)
+before anything else is sent, so a send made after a receive in this
+process is checked against what the broker knows the receive took.
 
-A delivered message still counts against its channel's capacity at the
-broker until a receive here returns it: each receive that returns a message
-adds one to its channel's ``consumed`` count, and the I/O thread reports the
-counts (one ``Consumed`` per wake, for every channel) before it sends
-anything else, so a send made after a receive in this process is checked
-against what the broker knows the receive took.
-
-Sending is pipelined while a channel is known to be far from full (see
-``Sender``): a sender far below capacity pays no round trip per message, and
-one near capacity waits for the broker's answer, so ``QueueFull`` is exact
-for a single sender.
+Sending is pipelined while the send window allows (``_state.SendWindow``):
+a sender far below capacity pays no round trip per message, and one near
+capacity waits for the broker's answer, so ``QueueFull`` is exact for a
+single sender. Consecutive pipelined sends to one channel are packed into
+one ``Send`` with many bodies.
 
 Restarts: every reply names the broker instance. A new instance (or a
-``Welcome``) means the broker restarted: the client says Hello again,
-grants credit again for channels with waiting receives, and replays the
-group memberships it added that have not expired.
+``Welcome``) means the broker restarted: the client says Hello again and
+sends what ``ClientState.connected`` returns (credit for waiting receives,
+group memberships that have not expired).
 
 Security (docs/security.md): with a server key the DEALER is a CURVE
 client. A refused handshake shows on the socket monitor; every pending
 request and waiting receive then fails with ``AuthenticationFailed``, and so
 does every later call until a handshake succeeds (the socket reconnects
 every ``_AUTH_RETRY`` seconds to find out).
+
+Fork safety: a core made before ``fork()`` belongs to the parent
+(``Core.inherited``); the child neither uses nor closes it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import atexit
-import itertools
 import logging
 import os
 import threading
 import time
 import uuid
-import weakref
 from collections import deque
 from typing import Any, Callable, Optional
 
@@ -65,11 +60,16 @@ from ..exceptions import (
     BrokerError,
     BrokerUnavailable,
     ClientClosed,
+    QueueFull,
     SubscriptionError,
     from_wire,
 )
 from ..keys import client_curve
 from ..options import ClientOptions
+from . import _lifecycle
+from ._handshake import Handshake
+from ._requests import Requests
+from ._state import ChannelState, ClientState, Item, W
 from .waiters import AsyncWaiter, SyncWaiter, Waiter
 
 __all__ = ["AsyncWaiter", "Core", "SyncWaiter"]
@@ -86,6 +86,10 @@ _MAX_BACKLOG = 10_000  # messages waiting for a connection; past it the oldest i
 _CLOSE_LINGER_MS = 1000  # how long close() lets queued messages drain
 # --- CURVE (docs/security.md) ---
 _AUTH_RETRY = 5.0  # seconds between new handshakes after a refusal (libzmq does not retry by itself)
+_FAILURES: dict[int, str] = {
+    int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "auth",
+    int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "protocol",
+}
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -93,96 +97,16 @@ _HANDSHAKE_EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
 
-_live_cores: weakref.WeakSet[Core] = weakref.WeakSet()
 _D = ClientOptions()  # the defaults; the clients check the values
-
-#: Bumped in a child process right after ``fork()``. A ``Core`` made under an
-#: earlier generation belongs to the parent: its socket, I/O thread and
-#: ZeroMQ context are the parent's, and the child must neither use nor close
-#: them (see ``Core.inherited``). Faces build a fresh core on next use.
-_fork_generation = 0
-#: The parent's cores, kept alive in the child so that nothing here ever
-#: finalizes (closes) the parent's sockets.
-_inherited: list[Core] = []
-_exit_flush_pid = 0
-
-
-def _forget_parent_cores() -> None:
-    global _fork_generation
-    _fork_generation += 1
-    _inherited.extend(_live_cores)
-    _live_cores.clear()
-
-
-os.register_at_fork(after_in_child=_forget_parent_cores)
-
-
-@atexit.register
-def _close_live_cores() -> None:
-    """A script that sends and exits without close() still sends."""
-    for core in list(_live_cores):
-        core.close(timeout=1.0)
-
-
-def _flush_at_process_exit() -> None:
-    """The same for a ``multiprocessing`` child, which ends with
-    ``os._exit()`` after its finalizers, without running atexit handlers."""
-    global _exit_flush_pid
-    pid = os.getpid()
-    if _exit_flush_pid != pid:
-        _exit_flush_pid = pid
-        import multiprocessing.util
-
-        multiprocessing.util.Finalize(None, _close_live_cores, exitpriority=0)
-
-
-class _Channel:
-    """Receive state of one channel in this process."""
-
-    __slots__ = (
-        "buffer",
-        "consumed",
-        "credit",
-        "handoffs",
-        "last_wanted",
-        "name",
-        "prefetch",
-        "waiters",
-        "withdrawing",
-    )
-
-    def __init__(self, name: str, prefetch: int) -> None:
-        self.name = name
-        self.buffer: deque[tuple[bytes, float]] = deque()  # (body, local deadline)
-        self.waiters: deque[Waiter] = deque()
-        self.credit = 0  # deliveries granted and not yet arrived
-        self.last_wanted = 0.0
-        self.withdrawing = False
-        self.prefetch = prefetch
-        self.handoffs = 0  # messages on their way to a receive's event loop
-        self.consumed = 0  # messages receives returned, not yet reported to the broker
-
-    def unused(self, now: float, idle: float) -> bool:
-        """Nothing here, nothing owed, nobody asked for ``idle`` seconds."""
-        busy = self.waiters or self.buffer or self.credit or self.withdrawing or self.handoffs or self.consumed
-        return not busy and now - self.last_wanted >= idle
-
-
-class _Request:
-    __slots__ = ("deadline", "frames", "on_reply", "sent", "track", "waiter")
-
-    def __init__(self, waiter: Optional[Waiter], deadline: float, on_reply: Optional[Callable], frames: list) -> None:
-        self.waiter = waiter
-        self.deadline = deadline
-        self.on_reply = on_reply
-        self.frames = frames
-        self.sent = False
-        self.track = True
 
 
 class Core:
-    """Owns the DEALER socket and all client state. Thread-safe entry points:
-    ``request``, ``post``, ``receive``, ``close``."""
+    """The driver: owns the DEALER socket, the I/O thread and the lock, and
+    feeds the pure ``ClientState`` (``self.state``), sending what it returns.
+    Thread-safe entry points: ``call``, ``request``, ``post``,
+    ``send_pipelined``, ``may_pipeline``, ``acked``, ``refused``, ``take``,
+    ``put_back``, ``forget_waiter``, ``remember_group``, ``forget_group``,
+    ``close``."""
 
     def __init__(
         self,
@@ -201,58 +125,44 @@ class Core:
         self.address = address
         # --- CURVE: keys are read here, so a bad file fails the constructor.
         self._curve = client_curve(server_key, client_key)
-        #: Set while the broker refuses our handshake: every call fails with it.
-        self.auth_error: Optional[AuthenticationFailed] = None
-        self._vague_failures = 0  # handshakes failed without detail, in a row
-        self._auth_retry_at = 0.0
+        self._handshake = Handshake(address, self._curve is not None)
         self.timeout = timeout
         self.heartbeat = heartbeat
-        self.prefetch = max(1, prefetch)
-        self.process_prefetch = max(1, process_prefetch)
-        self.idle_return = idle_return
+        #: Receive buffers, credit, consumption, groups and the send window;
+        #: touched only with ``lock`` held.
+        self.state = ClientState(prefetch=prefetch, process_prefetch=process_prefetch, idle_return=idle_return)
         self.on_unreachable = on_unreachable
         self.client_id = uuid.uuid4().hex
         self.max_body = max_message_size  # the broker's limit, once its Hello reply tells
         self.instance: Optional[str] = None
-        self.epoch = 0  # the broker's flush epoch (see protocol.Consumed)
         self.connected = False
         self.closed = False
 
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self._commands: deque[Any] = deque()  # callables, or pipelined sends as tuples
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._wake_pending = False
-        self._report_due = False  # some channel's ``consumed`` count is waiting to go out
-        self._reqs = itertools.count(1)
-        self._requests: dict[int, _Request] = {}
-        self._backlog: deque[int] = deque()  # requests not yet on the wire (no connection)
-        self._channels: dict[str, _Channel] = {}
-        self._groups: dict[tuple[str, str], float] = {}  # memberships to replay -> local deadline
-        #: channel -> messages the senders here believe are queued (see the
-        #: clients' pipelining rule); shared by every client of this core.
-        self.depth: dict[str, int] = {}
-        self._calls: dict[Any, list] = {}  # loop -> [(fn, args)] to run there this batch
+        self._requests = Requests(_MAX_BACKLOG)
+        #: loop -> [(waiter, value, error)] to settle there this batch
+        self._calls: dict[Any, list[tuple[AsyncWaiter, Any, Optional[BaseException]]]] = {}
         self._last_heard = 0.0
         self._last_hello = 0.0
         self._heartbeat_req = 0
-        #: pipelined sends not yet known to have reached the broker (approximate)
-        self.unacked = 0
         self._next_scan = 0.0  # timeouts, liveness and idle channels are checked every _SCAN_INTERVAL
         self._unreachable_reported = False
         self._ready = threading.Event()
         self._context = zmq.Context()
         self._socket = self._new_socket()
         self._thread = threading.Thread(target=self._run, name=f"dmb-client-{self.client_id[:8]}", daemon=True)
-        self.generation = _fork_generation
+        self.generation = _lifecycle.generation()
         self._thread.start()
-        _live_cores.add(self)
-        _flush_at_process_exit()
+        _lifecycle.track(self)
 
     @property
     def inherited(self) -> bool:
         """Made by the parent of this (forked) process: not ours to use."""
-        return self.generation != _fork_generation
+        return self.generation != _lifecycle.generation()
 
     # ------------------------------------------------------------------ setup
     def _new_socket(self) -> zmq.Socket:
@@ -312,7 +222,7 @@ class Core:
             except Exception as exc:  # a value the clients failed to check: fail the caller, not the thread
                 if waiter is None:
                     raise
-                with self._lock:
+                with self.lock:
                     waiter.resolve(None, exc)
 
         self.call(start)
@@ -328,130 +238,88 @@ class Core:
         self.call(lambda: self._send_frames(self._frames(msg, body)))
 
     # ---------------------------------------------------------------- receive
-    def _state(self, channel: str) -> _Channel:
-        state = self._channels.get(channel)
-        if state is None:
-            prefetch = self.process_prefetch if "!" in channel else self.prefetch
-            state = self._channels[channel] = _Channel(channel, prefetch)
-        return state
-
-    def take(
-        self, channel: str, make_waiter: Callable[[], Waiter]
-    ) -> tuple[Optional[tuple[bytes, float]], Optional[Waiter]]:
+    def take(self, channel: str, make_waiter: Callable[[ChannelState], W]) -> tuple[Optional[Item], Optional[W]]:
         """The next message of ``channel`` if one is here, else a new waiter
-        (from ``make_waiter``) that the next delivery resolves with
-        ``(body, deadline)``. Grants the broker credit as needed."""
+        (``make_waiter(channel state)``) that the next delivery resolves with
+        ``(body, deadline)``. Grants the broker credit as the state decides."""
         now = time.monotonic()
-        item = waiter = None
-        with self._lock:
-            state = self._state(channel)
-            state.last_wanted = now
-            while state.buffer and not state.waiters and not state.handoffs:
-                candidate = state.buffer.popleft()
-                if candidate[1] > now:
-                    item = candidate
-                    self._consume(state)
-                    break
-            else:
-                waiter = make_waiter()
-                state.waiters.append(waiter)
-            # Top credit up in batches of at least half the window: one
-            # Subscribe per prefetch/2 messages, not one per message.
-            want = state.prefetch - state.credit - len(state.buffer)
-            if (
-                want > 0
-                and (waiter is not None or want * 2 >= state.prefetch)
-                and not state.withdrawing
-                and self.connected
-            ):
-                state.credit += want
-                self.post(p.Subscribe(0, channel, want))
+        with self.lock:
+            state = self.state
+            was_due = state.report_due
+            item, waiter, grant = state.take(channel, now, make_waiter, self.connected)
+            if grant is not None:
+                self.post(grant)
             elif waiter is not None and not self.connected:
                 self.call(_nothing)  # wake the I/O thread: it grants credit once connected
+            if state.report_due and not was_due:
+                self._report_soon()
         return item, waiter
 
-    def _put_back(self, channel: str, item: tuple[bytes, float]) -> None:
-        """A message whose receive was cancelled: first in line again."""
-        with self._lock:
-            state = self._state(channel)
-            state.buffer.appendleft(item)
-            self._feed(state)
-            self._flush_calls_if_not_io()
+    def put_back(self, channel: str, item: Item) -> None:
+        """A message whose receive was cancelled as it was resolved: first in
+        line again."""
+        with self.lock:
+            self.state.put_back(channel, item, time.monotonic())
+            self._after_loop_side()
 
-    def _settle_handoff(self, channel: str, item: tuple[bytes, float], future: asyncio.Future) -> None:
-        """On the receive's loop: give it the message, or, if it was
-        cancelled, put the message back first in line."""
-        with self._lock:
-            state = self._state(channel)
-            state.handoffs -= 1
-            if future.done():
-                state.buffer.appendleft(item)
-            else:
-                future.set_result(item)
-                self._consume(state)
-            self._feed(state)
-            self._flush_calls_if_not_io()
+    def forget_waiter(self, channel: str, waiter: Waiter) -> None:
+        with self.lock:
+            self.state.forget_waiter(channel, waiter)
 
-    def _feed(self, state: _Channel) -> None:
-        """Hand buffered messages to live waiters (lock held). One hand-off
-        to an event loop at a time per channel: if that receive turns out to
-        be cancelled, its message must still be first for the next one."""
-        now = time.monotonic()
-        while state.buffer and state.waiters and not state.handoffs:
-            waiter = state.waiters[0]
-            if not waiter.alive():
-                state.waiters.popleft()
-                continue
-            item = state.buffer.popleft()
-            if item[1] <= now:
-                continue
-            state.waiters.popleft()
-            waiter.resolve(item)
-            if not waiter.settles_later:  # a blocked thread: it has the message now
-                self._consume(state)
+    # -- the waiters' hub (see waiters.Hub) --
+    def schedule(self, waiter: AsyncWaiter, value: Any, error: Optional[BaseException]) -> None:
+        self._calls.setdefault(waiter.loop, []).append((waiter, value, error))
 
-    def _consume(self, state: _Channel) -> None:
-        """A receive returned a message of ``state`` (lock held): report it
-        soon (the I/O thread sends one ``Consumed`` per wake)."""
-        state.consumed += 1
-        if not self._report_due:
-            self._report_due = True
-            if threading.current_thread() is not self._thread and not self.closed:
-                self._wake()
+    def settled(self, channel: ChannelState, item: Item, accepted: bool) -> None:
+        with self.lock:
+            self.state.settle(channel, item, accepted, time.monotonic())
+            self._after_loop_side()
+
+    def _after_loop_side(self) -> None:
+        """After a change made on a receive's thread (lock held): hand-offs
+        it started go out now, a consumption report soon."""
+        if threading.current_thread() is not self._thread:
+            self._flush_calls()
+            if self.state.report_due:
+                self._report_soon()
+
+    def _report_soon(self) -> None:
+        """Wake the I/O thread: a ``Consumed`` report is due."""
+        if threading.current_thread() is not self._thread and not self.closed:
+            self._wake()
 
     def _report_consumed(self) -> None:
         """Send what receives took since the last report (I/O thread)."""
-        with self._lock:
-            self._report_due = False
-            if not self.connected:
-                self._report_due = True  # sent once a connection is up
-                return
-            states = [state for state in self._channels.values() if state.consumed]
-            counts = [state.consumed for state in states]
-            for state in states:
-                state.consumed = 0
-        if states and not self._send_frames(self._frames(p.Consumed(self.epoch, [s.name for s in states], counts))):
-            with self._lock:  # no connection after all: keep them for the next try
-                for state, count in zip(states, counts, strict=True):
-                    state.consumed += count
-                self._report_due = True
+        with self.lock:
+            report = self.state.report(self.connected)
+        if report is not None and not self._send_frames(self._frames(report)):
+            with self.lock:  # no connection after all: keep them for the next try
+                self.state.report_failed(report)
+
+    # -- the send window (see _state.SendWindow) --
+    def may_pipeline(self, channel: str, capacity: int) -> bool:
+        with self.lock:
+            return self.state.window.may_pipeline(channel, capacity, self.connected)
+
+    def acked(self, channel: str, depth: int) -> None:
+        with self.lock:
+            self.state.window.acked(channel, depth)
+
+    def refused(self, channel: str, capacity: int, full: bool) -> None:
+        with self.lock:
+            self.state.window.refused(channel, capacity, full)
 
     def remember_group(self, group: str, channel: str, ttl: float) -> None:
         """A membership this process added: replayed after a broker restart."""
         deadline = time.monotonic() + ttl
-        self.call(lambda: self._groups.__setitem__((group, channel), deadline))
+        self.call(lambda: self._locked(self.state.remember_group, group, channel, deadline))
 
     def forget_group(self, group: str, channel: str) -> None:
-        self.call(lambda: self._groups.pop((group, channel), None))
+        self.call(lambda: self._locked(self.state.forget_group, group, channel))
 
-    def forget_waiter(self, channel: str, waiter: Waiter) -> None:
-        with self._lock:
-            state = self._channels.get(channel)
-            if state is not None:
-                try:
-                    state.waiters.remove(waiter)
-                except ValueError:
-                    pass
+    def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self.lock:
+            return fn(*args)
 
     # ----------------------------------------------------------------- close
     def close(self, timeout: float = 2.0) -> None:
@@ -473,24 +341,16 @@ class Core:
             self._thread.join(timeout)
 
     # ============================================================ I/O thread
-    def _schedule(self, loop: Any, fn: Callable, *args: Any) -> None:
-        self._calls.setdefault(loop, []).append((fn, args))
-
-    def _flush_calls_if_not_io(self) -> None:
-        if threading.current_thread() is not self._thread:
-            with self._lock:
-                self._flush_calls()
-
     def _flush_calls(self) -> None:
+        """Hand the outcomes of this batch to their loops, one call per loop
+        (lock held)."""
         calls, self._calls = self._calls, {}
         for loop, batch in calls.items():
             try:
                 loop.call_soon_threadsafe(_run_batch, batch)
             except RuntimeError:  # the loop is closed: its waiters are gone
-                for fn, args in batch:
-                    waiter = getattr(fn, "__self__", None)
-                    if isinstance(waiter, AsyncWaiter) and args[1] is None:
-                        waiter.undeliverable(args[0])
+                for waiter, value, error in batch:
+                    waiter.undeliverable(value, error)
 
     def _frames(self, msg: Any, body: Optional[bytes] | list = None) -> list:
         header = p.encode(msg)
@@ -512,7 +372,7 @@ class Core:
                 send(frame, _NOBLOCK if i == last else _MORE_NOBLOCK, copy=not big)
         except zmq.Again:
             if self.connected:
-                with self._lock:
+                with self.lock:
                     self.connected = False
                 self._ready.clear()
                 logger.warning("lost the connection to the broker at %s", self.address)
@@ -557,52 +417,35 @@ class Core:
         answers them only to refuse, which is logged."""
         if self.auth_error is not None:  # --- CURVE: refused; fail fast
             if waiter is not None:
-                with self._lock:
+                with self.lock:
                     waiter.resolve(None, self.auth_error)
             return 0
-        req = next(self._reqs)
+        requests = self._requests
+        req = requests.number()
         frames = self._frames(msgspec.structs.replace(msg, req=req), body)
         now = time.monotonic()
-        if not self._backlog and self._send_frames(frames):
+        if not requests.backlog and self._send_frames(frames):
             if track:
-                self._requests[req] = _Request(waiter, now + self.timeout, on_reply, [])
-                self._requests[req].sent = True
+                requests.sent(req, waiter, on_reply, now + self.timeout)
             return req
         # No connection. A pipelined send already returned to its caller: it
         # waits for a broker as long as its message would live (then it is
         # dropped, with a log line); a request waits for its timeout.
         deadline = now + (msg.ttl if not track else self.timeout)
-        request = self._requests[req] = _Request(waiter, deadline, on_reply, frames)
-        request.track = track
-        self._backlog.appendleft(req) if first else self._backlog.append(req)
-        if len(self._backlog) > _MAX_BACKLOG:
-            self._drop_request(self._backlog.popleft(), "the backlog is full")
+        overflow = requests.hold(req, frames, waiter, on_reply, deadline, track, first)
+        if overflow is not None:
+            self._drop_request(overflow, "the backlog is full")
         return req
 
     def _drop_request(self, req: int, why: str) -> None:
-        request = self._requests.pop(req, None)
+        request = self._requests.pop(req)
         if request is None:
             return
         if not request.track:
             logger.error("a message was dropped: no broker answered at %s (%s)", self.address, why)
         if request.waiter is not None:
-            with self._lock:
+            with self.lock:
                 request.waiter.resolve(None, BrokerUnavailable(self.address, self.timeout))
-
-    def _drain_backlog(self) -> None:
-        while self._backlog:
-            req = self._backlog[0]
-            request = self._requests.get(req)
-            if request is None or request.sent:
-                self._backlog.popleft()
-                continue
-            if not self._send_frames(request.frames):
-                return
-            request.sent = True
-            request.frames = []
-            self._backlog.popleft()
-            if not request.track:
-                del self._requests[req]
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -613,7 +456,7 @@ class Core:
         self._hello()
         try:
             while True:
-                timeout_ms = 20 if (self._backlog or not self.connected) else max(1, int(self.heartbeat * 250))
+                timeout_ms = 20 if (self._requests.backlog or not self.connected) else max(1, int(self.heartbeat * 250))
                 events = dict(poller.poll(timeout_ms))
                 if self._wake_r in events:
                     try:
@@ -623,15 +466,15 @@ class Core:
                 self._wake_pending = False
                 if monitor in events:
                     self._on_monitor_events(monitor)
-                if self._report_due:  # what receives took goes before later sends
+                if self.state.report_due:  # what receives took goes before later sends
                     self._report_consumed()
                 self._run_commands()
                 self._read_all()
                 self._tick(time.monotonic())
-                if self._report_due:
+                if self.state.report_due:
                     self._report_consumed()
                 if self._calls:
-                    with self._lock:
+                    with self.lock:
                         self._flush_calls()
         except _Stop:
             pass
@@ -640,13 +483,13 @@ class Core:
         finally:
             self.closed = True
             self._fail_all(ClientClosed("the client is closed"))
-            with self._lock:
+            with self.lock:
                 self._flush_calls()
             self._socket.disable_monitor()
             monitor.close(0)
             self._socket.close(linger=_CLOSE_LINGER_MS if self.connected else 0)
             self._context.term()
-            _live_cores.discard(self)
+            _lifecycle.untrack(self)
             os.close(self._wake_r)
             os.close(self._wake_w)
 
@@ -658,7 +501,7 @@ class Core:
                 return
             if event == zmq.EVENT_DISCONNECTED and self.connected:
                 logger.warning("lost the connection to the broker at %s", self.address)
-                with self._lock:
+                with self.lock:
                     self.connected = False
                 self._ready.clear()
             elif event == zmq.EVENT_CONNECTED and self.instance is not None:
@@ -666,48 +509,37 @@ class Core:
             elif event & _HANDSHAKE_EVENTS:
                 self._on_handshake(event)
 
-    # --- CURVE: handshake outcomes ---------------------------------------
+    # --- CURVE: handshake outcomes (the decisions: _handshake.Handshake) ---
+    @property
+    def auth_error(self) -> Optional[AuthenticationFailed]:
+        """Set while the broker refuses our handshake: every call fails with it."""
+        return self._handshake.error
+
     def _on_handshake(self, event: int) -> None:
+        handshake = self._handshake
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self._vague_failures = 0
-            if self.auth_error is not None:
+            if handshake.succeeded():
                 logger.info("the broker at %s accepted this client again", self.address)
-                self.auth_error = None
                 self._hello()
             return
-        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-            # A wrong server key looks like this, repeated at every reconnect
-            # (~50 ms apart); a single one is also what a broker going away
-            # mid-handshake looks like, so it takes two in a row. Without
-            # CURVE it is never about keys (a peer that is not a broker, a
-            # proxy with no backend): left to the usual timeouts.
-            if self._curve is None:
-                return
-            self._vague_failures += 1
-            if self._vague_failures < 2:
-                return
-        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            reason = "key not authorized"
-        elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-            reason = "security mismatch: CURVE on one side only, or not a broker"
-        else:
-            reason = "handshake failed: wrong server key?"
-        if self.auth_error is None:
-            logger.error("the broker at %s refused this client: %s", self.address, reason)
-        self.auth_error = AuthenticationFailed(self.address, reason)
-        self._auth_retry_at = time.monotonic() + _AUTH_RETRY
-        with self._lock:
+        kind = _FAILURES.get(event, "vague")
+        was_refused = handshake.error is not None
+        if not handshake.failed(kind, time.monotonic(), _AUTH_RETRY):
+            return
+        assert handshake.error is not None
+        if not was_refused:
+            logger.error("the broker at %s refused this client: %s", self.address, handshake.error.reason)
+        with self.lock:
             self.connected = False
         self._ready.clear()
-        self._fail_all(self.auth_error)
+        self._fail_all(handshake.error)
 
     def _retry_handshake(self, now: float) -> None:
         """Fail receives that came in meanwhile; now and then, try again
         (the key may have been authorized since)."""
         assert self.auth_error is not None
         self._fail_all(self.auth_error)
-        if now >= self._auth_retry_at:
-            self._auth_retry_at = now + _AUTH_RETRY
+        if self._handshake.retry_due(now, _AUTH_RETRY):
             try:
                 self._socket.disconnect(self.address)
                 self._socket.connect(self.address)
@@ -715,15 +547,12 @@ class Core:
                 logger.warning("cannot reconnect to %s: %s", self.address, exc)
 
     def _fail_all(self, error: BrokerError) -> None:
-        requests, self._requests = self._requests, {}
-        self._backlog.clear()
-        with self._lock:
-            for request in requests.values():
+        requests = self._requests.clear()
+        with self.lock:
+            for request in requests:
                 if request.waiter is not None:
                     request.waiter.resolve(None, error)
-            for state in self._channels.values():
-                while state.waiters:
-                    state.waiters.popleft().resolve(None, error)
+            self.state.fail_waiters(error)
 
     def _read_all(self) -> None:
         recv = self._socket.recv
@@ -750,55 +579,34 @@ class Core:
                         logger.warning("bad Deliver from broker: %d ttls, %d bodies", len(ttls), len(frames) - 1)
                 case p.Reply(req, code, detail, value):
                     self._on_reply(req, code, detail, value)
-                case p.Flushed(epoch):
-                    self._on_flushed(epoch)
+                case p.Flushed(epoch, prefix):
+                    self._on_flushed(epoch, prefix)
                 case p.Welcome(instance, max_body):
                     self.max_body = max_body
                     if instance != self.instance:
                         logger.info("broker %s is new to this client: restoring state", instance)
                         self._hello()
 
-    def _on_flushed(self, epoch: int) -> None:
-        """The broker dropped every queued message and group: drop what was
-        delivered here and not read, and what we knew of depths and groups.
-        Unreported consumption was about flushed messages: forget it too."""
-        with self._lock:
-            self.epoch = epoch
-            for state in self._channels.values():
-                state.buffer.clear()
-                state.consumed = 0
-        self._groups.clear()
-        self.depth.clear()
-
-    def _refuse_channel(self, channel: str, error: BaseException) -> None:
-        """The broker refused this process's receive (another process owns
-        that process channel): fail the waiting receives."""
-        with self._lock:
-            state = self._channels.pop(channel, None)
-            if state is not None:
-                while state.waiters:
-                    state.waiters.popleft().resolve(None, error)
+    def _on_flushed(self, epoch: int, prefix: str = "") -> None:
+        with self.lock:
+            self.state.flushed(epoch, prefix)
 
     def _on_deliver(self, channels: list[str], bodies: list[bytes], ttls: list[float]) -> None:
         now = time.monotonic()
-        with self._lock:
-            touched: dict[str, _Channel] = {}
-            for channel, body, ttl in zip(channels, bodies, ttls, strict=True):
-                state = touched.get(channel)
-                if state is None:
-                    state = touched[channel] = self._state(channel)
-                state.credit = max(0, state.credit - 1)
-                state.buffer.append((body, now + ttl))
-            for state in touched.values():
-                self._feed(state)
+        with self.lock:
+            self.state.deliver(channels, bodies, ttls, now)
 
     def _on_reply(self, req: int, code: int, detail: str, value: Any) -> None:
-        request = self._requests.pop(req, None)
+        request = self._requests.pop(req)
         if request is None:
             if code == SubscriptionError.code and isinstance(value, dict) and value.get("channel"):
-                self._refuse_channel(value["channel"], from_wire(code, detail, value))
+                with self.lock:
+                    self.state.refuse(value["channel"], from_wire(code, detail, value))
             elif code:
                 logger.error("broker refused a message: %s", detail)
+                if code == QueueFull.code and isinstance(value, dict) and isinstance(value.get("channel"), str):
+                    with self.lock:  # the next sends to it wait for an exact QueueFull
+                        self.state.window.refused_pipelined(value["channel"])
             return
         if code:
             error: Optional[BaseException] = from_wire(code, detail, value)
@@ -812,7 +620,7 @@ class Core:
                 except BaseException as exc:
                     error = exc
         if request.waiter is not None:
-            with self._lock:
+            with self.lock:
                 request.waiter.resolve(result, error)
         elif error is not None:
             logger.error("broker refused a pipelined message: %s", error)
@@ -824,39 +632,28 @@ class Core:
         def welcomed(value: Any) -> None:
             instance, max_body, epoch = value
             restarted = self.instance is not None and instance != self.instance
-            self.instance, self.max_body, self.epoch = instance, max_body, epoch
+            self.instance, self.max_body = instance, max_body
+            with self.lock:
+                self.state.epoch = epoch
             self._on_connected(restarted)
 
         self._start_request(p.Hello(0, self.client_id, self.heartbeat), None, None, welcomed, first=True)
 
     def _on_connected(self, restarted: bool) -> None:
         self._unreachable_reported = False
-        now = time.monotonic()
-        self.unacked = 0
-        if restarted:
-            self.depth.clear()  # a new broker holds nothing
-        with self._lock:
+        with self.lock:
             self.connected = True  # under the lock: take() must not grant while credit is reset
-            for state in self._channels.values():
-                state.credit = 0
-                state.withdrawing = False
-                if restarted:  # the new broker never counted what we hold
-                    state.consumed = 0
-                if state.waiters:
-                    want = state.prefetch - len(state.buffer)
-                    if want > 0:
-                        state.credit = want
-                        self._send_frames(self._frames(p.Subscribe(0, state.name, want), None))
-        for (group, channel), deadline in list(self._groups.items()):
-            if deadline <= now:
-                del self._groups[(group, channel)]
-            elif restarted:
-                self._start_request(p.GroupAdd(0, group, channel, deadline - now), None, None, None)
+            out = self.state.connected(time.monotonic(), restarted)
+        for msg in out:
+            if isinstance(msg, p.GroupAdd):
+                self._start_request(msg, None, None, None)
+            else:
+                self._send_frames(self._frames(msg))
         self._ready.set()
 
     def _tick(self, now: float) -> None:
-        if self._backlog:
-            self._drain_backlog()
+        if self._requests.backlog:
+            self._requests.drain(self._send_frames)
         if now < self._next_scan:
             return
         self._next_scan = now + _SCAN_INTERVAL
@@ -864,7 +661,7 @@ class Core:
             self._retry_handshake(now)
             return
         # request timeouts
-        for req in [req for req, r in self._requests.items() if r.deadline <= now]:
+        for req in self._requests.expired(now):
             self._drop_request(req, "timed out")
         # liveness
         silent = now - self._last_heard
@@ -889,56 +686,24 @@ class Core:
             self._unreachable_reported = True
             threading.Thread(target=self.on_unreachable, args=(self.address,), daemon=True).start()
         # Old requests keep their deadlines; unsent ones stay in the backlog.
-        stale = [req for req, r in self._requests.items() if r.waiter is None and r.on_reply is not None]
-        for req in stale:  # hellos and heartbeats to a dead peer
+        for req in self._requests.internal():  # hellos and heartbeats to a dead peer
             self._requests.pop(req)
         self._hello()
 
     def _return_idle(self, now: float) -> None:
-        """Withdraw credit from channels nobody receives from, and hand their
-        unread messages back to the broker."""
-        idle = []
-        with self._lock:
-            for state in self._channels.values():
-                if state.waiters or state.withdrawing:
-                    continue
-                if now - state.last_wanted < self.idle_return:
-                    continue
-                if state.credit or state.buffer:
-                    idle.append(state)
-                elif not state.buffer:
-                    state.last_wanted = now  # nothing to do; look again later
-        for state in idle:
-            state.withdrawing = True
+        """Withdraw credit from channels nobody receives from; hand their
+        unread messages back to the broker once it confirms."""
+        with self.lock:
+            withdrawals = self.state.idle(now)
+        for msg in withdrawals:
 
-            def withdrawn(_left: Any, state: _Channel = state) -> None:
-                self._finish_withdraw(state)
+            def withdrawn(_left: Any, name: str = msg.channel) -> None:
+                with self.lock:
+                    out = self.state.withdrawn(name, time.monotonic(), self.connected)
+                for header, bodies in out:
+                    self._send_frames(self._frames(header, bodies))
 
-            self._start_request(p.Unsubscribe(0, state.name), None, None, withdrawn)
-        with self._lock:
-            for name in [n for n, state in self._channels.items() if state.unused(now, self.idle_return)]:
-                del self._channels[name]
-
-    def _finish_withdraw(self, state: _Channel) -> None:
-        # Every delivery the broker sent before our Unsubscribe has arrived
-        # (one pipe, in order), so the buffer is complete.
-        now = time.monotonic()
-        with self._lock:
-            state.withdrawing = False
-            state.credit = 0
-            if state.waiters:  # a receive came in meanwhile: keep serving it
-                self._feed(state)
-                want = state.prefetch - len(state.buffer)
-                if want > 0:
-                    state.credit = want
-                    self._send_frames(self._frames(p.Subscribe(0, state.name, want), None))
-                return
-            returned = [(body, deadline) for body, deadline in state.buffer if deadline > now]
-            state.buffer.clear()
-        for start in range(0, len(returned), p.MAX_BATCH):
-            chunk = returned[start : start + p.MAX_BATCH]
-            header = p.Return(state.name, [d - now for _, d in chunk], self.epoch)
-            self._send_frames(self._frames(header, [b for b, _ in chunk]))
+            self._start_request(msg, None, None, withdrawn)
 
 
 class _Stop(Exception):
@@ -949,6 +714,6 @@ def _nothing() -> None:
     pass
 
 
-def _run_batch(batch: list) -> None:
-    for fn, args in batch:
-        fn(*args)
+def _run_batch(batch: list[tuple[AsyncWaiter, Any, Optional[BaseException]]]) -> None:
+    for waiter, value, error in batch:
+        waiter.settle(value, error)

@@ -1,63 +1,75 @@
 """Waiters: how a result reaches a caller on another thread or event loop.
 
-An ``AsyncWaiter`` is a future on the caller's loop: the client's I/O thread
-resolves it (with the client lock held) by scheduling a call on that loop,
-and the outcome of a receive is decided there, where cancellation happens.
-A ``SyncWaiter`` is a slot a blocked thread waits on.
+An ``AsyncWaiter`` is a future on the caller's loop. The client's I/O thread
+resolves it (with the client lock held) through its ``Hub``, which runs the
+outcome on that loop in a batch; a receive's outcome is decided there, where
+cancellation happens, and reported back with ``Hub.settled``. A
+``SyncWaiter`` is a slot a blocked thread waits on.
+
+Both meet ``client._state.Waiter``, the protocol the pure state needs. They
+know the channel's state object and the hub, not the client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, ContextManager, Optional, Protocol
 
-if TYPE_CHECKING:
-    from .core import Core
+from ._state import ChannelState, Item
 
-__all__ = ["AsyncWaiter", "SyncWaiter", "Waiter"]
+__all__ = ["AsyncWaiter", "Hub", "SyncWaiter", "Waiter"]
+
+
+class Hub(Protocol):
+    """What a waiter needs from the client that resolves it."""
+
+    def schedule(self, waiter: AsyncWaiter, value: Any, error: Optional[BaseException]) -> None:
+        """Run ``waiter.settle(value, error)`` on its loop, soon (lock held)."""
+
+    def settled(self, channel: ChannelState, item: Item, accepted: bool) -> None:
+        """A receive's hand-off ended: it took ``item``, or not (it was
+        cancelled or its loop is gone) and ``item`` goes back first in line."""
 
 
 class AsyncWaiter:
     """A result for a coroutine on ``loop``. ``resolve`` is called on the I/O
     thread with the client lock held; the outcome is decided on the loop."""
 
-    __slots__ = ("channel", "core", "future", "loop")
+    __slots__ = ("channel", "future", "hub", "loop")
 
-    #: A delivery's outcome is decided later, on the loop (see ``_settle``).
+    #: A delivery's outcome is decided later, on the loop (see ``settle``).
     settles_later = True
 
-    def __init__(self, core: Core, channel: Optional[str] = None) -> None:
+    def __init__(self, hub: Hub, channel: Optional[ChannelState] = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.future: asyncio.Future = self.loop.create_future()
-        self.core = core
+        self.hub = hub
         self.channel = channel  # set for receives: where to put a message back
 
     def alive(self) -> bool:
         return not self.future.done()
 
     def resolve(self, value: Any = None, error: Optional[BaseException] = None) -> None:
-        if error is None and self.channel is not None:
-            # A message is on its way to this receive: until the loop has
-            # decided whether the receive still wants it, later messages of
-            # the channel must wait behind it (see Core.take).
-            self.core._state(self.channel).handoffs += 1
-        self.core._schedule(self.loop, self._settle, value, error)
+        self.hub.schedule(self, value, error)
 
-    def _settle(self, value: Any, error: Optional[BaseException]) -> None:
+    def settle(self, value: Any, error: Optional[BaseException]) -> None:
+        """On the loop: the outcome. A receive that was cancelled meanwhile
+        does not take its message: the hub puts it back."""
+        future = self.future
         if error is not None or self.channel is None:
-            if not self.future.done():
-                self.future.set_exception(error) if error is not None else self.future.set_result(value)
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(value)
             return
-        self.core._settle_handoff(self.channel, value, self.future)
+        accepted = not future.done()
+        if accepted:
+            future.set_result(value)
+        self.hub.settled(self.channel, value, accepted)
 
-    def undeliverable(self, value: Any) -> None:
-        """The loop is gone (closed): put the message back (lock held)."""
-        if self.channel is not None:
-            state = self.core._state(self.channel)
-            state.handoffs -= 1
-            state.buffer.appendleft(value)
-            self.core._feed(state)
+    def undeliverable(self, value: Any, error: Optional[BaseException]) -> None:
+        """The loop is gone (closed): a message goes back (lock held)."""
+        if error is None and self.channel is not None:
+            self.hub.settled(self.channel, value, False)
 
 
 class SyncWaiter:
@@ -69,7 +81,7 @@ class SyncWaiter:
     #: once resolved, the thread has the message.
     settles_later = False
 
-    def __init__(self, channel: Optional[str] = None) -> None:
+    def __init__(self, channel: Optional[ChannelState] = None) -> None:
         self.event = threading.Event()
         self.value: Any = None
         self.error: Optional[BaseException] = None
@@ -83,9 +95,11 @@ class SyncWaiter:
         self.value, self.error = value, error
         self.event.set()
 
-    def wait(self, core: Core, timeout: Optional[float]) -> Any:
+    def wait(self, lock: ContextManager[Any], timeout: Optional[float]) -> Any:
+        """The result; ``TimeoutError`` after ``timeout`` seconds. ``lock``
+        is the client's: a result that arrives as we time out is ours."""
         if not self.event.wait(timeout):
-            with core._lock:
+            with lock:
                 if not self.event.is_set():
                     self.abandoned = True
                     raise TimeoutError(f"no result within {timeout}s")
@@ -94,4 +108,4 @@ class SyncWaiter:
         return self.value
 
 
-Waiter = Any  # AsyncWaiter | SyncWaiter
+Waiter = AsyncWaiter | SyncWaiter

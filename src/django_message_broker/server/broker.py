@@ -9,6 +9,17 @@ ROUTER socket without blocking (``ROUTER_MANDATORY`` makes an unroutable or
 busy peer an error instead of a silent drop). Time is given as ``now``; the
 shell (``server.py``) owns the socket's read loop and calls ``sweep`` about
 once a second. No asyncio here.
+
+Memory. All queues share one ``MemoryMeter``: the bytes of the messages
+queued in the broker (body + ``MESSAGE_OVERHEAD`` each). A message counts
+while it sits in a queue: from its send (or its Return) until it is handed
+to the socket for delivery, expires, or is flushed. Delivered messages a
+client has not consumed no longer count: they left this process (they
+count against their channel's capacity instead). A group_send body shared
+by N queues counts N times: conservative (the body is in memory once) and
+exact with no reference counting. Past ``max_memory`` a send is refused
+with ``QueueFull`` (its ``reason`` names the limit), a group_send skips the
+members it cannot add, and a Return keeps what fits.
 """
 
 from __future__ import annotations
@@ -17,19 +28,21 @@ import functools
 import logging
 import os
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import zmq
 
 from .. import protocol as p
+from .._memory import default_max_memory, format_size
 from ..exceptions import BrokerError, MessageTooLarge, ProtocolError, QueueFull, SubscriptionError
 from ..options import DEFAULT_MAX_MESSAGE_SIZE
 from ..protocol import MAX_BATCH, MAX_CREDIT, MAX_TTL, PIPELINE_SLACK
 from .data_message import DataMessage
 from .groups import Groups
 from .outbox import Outbox
-from .server_queue import ChannelQueue, Endpoint
+from .server_queue import ChannelQueue, Endpoint, MemoryMeter
 
 __all__ = ["DEFAULT_MAX_BODY", "Broker"]
 
@@ -42,6 +55,9 @@ _MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 _MAX_RULES = 64
+_QUEUED, _FULL, _NO_MEMORY = 0, 1, 2
+#: Flushes remembered to judge late reports (see ``Broker._flushed_since``).
+_FLUSH_HISTORY = 256
 
 
 @functools.lru_cache(maxsize=256)
@@ -83,6 +99,7 @@ class Broker:
         clock: Callable[[], float],
         max_body: int = DEFAULT_MAX_BODY,
         max_queue_length: Optional[int] = None,
+        max_memory: Optional[int] = None,
         missed_heartbeats: int = 3,
         autoflush: bool = True,
     ) -> None:
@@ -94,19 +111,34 @@ class Broker:
         self.clock = clock
         self.max_body = max_body
         self.max_queue_length = max_queue_length
+        #: Bytes of queued messages, broker-wide; ``max_memory`` defaults to a
+        #: quarter of the host's physical memory.
+        self.memory = MemoryMeter(default_max_memory() if max_memory is None else max_memory)
+        self._memory_refusals = 0
+        self._next_memory_log = 0.0
+        self._next_memory_expiry = 0.0
         self.missed_heartbeats = missed_heartbeats
         self.instance = os.urandom(8).hex()
         #: Incremented by every flush: reports (``Consumed``, ``Return``) made
         #: before a flush the client had not yet heard of are about messages
-        #: the flush dropped.
+        #: the flush dropped, if that flush covered their channel's namespace.
         self.epoch = 0
+        #: (epoch, prefix) of the latest flushes, oldest first.
+        self._flushes: deque[tuple[int, str]] = deque(maxlen=_FLUSH_HISTORY)
         self.queues: dict[str, ChannelQueue] = {}
         self.groups = Groups()
         self.clients: dict[bytes, ClientState] = {}
         self.stalled: set[ChannelQueue] = set()
         self._bad_inputs = 0
         self._next_bad_input_log = 0.0
-        self.counters = {"received": 0, "delivered": 0, "refused_full": 0, "errors": 0, "expired": 0}
+        self.counters = {
+            "received": 0,
+            "delivered": 0,
+            "refused_full": 0,
+            "refused_memory": 0,
+            "errors": 0,
+            "expired": 0,
+        }
 
     # -- helpers ------------------------------------------------------------
     def _reply(self, ident: bytes, reply: Any) -> None:
@@ -131,6 +163,24 @@ class Broker:
             logger.warning("bad message from %r: %s%s", ident, exc, more)
             self._bad_inputs = 0
 
+    def _memory_full(self, channel: str, refused: int) -> QueueFull:
+        """Count ``refused`` messages turned away at the memory limit, log it
+        (once per second at most), and return the error for the sender."""
+        reason = f"broker memory limit {format_size(self.memory.limit or 0)} reached"
+        self.counters["refused_memory"] += refused
+        self._memory_refusals += refused
+        now = self.clock()
+        if now >= self._next_memory_log:
+            self._next_memory_log = now + 1.0
+            logger.warning(
+                "%s: %d message(s) refused since the last report (%d bytes queued)",
+                reason,
+                self._memory_refusals,
+                self.memory.used,
+            )
+            self._memory_refusals = 0
+        return QueueFull(channel, 0, reason)
+
     def _error(self, ident: bytes, req: int, exc: BrokerError) -> None:
         self.counters["errors"] += 1
         self._reply(ident, p.error_reply(req, exc))
@@ -141,6 +191,7 @@ class Broker:
             p.check_channel_name(name)
             queue = ChannelQueue(name.encode(), self.max_queue_length)
             queue.clock = self.clock  # type: ignore[method-assign]
+            queue.meter = self.memory
             self.queues[name] = queue
         return queue
 
@@ -176,16 +227,33 @@ class Broker:
             queue._flush_messages()
         return 0  # pragma: no cover - the loop always returns
 
-    def _push(self, queue: ChannelQueue, body: Any, ttl: float, limit: int, deliver: bool = True) -> bool:
+    def _push(self, queue: ChannelQueue, body: Any, ttl: float, limit: int, deliver: bool = True) -> int:
         """Queue ``body`` unless the channel is at ``limit`` (or the queue at
-        its hard cap)."""
+        its hard cap: ``_FULL``), or the broker at its memory limit
+        (``_NO_MEMORY``: see ``_fits``). Returns ``_QUEUED`` if it went in."""
         if not self._room(queue, limit):
             self.counters["refused_full"] += 1
-            return False
-        queue.push(DataMessage(body), ttl)
+            return _FULL
+        message = DataMessage(body)
+        if not self._fits(message.size):
+            return _NO_MEMORY
+        queue.push(message, ttl)
         if deliver:
             self._deliver(queue)
-        return True
+        return _QUEUED
+
+    def _fits(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit under the memory limit. If not,
+        expired messages are dropped everywhere first: at most every 0.1 s,
+        since the scan is a pass over every queue and a flood of refused
+        sends must stay cheap."""
+        if self.memory.fits(size):
+            return True
+        now = self.clock()
+        if now >= self._next_memory_expiry:
+            self._next_memory_expiry = now + 0.1
+            self._expire_messages()
+        return self.memory.fits(size)
 
     def _check_bodies(self, bodies: list, count: Optional[int] = None) -> None:
         if not bodies or (count is not None and len(bodies) != count):
@@ -243,22 +311,29 @@ class Broker:
                 self._check_bodies(bodies)
                 _check_ttl(ttl)
                 queue = self._queue(channel)
-                if checked:  # all or nothing, within capacity and the hard cap
+                if checked:  # all or nothing, within capacity, the hard cap and memory
                     if self._room(queue, capacity, len(bodies)) < len(bodies):
                         self.counters["refused_full"] += len(bodies)
                         limit = capacity if queue.max_length is None else min(capacity, queue.max_length)
                         raise QueueFull(channel, limit)
-                    for body in bodies:
-                        queue.push(DataMessage(body), ttl)
+                    messages = [DataMessage(body) for body in bodies]
+                    if not self._fits(sum(m.size for m in messages)):
+                        self._forget_if_empty(queue)
+                        raise self._memory_full(channel, len(bodies))
+                    for message in messages:
+                        queue.push(message, ttl)
                     self._deliver(queue)
                     self._reply(ident, p.Reply(req, 0, "", queue.depth))
                 else:
                     limit = capacity * PIPELINE_SLACK
-                    refused = 0
+                    refused = no_memory = 0
                     for body in bodies:
-                        if not self._push(queue, body, ttl, limit, deliver=False):
-                            refused += 1
+                        outcome = self._push(queue, body, ttl, limit, deliver=False)
+                        refused += outcome == _FULL
+                        no_memory += outcome == _NO_MEMORY
                     self._deliver(queue)
+                    if no_memory:
+                        raise self._memory_full(channel, no_memory)
                     if refused:
                         raise QueueFull(channel, capacity)
             case p.Subscribe(req, channel, credit):
@@ -289,12 +364,12 @@ class Broker:
             case p.Consumed(epoch, channels, counts):
                 if len(channels) != len(counts) or any(type(c) is not int or c < 0 for c in counts):
                     raise ProtocolError("Consumed needs one count (>= 0) per channel")
-                if epoch == self.epoch:  # else: about messages a flush dropped
-                    for channel, count in zip(channels, counts, strict=True):
+                for channel, count in zip(channels, counts, strict=True):
+                    if not self._flushed_since(epoch, channel):  # else: about messages a flush dropped
                         self._release(client, channel, count)
             case p.Return(channel, ttls, epoch):
                 self._check_bodies(bodies, len(ttls))
-                if epoch != self.epoch:  # delivered before a flush: flushed
+                if self._flushed_since(epoch, channel):  # delivered before a flush: flushed
                     return
                 self._release(client, channel, len(bodies))
                 queue = self._queue(channel)
@@ -305,23 +380,40 @@ class Broker:
                     self.counters["refused_full"] += len(bodies) - room
                     logger.warning("%d returned message(s) refused: %r is at its hard cap", len(bodies) - room, channel)
                     bodies, ttls = bodies[:room], ttls[:room]  # the oldest stay first
-                for body, ttl in zip(reversed(bodies), reversed(ttls), strict=True):  # newest first to the front
-                    if 0 < ttl <= MAX_TTL:  # expired (or nonsense) ttls are dropped
-                        queue.push_front(DataMessage(body, now + ttl))
+                # So does the memory limit: the oldest that fit are kept.
+                returned = [
+                    DataMessage(body, now + ttl)
+                    for body, ttl in zip(bodies, ttls, strict=True)
+                    if 0 < ttl <= MAX_TTL  # expired (or nonsense) ttls are dropped
+                ]
+                fit, size = 0, 0
+                while fit < len(returned) and self._fits(size + returned[fit].size):
+                    size += returned[fit].size
+                    fit += 1
+                if fit < len(returned):
+                    self._memory_full(channel, len(returned) - fit)
+                for message in reversed(returned[:fit]):  # newest first to the front
+                    queue.push_front(message)
                 self._deliver(queue)
-            case p.GroupSend(req, group, ttl, capacity, capacities):
+            case p.GroupSend(req, group, ttl, capacity, capacities, prefix):
                 self._check_bodies(bodies, 1)
                 _check_ttl(ttl)
                 p.check_group_name(group)
+                p.check_prefix(prefix)
                 rules = _compile_rules(capacities)
                 body = bodies[0]
-                sent = skipped = 0
+                sent = skipped = no_memory = 0
+                cut = len(prefix) + 1 if prefix else 0
                 for channel in self.groups.members(group, now):
-                    limit = next((cap for pattern, cap in rules if pattern.match(channel)), capacity)
-                    if self._push(self._queue(channel), body, ttl, limit):
-                        sent += 1
-                    else:
-                        skipped += 1
+                    # Rules see the name the sender's users know (no "prefix.").
+                    name = channel[cut:] if cut and p.in_namespace(channel, prefix) else channel
+                    limit = next((cap for pattern, cap in rules if pattern.match(name)), capacity)
+                    outcome = self._push(self._queue(channel), body, ttl, limit)
+                    sent += outcome == _QUEUED
+                    skipped += outcome != _QUEUED
+                    no_memory += outcome == _NO_MEMORY
+                if no_memory:
+                    self._memory_full(group, no_memory)  # counted and logged; the members are skipped
                 if skipped:
                     logger.info("group_send to %r: %d of %d channels over capacity", group, skipped, sent + skipped)
                 self._reply(ident, p.Reply(req, 0, "", [sent, skipped]))
@@ -343,11 +435,12 @@ class Broker:
                 self._reply(ident, p.Reply(req, 0, "", [self.instance, self.max_body, self.epoch]))
             case p.Heartbeat(req):
                 self._reply(ident, p.Reply(req, 0, "", self.instance))
-            case p.Flush(req):
-                self.flush()
-                # Every client drops what it was delivered and has not read;
-                # the flusher sees the notice before its reply (one pipe).
-                notice = p.encode(p.Flushed(self.epoch))
+            case p.Flush(req, prefix):
+                self.flush(p.check_prefix(prefix))
+                # Every client drops what it was delivered and has not read
+                # (in that namespace); the flusher sees the notice before its
+                # reply (one pipe).
+                notice = p.encode(p.Flushed(self.epoch, prefix))
                 for other in self.clients:
                     self._send_raw(other, notice)
                 self._reply(ident, p.Reply(req))
@@ -408,21 +501,37 @@ class Broker:
                 queue.release(endpoint, endpoint.held)
         self._drop_endpoints(client)
 
-    def flush(self) -> None:
-        """Drop every queued message and every group (endpoints stay), and
-        what clients hold: the ``Flushed`` notice tells them to drop it."""
+    def flush(self, prefix: str = "") -> None:
+        """Drop every queued message and every group of namespace ``prefix``
+        (``""``: all; endpoints stay), and what clients hold there: the
+        ``Flushed`` notice tells them to drop it. Other namespaces are not
+        touched: their held counts stay, and their late reports count."""
         self.epoch += 1
+        self._flushes.append((self.epoch, prefix))
         for client in self.clients.values():
-            for endpoint in client.endpoints.values():
-                endpoint.held = 0
+            for channel, endpoint in client.endpoints.items():
+                if p.in_namespace(channel, prefix):
+                    endpoint.held = 0
         for queue in list(self.queues.values()):
-            queue.queue.clear()
-            queue.held = 0
-            self._forget_if_empty(queue)
+            if p.in_namespace(queue.name, prefix):
+                queue.clear()
+                queue.held = 0
+                self._forget_if_empty(queue)
         for client in self.clients.values():
             for channel in list(client.endpoints):
-                self._forget_endpoint_if_done(client, channel)
-        self.groups.clear()
+                if p.in_namespace(channel, prefix):
+                    self._forget_endpoint_if_done(client, channel)
+        self.groups.clear(prefix)
+
+    def _flushed_since(self, epoch: int, channel: str) -> bool:
+        """Did a flush after ``epoch`` cover ``channel``? A report (``Consumed``,
+        ``Return``) made at ``epoch`` is then about messages it dropped. Flushes
+        too old to remember count as covering (the old, safe answer)."""
+        if epoch >= self.epoch:
+            return False
+        if epoch < self.epoch - len(self._flushes):
+            return True
+        return any(e > epoch and p.in_namespace(channel, prefix) for e, prefix in self._flushes)
 
     def retry_stalled(self) -> None:
         stalled, self.stalled = self.stalled, set()
@@ -431,17 +540,21 @@ class Broker:
                 self._deliver(queue)
         self.send_deliveries()
 
+    def _expire_messages(self) -> None:
+        for queue in self.queues.values():
+            if queue.queue:
+                before = queue.expired
+                queue._flush_messages()
+                self.counters["expired"] += queue.expired - before
+
     def sweep(self, now: float) -> None:
         """Expire messages, endpoints, memberships and silent clients."""
         for ident, client in list(self.clients.items()):
             if now - client.last_seen > client.heartbeat * self.missed_heartbeats + 1.0:
                 logger.info("client %s (%r) timed out", client.client_id or "?", ident)
                 self.drop_client(ident)
+        self._expire_messages()
         for queue in list(self.queues.values()):
-            if queue.queue:
-                before = queue.expired
-                queue._flush_messages()
-                self.counters["expired"] += queue.expired - before
             if queue.subscribers:
                 queue._flush_subscribers()
             self._forget_if_empty(queue)
@@ -461,6 +574,8 @@ class Broker:
             "clients": len(self.clients),
             "queues": len(self.queues),
             "queued": self.queued(),
+            "memory": self.memory.used,
+            "max_memory": self.memory.limit,
             "held": sum(q.held for q in self.queues.values()),
             "groups": len(self.groups),
             "memberships": self.groups.memberships(),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .._memory import MESSAGE_OVERHEAD
+
 __all__ = ["DataMessage"]
 
 
@@ -15,13 +17,16 @@ class DataMessage:
     ``bytes`` in tests): it is never decoded or copied, and one body object
     may sit in many queues at once after a group fan-out. ``deadline`` is a
     monotonic time set by ``ChannelQueue.push``; ``math.inf`` never expires.
+    ``size`` is what the message counts against the broker's memory limit:
+    its body's length plus a fixed ``MESSAGE_OVERHEAD``.
     """
 
-    __slots__ = ("body", "deadline")
+    __slots__ = ("body", "deadline", "size")
 
     def __init__(self, body: Any = b"", deadline: float = math.inf) -> None:
         self.body = body
         self.deadline = deadline
+        self.size = len(self) + MESSAGE_OVERHEAD
 
     def __len__(self) -> int:
         body = self.body

@@ -47,8 +47,14 @@ class Groups:
         for group in list(self._groups):
             self._expire(group, now)
 
-    def clear(self) -> None:
-        self._groups.clear()
+    def clear(self, prefix: str = "") -> None:
+        """Drop every group, or those named ``prefix.*``."""
+        if not prefix:
+            self._groups.clear()
+            return
+        start = prefix + "."
+        for group in [g for g in self._groups if g.startswith(start)]:
+            del self._groups[group]
 
     def memberships(self) -> int:
         return sum(len(m) for m in self._groups.values())

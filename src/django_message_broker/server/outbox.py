@@ -114,7 +114,7 @@ class Outbox:
     def _put_back(runs: list[_Run], errno: int) -> set[ChannelQueue]:
         """Runs that did not go: back to the head of their queues, in order."""
         for queue, endpoint, messages in reversed(runs):
-            queue.queue.extendleft(reversed(messages))
+            queue.put_back(messages)
             queue.release(endpoint, len(messages))
             if errno == zmq.EHOSTUNREACH:
                 queue.subscribers.pop(endpoint.id, None)

@@ -69,6 +69,9 @@ def check_bind(address: str, *, secret_key: Any = None, authorized_keys: Any = N
 class BrokerServer:
     """The broker, as an async context manager.
 
+    ``max_memory``: bytes of queued messages held at most, broker-wide
+    (``None``: a quarter of the host's physical memory); past it sends are
+    refused with ``QueueFull`` (see ``broker.py``).
     ``idle_timeout``: exit by itself (``wait_closed`` returns) after having no
     clients and no queued messages for this many seconds; ``None``: never.
     ``secret_key``: the broker's secret certificate file (CURVE).
@@ -83,6 +86,7 @@ class BrokerServer:
         *,
         max_body: int = DEFAULT_MAX_BODY,
         max_queue_length: Optional[int] = None,
+        max_memory: Optional[int] = None,
         idle_timeout: Optional[float] = None,
         context: Optional[zmq.asyncio.Context] = None,
         secret_key: Optional[str] = None,
@@ -94,6 +98,7 @@ class BrokerServer:
         self.address = address
         self.max_body = max_body
         self.max_queue_length = max_queue_length
+        self.max_memory = max_memory
         self.idle_timeout = idle_timeout
         self.secret_key = secret_key
         self.authorized_keys = authorized_keys
@@ -171,6 +176,7 @@ class BrokerServer:
             clock=time.monotonic,
             max_body=self.max_body,
             max_queue_length=self.max_queue_length,
+            max_memory=self.max_memory,
             autoflush=False,  # deliveries go out once per batch read (see _read_loop)
         )
         self._closed = asyncio.Event()

@@ -16,6 +16,13 @@ the broker drives ``deliver`` and one broker-wide sweeper calls
 code that wants a queue to run on its own; awaiting it is opt-in.
 
 Process channels (name contains ``!``) have exactly one endpoint.
+
+Memory. Every message that enters ``queue`` adds its ``size`` to the
+queue's ``meter`` and every one that leaves (delivered, expired, cleared)
+takes it off; the broker gives all its queues one shared ``MemoryMeter``
+and so knows the bytes it holds queued. Change ``queue`` only through the
+methods here (``push``, ``push_front``, ``put_back``, ``deliver``,
+``_flush_messages``, ``clear``) so the count stays exact.
 """
 
 from __future__ import annotations
@@ -34,12 +41,30 @@ from ..exceptions import QueueFull, SubscriptionError
 from ..protocol import MAX_BATCH, MAX_CREDIT, Deliver, encode
 from .data_message import DataMessage
 
-__all__ = ["ChannelQueue", "DataMessage", "Endpoint", "RoundRobinDict", "SubscriptionError"]
+__all__ = ["ChannelQueue", "DataMessage", "Endpoint", "MemoryMeter", "RoundRobinDict", "SubscriptionError"]
 
 # Outcomes of one send attempt.
 _SENT, _BUSY, _GONE = 0, 1, 2
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
+
+
+class MemoryMeter:
+    """Bytes of queued messages (``DataMessage.size``), shared by queues.
+    ``limit`` is the most the owner lets in (``None``: no limit); the queues
+    only count, the owner decides."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: Optional[int] = None) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def fits(self, size: int) -> bool:
+        return self.limit is None or self.used + size <= self.limit
+
+    def __repr__(self) -> str:
+        return f"<MemoryMeter {self.used} of {self.limit} bytes>"
 
 
 @dataclass
@@ -176,6 +201,8 @@ class ChannelQueue:
         self.is_process_channel = b"!" in channel_name
         self.max_length = max_length
         self.queue: Deque[DataMessage] = deque()
+        #: Counts the bytes of ``queue`` (shared broker-wide by the broker).
+        self.meter = MemoryMeter()
         self.subscribers = RoundRobinDict()
         #: Messages that left the queue for an endpoint and are not yet
         #: consumed there: still "in the channel" for its capacity (the
@@ -331,6 +358,7 @@ class ChannelQueue:
                 raise QueueFull(self.name, self.max_length)
         message.deadline = self.clock() + time_to_live if time_to_live else math.inf
         self.queue.append(message)
+        self.meter.used += message.size
         self._set_messages_available()
 
     def push_front(self, message: DataMessage) -> None:
@@ -338,7 +366,22 @@ class ChannelQueue:
         Keeps the message's deadline; ignores ``max_length``, since the
         message was counted when it first arrived."""
         self.queue.appendleft(message)
+        self.meter.used += message.size
         self._set_messages_available()
+
+    def put_back(self, messages: list[DataMessage]) -> None:
+        """A run that could not be sent goes back to the head, in order."""
+        self.queue.extendleft(reversed(messages))
+        self.meter.used += sum(m.size for m in messages)
+        self._set_messages_available()
+
+    def clear(self) -> int:
+        """Drop every queued message; returns how many."""
+        count = len(self.queue)
+        self.meter.used -= sum(m.size for m in self.queue)
+        self.queue.clear()
+        self._set_messages_available()
+        return count
 
     def _send(self, endpoint: Endpoint, messages: list[DataMessage], now: float) -> int:
         """Send ``messages`` to ``endpoint`` as one Deliver (one header, a
@@ -394,14 +437,16 @@ class ChannelQueue:
         while True:
             if queue and len(run) < MAX_BATCH and (limit is None or sent + len(run) < limit):
                 if queue[0].deadline <= now:
-                    queue.popleft()
+                    self.meter.used -= queue.popleft().size
                     self.expired += 1
                     continue
                 if chosen is None:
                     chosen = self.subscribers.next_ready()
                 if chosen is not None and (run_to is None or chosen is run_to):
                     run_to, chosen = chosen, None
-                    run.append(queue.popleft())
+                    message = queue.popleft()
+                    self.meter.used -= message.size
+                    run.append(message)
                     if run_to.credit is not None:
                         run_to.credit -= 1
                     continue
@@ -413,7 +458,7 @@ class ChannelQueue:
                 run_to.held += len(run)
                 self.held += len(run)
             else:
-                queue.extendleft(reversed(run))  # back to the head, in order
+                self.put_back(run)  # back to the head, in order
                 if outcome == _GONE:
                     self.subscribers.pop(run_to.id, None)
                     if chosen is run_to:
@@ -445,6 +490,7 @@ class ChannelQueue:
         if any(m.deadline <= now for m in self.queue):
             kept = deque(m for m in self.queue if m.deadline > now)
             self.expired += len(self.queue) - len(kept)
+            self.meter.used -= sum(m.size for m in self.queue if m.deadline <= now)
             self.queue = kept
         self._set_messages_available()
 

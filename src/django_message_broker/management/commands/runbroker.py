@@ -17,6 +17,7 @@ See docs/security.md.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import errno
 import logging
@@ -27,6 +28,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from ...__main__ import LOG_LEVELS
+from ..._memory import parse_size
 from ...embedded import address_in_use_hint
 from ...options import LayerOptions
 from ...server.server import check_bind, serve
@@ -43,6 +45,13 @@ def server_settings() -> dict[str, Any]:
     if unknown:
         raise CommandError(f"unknown MESSAGE_BROKER_SERVER key(s): {', '.join(sorted(unknown))}")
     return dict(value)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _octal(text: str) -> int:
@@ -65,6 +74,13 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--max-body", type=int, default=None, help="largest message in bytes (default: CONFIG's max_message_size)"
+        )
+        parser.add_argument(
+            "--max-memory",
+            type=_size,
+            default=None,
+            help="bytes of queued messages held at most, e.g. 256MB or 1GiB "
+            "(default: CONFIG's embedded_max_memory, else a quarter of physical memory)",
         )
         parser.add_argument(
             "--max-queue-length", type=int, default=None, help="hard cap on any one channel's queue (default: none)"
@@ -109,6 +125,7 @@ class Command(BaseCommand):
             raise CommandError(f"CHANNEL_LAYERS[{options['alias']!r}]: {exc}") from None
         address = options["bind"] or conf.get("bind") or client.address
         max_body = options["max_body"] or client.max_message_size
+        max_memory = options["max_memory"] or client.embedded_max_memory
         security: dict[str, Any] = {
             key: options[key] if options[key] is not None else conf.get(key)
             for key in ("secret_key", "authorized_keys", "ipc_mode", "insecure")
@@ -134,6 +151,7 @@ class Command(BaseCommand):
                     address,
                     max_body=max_body,
                     max_queue_length=options["max_queue_length"],
+                    max_memory=max_memory,
                     idle_timeout=options["idle_timeout"],
                     **security,
                 )

@@ -1,0 +1,419 @@
+"""The client's state, with no I/O: no threads, sockets, zmq, asyncio or clock.
+
+How it works. ``ClientState`` holds what this process knows of the broker
+conversation: the receive state of each channel (``ChannelState``), the
+group memberships to replay after a restart, the flush epoch, the
+consumption counts still to report, and the send window (``SendWindow``).
+The driver (``client.core.Core``) owns the socket, the I/O thread and the
+lock; it calls these methods with the lock held, passes the time in as
+``now``, and sends the protocol messages they *return*: the state decides,
+the driver does the I/O (httpcore's "decide under the lock, return the
+I/O"). A test wires this state to the broker core in memory
+(``tests/helpers.py`` ``BrokerPair``).
+
+Rule 1: every rule about credit, buffering, hand-offs, consumption and the
+send window lives here, in one place each.
+
+Receiving uses credit (docs/protocol.md): a receive grants the broker
+permission to deliver up to ``prefetch`` messages of a channel here
+(``ChannelState.top_up``, the only place that computes credit).
+Deliveries wait in the channel's buffer until a receive takes them. A
+waiter that settles later (a receive on an event loop) gets one message at
+a time (``handoffs``): the loop decides whether the receive still wants it,
+and if not, the message goes back first in line (``settle``), so it is
+never lost and never read twice. A message a receive returned counts
+against its channel's capacity at the broker until a ``Consumed`` report
+says so (``report``). A channel nobody asked for in ``idle_return``
+seconds withdraws its credit (``idle``) and, once the broker confirms,
+hands unread messages back (``withdrawn`` returns the ``Return``s).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Optional, Protocol, TypeVar
+
+from .. import protocol as p
+
+__all__ = ["MAX_TRACKED_CHANNELS", "MAX_UNACKED", "ChannelState", "ClientState", "Item", "SendWindow", "Waiter"]
+
+#: Pipelined (unanswered) sends a process may have in flight before one waits.
+MAX_UNACKED = 4096
+#: Channels whose depth the send window remembers; past it, it forgets them all.
+MAX_TRACKED_CHANNELS = 10_000
+_FULL = 1 << 62  # a channel's depth once a pipelined send to it was refused: ask next time
+
+Item = tuple[bytes, float]  # a delivered message: (body, local deadline)
+Outgoing = tuple[p.Command, Optional[list[bytes]]]  # a message for the driver to send, with its bodies
+
+
+class Waiter(Protocol):
+    """What the state needs of a waiting receive (see ``client.waiters``)."""
+
+    #: True: ``resolve`` only starts a hand-off; the driver reports its
+    #: outcome with ``ClientState.settle``. False: resolved means received.
+    settles_later: bool
+
+    def alive(self) -> bool: ...
+
+    def resolve(self, value: Any = None, error: Optional[BaseException] = None) -> None: ...
+
+
+W = TypeVar("W", bound=Waiter)
+
+
+class ChannelState:
+    """Receive state of one channel in this process (trio's
+    ``MemoryChannelState``): its buffer, waiting receives, hand-offs,
+    credit and consumption count."""
+
+    __slots__ = (
+        "buffer",
+        "consumed",
+        "credit",
+        "handoffs",
+        "last_wanted",
+        "name",
+        "prefetch",
+        "waiters",
+        "withdrawing",
+    )
+
+    def __init__(self, name: str, prefetch: int) -> None:
+        self.name = name
+        self.prefetch = prefetch
+        self.buffer: deque[Item] = deque()
+        self.waiters: deque[Waiter] = deque()
+        self.credit = 0  # deliveries granted and not yet arrived
+        self.last_wanted = 0.0
+        self.withdrawing = False  # an Unsubscribe is on its way
+        self.handoffs = 0  # messages on their way to a receive's event loop
+        self.consumed = 0  # messages receives returned, not yet reported to the broker
+
+    def take_nowait(self, now: float) -> Optional[Item]:
+        """The next live buffered message, if no receive is ahead in line.
+        Expired ones are dropped on the way."""
+        while self.buffer and not self.waiters and not self.handoffs:
+            item = self.buffer.popleft()
+            if item[1] > now:
+                self.consumed += 1
+                return item
+        return None
+
+    def top_up(self, connected: bool) -> Optional[p.Subscribe]:
+        """The credit to grant, if any: up to ``prefetch`` deliveries owed or
+        buffered, in batches of at least half the window (one Subscribe per
+        prefetch/2 messages, not one per message) unless a receive waits."""
+        want = self.prefetch - self.credit - len(self.buffer)
+        if want <= 0 or self.withdrawing or not connected:
+            return None
+        if not self.waiters and want * 2 < self.prefetch:
+            return None
+        self.credit += want
+        return p.Subscribe(0, self.name, want)
+
+    def feed(self, now: float) -> None:
+        """Hand buffered messages to live waiters. One hand-off to an event
+        loop at a time: if that receive turns out to be cancelled, its
+        message must still be first for the next one."""
+        while self.buffer and self.waiters and not self.handoffs:
+            waiter = self.waiters[0]
+            if not waiter.alive():
+                self.waiters.popleft()
+                continue
+            item = self.buffer.popleft()
+            if item[1] <= now:
+                continue
+            self.waiters.popleft()
+            if waiter.settles_later:
+                self.handoffs += 1
+                waiter.resolve(item)
+            else:  # a blocked thread: it has the message now
+                waiter.resolve(item)
+                self.consumed += 1
+
+    def settle(self, item: Item, accepted: bool, now: float) -> None:
+        """A hand-off's outcome: the receive took ``item``, or it was
+        cancelled (or its loop is gone) and ``item`` is first in line again."""
+        self.handoffs -= 1
+        if accepted:
+            self.consumed += 1
+        else:
+            self.buffer.appendleft(item)
+        self.feed(now)
+
+    def put_back(self, item: Item, now: float) -> None:
+        """A message whose receive was cancelled after it was resolved."""
+        self.buffer.appendleft(item)
+        self.feed(now)
+
+    def forget(self, waiter: Waiter) -> None:
+        """A receive gave up (timed out, cancelled) before any message."""
+        try:
+            self.waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def fail(self, error: BaseException) -> None:
+        while self.waiters:
+            self.waiters.popleft().resolve(None, error)
+
+    def deliver(self, item: Item) -> None:
+        self.credit = max(0, self.credit - 1)
+        self.buffer.append(item)
+
+    def unused(self, now: float, idle: float) -> bool:
+        """Nothing here, nothing owed, nobody asked for ``idle`` seconds."""
+        busy = self.waiters or self.buffer or self.credit or self.withdrawing or self.handoffs or self.consumed
+        return not busy and now - self.last_wanted >= idle
+
+
+class SendWindow:
+    """How far this process may pipeline sends (h2's ``WindowManager``).
+
+    A send goes without waiting while its channel is known to be at most
+    half full (the last depth the broker reported plus our own sends since)
+    and fewer than ``MAX_UNACKED`` sends are unanswered in all. Near
+    capacity, the sender waits for the broker's answer, so ``QueueFull`` is
+    exact for a single sender. Any answer resets the unanswered count: the
+    broker has read everything sent before it, so a producer never runs
+    more than one window ahead."""
+
+    __slots__ = ("depth", "unacked")
+
+    def __init__(self) -> None:
+        self.depth: dict[str, int] = {}  # channel -> messages the senders here believe are queued
+        self.unacked = 0  # pipelined sends not yet known to have reached the broker (approximate)
+
+    def may_pipeline(self, channel: str, capacity: int, connected: bool) -> bool:
+        """True: send without waiting (counted now). False: ask the broker."""
+        depth = self.depth.get(channel, 0)
+        if connected and depth < capacity // 2 and self.unacked < MAX_UNACKED:
+            self.depth[channel] = depth + 1
+            self.unacked += 1
+            return True
+        return False
+
+    def acked(self, channel: str, depth: int) -> None:
+        """The broker answered a checked send with the channel's depth."""
+        self.unacked = 0
+        if len(self.depth) >= MAX_TRACKED_CHANNELS:
+            self.depth.clear()
+        self.depth[channel] = depth
+
+    def refused(self, channel: str, capacity: int, full: bool) -> None:
+        """A checked send failed. Full: the next sends must ask the broker
+        too. Anything else: the depth is unknown."""
+        if full:
+            self.depth[channel] = capacity
+        else:
+            self.depth.pop(channel, None)
+
+    def refused_pipelined(self, channel: str) -> None:
+        """The broker refused a pipelined send (full, or out of memory): the
+        next sends to ``channel`` wait for its answer (an exact QueueFull)."""
+        self.depth[channel] = _FULL
+
+    def reset(self, restarted: bool) -> None:
+        """(Re)connected: nothing is in flight; a new broker holds nothing."""
+        self.unacked = 0
+        if restarted:
+            self.depth.clear()
+
+    def flushed(self, prefix: str = "") -> None:
+        """Namespace ``prefix`` (``""``: everything) was flushed."""
+        for channel in [channel for channel in self.depth if p.in_namespace(channel, prefix)]:
+            del self.depth[channel]
+
+
+class ClientState:
+    """Everything the client knows, per process. Not thread-safe: the driver
+    calls it with its lock held."""
+
+    def __init__(self, *, prefetch: int, process_prefetch: int, idle_return: float) -> None:
+        self.prefetch = max(1, prefetch)
+        self.process_prefetch = max(1, process_prefetch)
+        self.idle_return = idle_return
+        self.channels: dict[str, ChannelState] = {}
+        self.groups: dict[tuple[str, str], float] = {}  # memberships to replay -> local deadline
+        self.epoch = 0  # the broker's flush epoch (see protocol.Consumed)
+        self.report_due = False  # some channel's ``consumed`` count is waiting to go out
+        self.window = SendWindow()
+
+    def channel(self, name: str) -> ChannelState:
+        state = self.channels.get(name)
+        if state is None:
+            prefetch = self.process_prefetch if "!" in name else self.prefetch
+            state = self.channels[name] = ChannelState(name, prefetch)
+        return state
+
+    def _noted(self, state: ChannelState) -> None:
+        if state.consumed:
+            self.report_due = True
+
+    # -- receives ----------------------------------------------------------
+    def take(
+        self, name: str, now: float, make_waiter: Callable[[ChannelState], W], connected: bool
+    ) -> tuple[Optional[Item], Optional[W], Optional[p.Subscribe]]:
+        """A receive: the next message if one is here, else a new waiter
+        (``make_waiter(channel state)``) parked in line; and the credit to
+        grant."""
+        state = self.channel(name)
+        state.last_wanted = now
+        item = state.take_nowait(now)
+        waiter = None
+        if item is None:
+            waiter = make_waiter(state)
+            state.waiters.append(waiter)
+        else:
+            self.report_due = True
+        return item, waiter, state.top_up(connected)
+
+    def deliver(self, channels: list[str], bodies: list[bytes], ttls: list[float], now: float) -> None:
+        touched: dict[str, ChannelState] = {}
+        for name, body, ttl in zip(channels, bodies, ttls, strict=True):
+            state = touched.get(name)
+            if state is None:
+                state = touched[name] = self.channel(name)
+            state.deliver((body, now + ttl))
+        for state in touched.values():
+            state.feed(now)
+            self._noted(state)
+
+    def settle(self, state: ChannelState, item: Item, accepted: bool, now: float) -> None:
+        """A hand-off's outcome, from the receive's event loop."""
+        state = self.channel(state.name)  # the same one, unless it was refused meanwhile
+        state.settle(item, accepted, now)
+        self._noted(state)
+
+    def put_back(self, name: str, item: Item, now: float) -> None:
+        state = self.channel(name)
+        state.put_back(item, now)
+        self._noted(state)
+
+    def forget_waiter(self, name: str, waiter: Waiter) -> None:
+        state = self.channels.get(name)
+        if state is not None:
+            state.forget(waiter)
+
+    def refuse(self, name: str, error: BaseException) -> None:
+        """The broker refused this process's receive (another process owns
+        that process channel): fail the waiting receives."""
+        state = self.channels.pop(name, None)
+        if state is not None:
+            state.fail(error)
+
+    def fail_waiters(self, error: BaseException) -> None:
+        for state in self.channels.values():
+            state.fail(error)
+
+    # -- consumption -------------------------------------------------------
+    def report(self, connected: bool) -> Optional[p.Consumed]:
+        """What receives took since the last report, to send before anything
+        else; None if nothing (or no connection: then it stays due)."""
+        self.report_due = False
+        if not connected:
+            self.report_due = True
+            return None
+        states = [state for state in self.channels.values() if state.consumed]
+        if not states:
+            return None
+        counts = [state.consumed for state in states]
+        for state in states:
+            state.consumed = 0
+        return p.Consumed(self.epoch, [s.name for s in states], counts)
+
+    def report_failed(self, report: p.Consumed) -> None:
+        """The report could not be sent: keep its counts for the next try."""
+        for name, count in zip(report.channels, report.counts, strict=True):
+            self.channel(name).consumed += count
+        self.report_due = True
+
+    # -- the broker's lifecycle ---------------------------------------------
+    def flushed(self, epoch: int, prefix: str = "") -> None:
+        """The broker dropped every queued message and group of namespace
+        ``prefix`` (``""``: all): drop what was delivered here and not read,
+        and what we knew of depths and groups, in that namespace. Unreported
+        consumption there was about flushed messages: forget it too."""
+        covered = p.in_namespace
+        self.epoch = epoch
+        for state in self.channels.values():
+            if covered(state.name, prefix):
+                state.buffer.clear()
+                state.consumed = 0
+        for key in [key for key in self.groups if covered(key[0], prefix)]:
+            del self.groups[key]
+        self.window.flushed(prefix)
+
+    def connected(self, now: float, restarted: bool) -> list[p.Command]:
+        """A broker answered our Hello. Outstanding credit is void: grant it
+        again for channels with waiting receives. A new broker (``restarted``)
+        holds nothing: forget depths and unreported consumption, and replay
+        the group memberships that have not expired (``GroupAdd`` requests)."""
+        self.window.reset(restarted)
+        out: list[p.Command] = []
+        for state in self.channels.values():
+            state.credit = 0
+            state.withdrawing = False
+            if restarted:  # the new broker never counted what we hold
+                state.consumed = 0
+            if state.waiters:
+                grant = state.top_up(True)
+                if grant is not None:
+                    out.append(grant)
+        for (group, channel), deadline in list(self.groups.items()):
+            if deadline <= now:
+                del self.groups[(group, channel)]
+            elif restarted:
+                out.append(p.GroupAdd(0, group, channel, deadline - now))
+        return out
+
+    def remember_group(self, group: str, channel: str, deadline: float) -> None:
+        """A membership this process added: replayed after a broker restart."""
+        self.groups[(group, channel)] = deadline
+
+    def forget_group(self, group: str, channel: str) -> None:
+        self.groups.pop((group, channel), None)
+
+    # -- idle withdrawal -----------------------------------------------------
+    def idle(self, now: float) -> list[p.Unsubscribe]:
+        """Channels nobody received from for ``idle_return`` seconds that
+        hold credit or messages: withdraw their credit (the driver sends the
+        ``Unsubscribe`` requests and calls ``withdrawn`` on the answer).
+        Channels with nothing left at all are forgotten."""
+        out = []
+        unused = []
+        for state in self.channels.values():
+            if state.waiters or state.withdrawing or now - state.last_wanted < self.idle_return:
+                continue
+            if state.credit or state.buffer:
+                state.withdrawing = True
+                out.append(p.Unsubscribe(0, state.name))
+            elif state.unused(now, self.idle_return):
+                unused.append(state.name)
+            else:
+                state.last_wanted = now  # a hand-off or a report pending; look again later
+        for name in unused:
+            del self.channels[name]
+        return out
+
+    def withdrawn(self, name: str, now: float, connected: bool) -> list[Outgoing]:
+        """The broker confirmed an ``Unsubscribe``. Every delivery it sent
+        before has arrived (one pipe, in order), so the buffer is complete:
+        hand its live messages back (``Return``), unless a receive came in
+        meanwhile, which is served and granted credit again."""
+        state = self.channel(name)
+        state.withdrawing = False
+        state.credit = 0
+        if state.waiters:
+            state.feed(now)
+            self._noted(state)
+            grant = state.top_up(connected)
+            return [] if grant is None else [(grant, None)]
+        returned = [(body, deadline) for body, deadline in state.buffer if deadline > now]
+        state.buffer.clear()
+        out: list[Outgoing] = []
+        for start in range(0, len(returned), p.MAX_BATCH):
+            chunk = returned[start : start + p.MAX_BATCH]
+            out.append((p.Return(name, [d - now for _, d in chunk], self.epoch), [b for b, _ in chunk]))
+        return out
