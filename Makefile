@@ -4,12 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo test test-fast test-peers lint bench bench-core soak clean
+.PHONY: help install demo test test-fast test-peers test-matrix test-matrix-ci dist smoke lint bench bench-core soak clean
 
 help:
 	@echo "make demo   - set up and run the demo chat site on the embedded broker"
 	@echo "make test   - set up and run the whole test suite, then channels_redis's own tests"
 	@echo "make test-peers - channels_redis's own tests against our layer (ARGS=... for pytest)"
+	@echo "make test-matrix - the suite on every supported Python x Django pair (nox; see noxfile.py)"
+	@echo "make dist   - build the sdist and the wheel into dist/"
+	@echo "make smoke  - make dist, then install the wheel in a fresh venv and try it outside the checkout"
 	@echo "make bench  - run the benchmarks (writes benchmarks/results/)"
 	@echo "make bench-core - micro-benchmarks of the pure broker core, a few seconds (writes benchmarks/results/core-latest.md)"
 	@echo "make soak   - run the long reliability tests"
@@ -38,6 +41,23 @@ test-peers: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x -m "not slow"
 
+# Python 3.10-3.13 x Django 4.2/5.2/6.0 (supported pairs only): the whole
+# suite on one pair, the fast suite on the others. noxfile.py finds the pyenv
+# interpreters by itself. ARGS=... goes to nox (e.g. ARGS="-s fast -R").
+test-matrix: $(STAMP)
+	$(VENV)/bin/nox $(ARGS)
+
+# What CI runs after make test (which covers the "full" pair).
+test-matrix-ci: $(STAMP)
+	$(VENV)/bin/nox -s fast $(ARGS)
+
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+
+smoke: dist
+	PYTHON=$(PYTHON) TOOLS=$(PY) .ci/smoke_wheel.sh
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks example
 	$(VENV)/bin/mypy
@@ -53,4 +73,4 @@ soak: $(STAMP)
 	DMB_SOAK=1 $(PY) -m pytest -q tests/reliability -m soak --timeout=3600
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .cache/peers
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .cache/peers .nox

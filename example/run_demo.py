@@ -171,6 +171,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     address, running = warm_up()
     say(f"[demo] broker at {address}: {'already running' if running else 'embedded broker started on first use'}")
+    if not running:
+        from django_message_broker._runtime import files_for
+
+        say(
+            f"[demo] its log: {files_for(address).log}; it exits by itself a minute after the demo stops, "
+            f"or at once with: python -m django_message_broker stop --address {address}"
+        )
 
     stopping = threading.Event()
     received: list[int] = []

@@ -1,19 +1,26 @@
 """``python -m django_message_broker serve [--bind ADDR]``: run the broker.
-``python -m django_message_broker keygen NAME``: create a CURVE key pair."""
+``python -m django_message_broker stop [--address ADDR]``: stop the embedded broker.
+``python -m django_message_broker keygen NAME``: create a CURVE key pair.
+The same as the ``django-message-broker`` console script."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
 import zmq
 
 from ._memory import parse_size
+from .embedded import address_in_use_hint, serve_embedded, stop_embedded
 from .server.broker import DEFAULT_MAX_BODY
 from .server.server import DEFAULT_ADDRESS, check_bind, serve
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 def _mode(text: str) -> int:
@@ -35,8 +42,23 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m django_message_broker", description="django-message-broker")
+def prog_name(argv0: Optional[str] = None) -> str:
+    """How the user ran us, for ``usage:``: the console script's name, or
+    ``python -m django_message_broker`` (``sys.argv[0]`` is then this file)."""
+    name = os.path.basename(sys.argv[0] if argv0 is None and sys.argv else argv0 or "")
+    if name.endswith(".exe"):
+        name = name[: -len(".exe")]
+    if name.startswith("django-message-broker"):
+        return name
+    return "python -m django_message_broker"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (a function so that tests can read every option)."""
+    parser = argparse.ArgumentParser(
+        prog=prog_name(),
+        description="django-message-broker: run the broker, stop the embedded one, make CURVE keys",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("serve", help="run the broker in the foreground")
     run.add_argument(
@@ -71,19 +93,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="allow a non-loopback TCP address without --secret-key (plain text, anyone may connect)",
     )
     run.add_argument("--ipc-mode", type=_mode, default=None, help="file mode of an ipc:// socket, e.g. 0660")
-    run.add_argument("--log-level", default="INFO")
+    run.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        help=f"log messages of this level and above: {', '.join(LOG_LEVELS)} (default INFO)",
+    )
+    run.add_argument(
+        "--embedded",
+        action="store_true",
+        help="run as the embedded broker (clients with embedded=True start it so): write a pid file in the "
+        "runtime directory, and remove its lock, log and pid files at exit",
+    )
+    stop = commands.add_parser("stop", help="stop this user's embedded broker at an address, and wait for it")
+    stop.add_argument(
+        "--address", default=DEFAULT_ADDRESS, help=f"the address it serves, as in CONFIG (default {DEFAULT_ADDRESS})"
+    )
+    stop.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for it to exit (default 10)")
     keygen = commands.add_parser("keygen", help="create a CURVE key pair: NAME.key and NAME.key_secret")
     keygen.add_argument("name", help="file name stem, e.g. broker or web-1")
     keygen.add_argument("--dir", "-d", default=".", help="output directory (default: the current one)")
     keygen.add_argument("--force", action="store_true", help="overwrite existing files")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "keygen":
         return _keygen(args)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "stop":
+        return _stop(args)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         check_bind(args.bind, secret_key=args.secret_key, insecure=args.insecure)
         asyncio.run(
-            serve(
+            (serve_embedded if args.embedded else serve)(
                 args.bind,
                 max_body=args.max_body,
                 max_queue_length=args.max_queue_length,
@@ -100,8 +146,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except (OSError, zmq.ZMQError) as exc:  # address in use, bad address, missing key file
         print(f"cannot serve on {args.bind}: {exc}", file=sys.stderr)
+        if exc.errno == errno.EADDRINUSE:
+            print(address_in_use_hint(args.bind), file=sys.stderr)
         return 1
     return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    ok, message = stop_embedded(args.address, timeout=args.timeout)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 def _keygen(args: argparse.Namespace) -> int:

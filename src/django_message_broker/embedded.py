@@ -8,28 +8,35 @@ own session: it outlives the process that started it). The broker exits by
 itself after ``idle_timeout`` seconds with no clients and nothing queued.
 Binding the address is the second guard: a broker that loses a race to
 bind exits at once.
+
+Its files (lock, log, pid) live in one per-user runtime directory (see
+``_runtime.py``) and are removed when it exits normally: ``serve
+--embedded`` runs ``serve_embedded``, which writes the pid file once bound
+and, at exit, takes the lock before it closes its socket, so a starter
+waiting on the lock never sees a half-removed set. ``stop_embedded`` (the
+``stop`` command) signals it through its pid file; ``address_in_use_hint``
+tells a ``runbroker`` that fails to bind what holds the address.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import zmq
 
 from . import protocol as p
+from ._runtime import HostLock, files_for, host_lock, read_pid_file, remove_files, write_pid_file
 from .keys import client_curve
 from .options import DEFAULT_MAX_MESSAGE_SIZE, is_local_address
 
-__all__ = ["ensure_broker", "is_local_address", "probe"]
+__all__ = ["address_in_use_hint", "ensure_broker", "is_local_address", "probe", "serve_embedded", "stop_embedded"]
 
 logger = logging.getLogger("django_message_broker.embedded")
 
@@ -64,27 +71,6 @@ def probe(address: str, timeout: float = 0.3, *, server_key: Any = None, client_
         sock.close(0)
 
 
-def _paths(address: str) -> tuple[str, str]:
-    digest = hashlib.sha1(address.encode()).hexdigest()[:16]
-    base = os.path.join(tempfile.gettempdir(), f"django-message-broker-{digest}")
-    return base + ".lock", base + ".log"
-
-
-@contextmanager
-def _host_lock(path: str) -> Iterator[None]:
-    with open(path, "a") as handle:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: binding is the only guard
-            yield
-            return
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_broker(
     address: str,
     *,
@@ -111,11 +97,12 @@ def ensure_broker(
         raise RuntimeError(
             f"no broker answers at {address}, and an embedded broker is only started for local addresses"
         )
-    lock_path, log_path = _paths(address)
-    with _host_lock(lock_path):
+    files = files_for(address)
+    log_path = files.log
+    with host_lock(files.lock):
         if probe(address):
             return False
-        command = [sys.executable, "-m", "django_message_broker", "serve", "--bind", address]
+        command = [sys.executable, "-m", "django_message_broker", "serve", "--embedded", "--bind", address]
         command += ["--max-body", str(max_body)]
         if max_memory is not None:
             command += ["--max-memory", str(max_memory)]
@@ -140,3 +127,82 @@ def ensure_broker(
                     return False
                 raise RuntimeError(f"the embedded broker exited with status {process.returncode}; see {log_path}")
         raise RuntimeError(f"the embedded broker did not answer within {timeout}s; see {log_path}")
+
+
+async def serve_embedded(address: str, **options: Any) -> None:
+    """Run the broker as the embedded broker for ``address`` (``serve
+    --embedded``, which ``ensure_broker`` starts): like ``serve``, plus the
+    pid file, and the files removed at a normal exit (the log is kept if the
+    broker failed). A broker that cannot bind touches no file."""
+    from .server.server import BrokerServer, run_until_stopped
+
+    files = files_for(address)  # a bad runtime directory fails before binding
+    server = BrokerServer(address, **options)
+    await server.start()
+    failed = True
+    try:
+        write_pid_file(files.pid, address)
+        await run_until_stopped(server)
+        failed = False
+    finally:
+        # Take the lock before closing the socket: a starter holding it
+        # probes this broker, which must still answer (the loop runs while
+        # we wait), and once we have it no new broker can start here until
+        # the files are gone.
+        lock = HostLock(files.lock)
+        locked = await lock.acquire_async(timeout=15)
+        try:
+            await server.stop()
+            if locked:
+                remove_files(files, keep_log=failed)
+            else:
+                logger.warning("could not take %s within 15s: leaving the embedded broker's files", files.lock)
+        finally:
+            lock.release()
+
+
+def stop_embedded(address: str, *, timeout: float = 10.0) -> tuple[bool, str]:
+    """Stop this user's embedded broker at ``address`` (SIGTERM, through its
+    pid file) and wait until it has exited. Returns (success, what to tell
+    the user)."""
+    files = files_for(address)
+    pid = read_pid_file(files.pid)
+    if pid is None:
+        if probe(address):
+            return False, (
+                f"a broker answers at {address}, but not an embedded broker of this user (no pid file in "
+                f"{os.path.dirname(files.pid)}): stop it the way it was started (its process manager, or Ctrl-C)"
+            )
+        return True, f"no broker runs at {address}: nothing to stop"
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True, f"no broker runs at {address}: nothing to stop"
+    deadline = time.monotonic() + timeout
+    while read_pid_file(files.pid) == pid:
+        if time.monotonic() >= deadline:
+            return False, f"the embedded broker (pid {pid}) at {address} did not exit within {timeout:g}s"
+        time.sleep(0.05)
+    return True, f"stopped the embedded broker (pid {pid}) at {address}"
+
+
+def address_in_use_hint(address: str) -> str:
+    """What holds ``address`` (for a bind that failed with EADDRINUSE), and
+    how to stop it."""
+    try:
+        files = files_for(address)
+    except RuntimeError:
+        files = None
+    pid = read_pid_file(files.pid) if files is not None else None
+    if files is not None and pid is not None:
+        return (
+            f"the embedded broker (pid {pid}, started by a client with embedded=True; log: {files.log}) serves "
+            f"{address}. Stop it with `python -m django_message_broker stop --address {address}` and set "
+            '"embedded": False in the clients\' CONFIG, or they start it again when your broker is down'
+        )
+    if probe(address):
+        return (
+            f"another django-message-broker broker answers at {address} (a runbroker or serve, or another user's "
+            "embedded broker): stop it where it was started, or bind another address"
+        )
+    return f"another program uses {address}"

@@ -11,6 +11,7 @@ own session, so a hung run is killed with the Daphne server it forked.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,5 +46,7 @@ def test_channels_live_server_test_case_after_the_layer_was_used(spawn, broker, 
     text = out.decode(errors="replace")
     assert process.returncode == 0, text
     for name in TESTS:
-        assert f"{name} (live_tests.LiveServerAfterTheLayerWasUsed.{name}) ... ok" in text, text
+        # unittest names a test "name (module.Class.name)" since Python 3.11, "name (module.Class)" before
+        pattern = rf"^{name} \(live_tests\.LiveServerAfterTheLayerWasUsed(\.{name})?\) \.\.\. ok$"
+        assert re.search(pattern, text, re.M), text
     assert f"Ran {len(TESTS)} tests" in text, text

@@ -25,7 +25,12 @@ from django_message_broker import SyncClient
 from django_message_broker.layer import ChannelsServerLayer
 from django_message_broker.worker import ProcessClient
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fork() is POSIX only")
+pytestmark = [
+    pytest.mark.skipif(sys.platform == "win32", reason="fork() is POSIX only"),
+    # Python 3.12+ warns that forking a threaded process may deadlock the
+    # child: that is the very case these tests prove safe.
+    pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning"),
+]
 
 CHILD_DEADLINE = 20.0
 _fork = multiprocessing.get_context("fork")

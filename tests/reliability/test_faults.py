@@ -29,7 +29,7 @@ import pytest
 from dmb_reliability import FAST, BrokerProcess, await_for, free_tcp_address, processes_serving, soak, wait_for
 
 from django_message_broker import AsyncClient, BrokerUnavailable, SyncClient
-from django_message_broker.embedded import _paths
+from django_message_broker._runtime import files_for
 from django_message_broker.protocol import PIPELINE_SLACK
 
 # Slack on top of the client timeout for "fails within its timeout": the
@@ -428,7 +428,7 @@ def embedded_address():
             proc.wait(10)
         except psutil.Error:
             pass
-    for path in _paths(address):  # the embedded broker's lock and log files
+    for path in files_for(address):  # a killed broker leaves its lock, log and pid files
         try:
             os.unlink(path)
         except OSError:

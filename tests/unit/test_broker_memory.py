@@ -225,7 +225,7 @@ def test_the_embedded_broker_gets_embedded_max_memory(monkeypatch, tmp_path):
 
     monkeypatch.setattr(embedded, "probe", lambda address, timeout=0.3, **keys: False)
     monkeypatch.setattr(embedded.subprocess, "Popen", FakeProcess)
-    monkeypatch.setattr(embedded.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # keep its lock and log files here
     max_memory = ClientOptions(embedded_max_memory="64MiB").embedded_max_memory
     assert max_memory == 64 << 20
     for limit in (max_memory, None):

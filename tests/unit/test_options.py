@@ -246,7 +246,7 @@ def test_the_embedded_broker_gets_the_clients_max_message_size(monkeypatch, tmp_
 
     monkeypatch.setattr(embedded, "probe", lambda address, timeout=0.3, **keys: False)
     monkeypatch.setattr(embedded.subprocess, "Popen", FakeProcess)
-    monkeypatch.setattr(embedded.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # keep its lock and log files here
     with pytest.raises(RuntimeError, match="exited"):
         embedded.ensure_broker("tcp://127.0.0.1:1", max_body=1234, timeout=1)
     (command,) = started

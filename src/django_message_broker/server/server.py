@@ -50,7 +50,7 @@ from ..keys import server_curve
 from ..options import DEFAULT_ADDRESS, is_local_address  # DEFAULT_ADDRESS re-exported: its home was here
 from .broker import BUSY, DEFAULT_MAX_BODY, GONE, Broker
 
-__all__ = ["DEFAULT_ADDRESS", "BrokerServer", "check_bind", "serve"]
+__all__ = ["DEFAULT_ADDRESS", "BrokerServer", "check_bind", "run_until_stopped", "serve"]
 
 logger = logging.getLogger("django_message_broker.server")
 
@@ -388,25 +388,32 @@ class BrokerServer:
 
 async def serve(address: str = DEFAULT_ADDRESS, **options: Any) -> None:
     """Run a broker until SIGINT/SIGTERM (or idle exit)."""
-    loop = asyncio.get_running_loop()
     async with BrokerServer(address, **options) as server:
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
-                pass
-        if server.authorized_keys is not None and hasattr(signal, "SIGHUP"):
-            try:
-                loop.add_signal_handler(signal.SIGHUP, server.reload_keys)
-            except (NotImplementedError, RuntimeError):
-                pass
-        print(f"django-message-broker listening on {server.address}", flush=True)
-        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.wait_closed())]
+        await run_until_stopped(server)
+
+
+async def run_until_stopped(server: BrokerServer) -> None:
+    """Print the listening line, then wait for SIGINT/SIGTERM or for the
+    server to stop by itself (idle exit, failure: ``RuntimeError``). The
+    server still runs when this returns: the caller stops it."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
-        if server.failure is not None:
-            raise RuntimeError("the broker failed") from server.failure
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
+            pass
+    if server.authorized_keys is not None and hasattr(signal, "SIGHUP"):
+        try:
+            loop.add_signal_handler(signal.SIGHUP, server.reload_keys)
+        except (NotImplementedError, RuntimeError):
+            pass
+    print(f"django-message-broker listening on {server.address}", flush=True)
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.wait_closed())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+    if server.failure is not None:
+        raise RuntimeError("the broker failed") from server.failure

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 from typing import Any
 
@@ -26,7 +27,9 @@ import zmq
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from ...__main__ import LOG_LEVELS
 from ..._memory import parse_size
+from ...embedded import address_in_use_hint
 from ...options import LayerOptions
 from ...server.server import check_bind, serve
 
@@ -59,8 +62,16 @@ class Command(BaseCommand):
     help = "Run the django-message-broker broker in the foreground."
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("--bind", default=None, help="address to bind (default: the layer's configured address)")
-        parser.add_argument("--alias", default="default", help="CHANNEL_LAYERS alias to read the address from")
+        # The same options as ``python -m django_message_broker serve`` (a
+        # test holds them equal), read from settings where settings have them.
+        parser.add_argument(
+            "--bind",
+            default=None,
+            help="address to bind (default: MESSAGE_BROKER_SERVER's bind, else the layer's address)",
+        )
+        parser.add_argument(
+            "--alias", default="default", help="CHANNEL_LAYERS alias to read the address from (default: default)"
+        )
         parser.add_argument(
             "--max-body", type=int, default=None, help="largest message in bytes (default: CONFIG's max_message_size)"
         )
@@ -71,13 +82,39 @@ class Command(BaseCommand):
             help="bytes of queued messages held at most, e.g. 256MB or 1GiB "
             "(default: CONFIG's embedded_max_memory, else a quarter of physical memory)",
         )
-        parser.add_argument("--idle-timeout", type=float, default=None)
-        parser.add_argument("--secret-key", default=None, help="the broker's secret certificate (CURVE)")
-        parser.add_argument("--authorized-keys", default=None, help="directory of clients' public certificates")
         parser.add_argument(
-            "--insecure", action="store_true", default=None, help="allow plain text on a non-loopback address"
+            "--max-queue-length", type=int, default=None, help="hard cap on any one channel's queue (default: none)"
+        )
+        parser.add_argument(
+            "--idle-timeout",
+            type=float,
+            default=None,
+            help="exit after this many idle seconds (no clients, nothing queued; default: never)",
+        )
+        parser.add_argument(
+            "--secret-key", default=None, help="the broker's secret certificate: encrypt with CURVE (docs/security.md)"
+        )
+        parser.add_argument(
+            "--authorized-keys",
+            default=None,
+            help="directory of the clients' public certificates: only they may connect (re-read on SIGHUP)",
+        )
+        parser.add_argument(
+            "--insecure",
+            action="store_true",
+            default=None,
+            help="allow a non-loopback TCP address without a secret key (plain text, anyone may connect)",
         )
         parser.add_argument("--ipc-mode", type=_octal, default=None, help="file mode of an ipc:// socket, e.g. 0660")
+        parser.add_argument(
+            "--log-level",
+            default=None,
+            type=str.upper,
+            choices=LOG_LEVELS,
+            metavar="LEVEL",
+            help=f"log the broker's messages of this level and above: {', '.join(LOG_LEVELS)} (default INFO, "
+            "unless settings.LOGGING says otherwise)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         conf = server_settings()
@@ -103,15 +140,26 @@ class Command(BaseCommand):
             )
         except ValueError as exc:
             raise CommandError(f"refusing to serve on {address}: {exc}") from None
+        level = options["log_level"]
         if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            logging.basicConfig(level=level or logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if level:
+            logging.getLogger("django_message_broker").setLevel(level)
         try:
             asyncio.run(
                 serve(
-                    address, max_body=max_body, max_memory=max_memory, idle_timeout=options["idle_timeout"], **security
+                    address,
+                    max_body=max_body,
+                    max_queue_length=options["max_queue_length"],
+                    max_memory=max_memory,
+                    idle_timeout=options["idle_timeout"],
+                    **security,
                 )
             )
         except ValueError as exc:
             raise CommandError(f"refusing to serve on {address}: {exc}") from None
         except (OSError, zmq.ZMQError) as exc:
-            raise CommandError(f"cannot serve on {address}: {exc}") from None
+            message = f"cannot serve on {address}: {exc}"
+            if exc.errno == errno.EADDRINUSE:
+                message += f"\n{address_in_use_hint(address)}"
+            raise CommandError(message) from None

@@ -1,0 +1,259 @@
+"""Where the embedded broker keeps its files, and the lock that guards them.
+
+How it works. Each user has ONE runtime directory: ``$XDG_RUNTIME_DIR/
+django-message-broker`` when that variable names a directory the user owns
+and nobody else may enter (the XDG rules), else ``/tmp/django-message-broker-
+<uid>``, created with mode 0700 and refused if another user owns it. It does
+not follow ``TMPDIR``: two processes of one user with different ``TMPDIR``
+must find the same lock, or both start a broker.
+
+For an address there are three files, named after it: ``.lock`` (taken by
+whoever starts a broker there, and by the broker while it removes the
+files), ``.log`` (the broker's output) and ``.pid`` (its pid and address,
+written once it is bound). The broker removes all three when it exits
+normally (idle or a signal), under the lock, so that a starter never finds a
+half-removed set. A lock file can be unlinked while someone waits on it, so
+``host_lock`` checks after taking it that the path still names the file it
+locked, and retries if not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Optional
+
+__all__ = ["EmbeddedFiles", "HostLock", "RuntimeDirError", "files_for", "host_lock", "read_pid_file", "runtime_dir"]
+
+APP = "django-message-broker"
+#: The fallback's parent: fixed, not ``tempfile.gettempdir()`` (which follows TMPDIR).
+TMP_ROOT = "/tmp"
+
+
+class RuntimeDirError(RuntimeError):
+    """The runtime directory exists but is not safe to use (owned by another
+    user, or not a directory)."""
+
+
+def _private_dir(path: str, uid: int, *, fix_mode: bool) -> Optional[str]:
+    """Why ``path`` is not a directory owned by ``uid`` (``None`` if it is).
+    With ``fix_mode`` a directory we own that others may enter is chmod 0700."""
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{path} is not a directory"
+    if info.st_uid != uid:
+        return f"{path} is owned by uid {info.st_uid}, not by this user (uid {uid})"
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        if not fix_mode:
+            return f"{path} is open to other users (mode {stat.S_IMODE(info.st_mode):04o})"
+        os.chmod(path, 0o700)
+    return None
+
+
+def runtime_dir(environ: Optional[Mapping[str, str]] = None, uid: Optional[int] = None, *, create: bool = True) -> str:
+    """The per-user directory of the embedded broker's files (see the module
+    docstring). ``environ``/``uid`` default to this process's. Raises
+    ``RuntimeDirError`` if the fallback exists and is not this user's."""
+    environ = os.environ if environ is None else environ
+    getuid = getattr(os, "getuid", None)
+    if getuid is None:  # pragma: no cover - Windows: no uid, no shared /tmp
+        path = os.path.join(tempfile.gettempdir(), APP)
+        if create:
+            os.makedirs(path, exist_ok=True)
+        return path
+    uid = getuid() if uid is None else uid
+    xdg = environ.get("XDG_RUNTIME_DIR", "")
+    if xdg and os.path.isabs(xdg) and _private_dir(xdg, uid, fix_mode=False) is None:
+        path = os.path.join(xdg, APP)
+    else:
+        path = os.path.join(TMP_ROOT, f"{APP}-{uid}")
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        problem = _private_dir(path, uid, fix_mode=True)
+        if problem is not None:
+            raise RuntimeDirError(
+                f"the embedded broker's runtime directory is unsafe: {problem}. Remove it, or set "
+                "XDG_RUNTIME_DIR to a directory of your own with mode 0700"
+            )
+    return path
+
+
+@dataclass(frozen=True)
+class EmbeddedFiles:
+    """The lock, log and pid file of the embedded broker at one address."""
+
+    lock: str
+    log: str
+    pid: str
+
+    def __iter__(self) -> Iterator[str]:
+        return iter((self.lock, self.log, self.pid))
+
+
+def files_for(address: str, directory: Optional[str] = None) -> EmbeddedFiles:
+    """The files for ``address``: a readable stem (``tcp-127.0.0.1-5556``)
+    plus a digest of the exact address, so that two addresses never share."""
+    directory = runtime_dir() if directory is None else directory
+    readable = re.sub(r"[^A-Za-z0-9.]+", "-", address).strip("-")[:60]
+    digest = hashlib.sha1(address.encode()).hexdigest()[:8]
+    base = os.path.join(directory, f"{readable}-{digest}")
+    return EmbeddedFiles(base + ".lock", base + ".log", base + ".pid")
+
+
+class HostLock:
+    """An exclusive ``flock`` on the file ``path``, which may be unlinked by
+    its holder: after taking it, ``acquire`` checks that the path still names
+    the file it locked, and retries on the new file if not."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: Optional[int] = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, timeout: Optional[float] = None) -> bool:
+        """Take the lock; False if ``timeout`` seconds (0: one try) pass first."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: binding is the only guard
+            self._fd = -1
+            return True
+        assert self._fd is None, "already held"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                locked = self._take(fcntl, fd, deadline)
+            except BaseException:
+                os.close(fd)
+                raise
+            if locked and _names(self.path, fd):
+                self._fd = fd
+                return True
+            os.close(fd)
+            if not locked:
+                return False
+            # the holder before us removed the file: lock the new one
+
+    async def acquire_async(self, timeout: float) -> bool:
+        """``acquire`` without blocking the event loop (a broker must keep
+        answering the probe of whoever holds the lock while it waits)."""
+        import asyncio
+
+        deadline = time.monotonic() + timeout
+        while not self.acquire(0):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None or fd < 0:
+            return
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    @staticmethod
+    def _take(fcntl: Any, fd: int, deadline: Optional[float]) -> bool:
+        if deadline is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return True
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.02)
+
+
+def _names(path: str, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+@contextmanager
+def host_lock(path: str) -> Iterator[None]:
+    """Hold ``HostLock(path)`` for the body."""
+    lock = HostLock(path)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def write_pid_file(path: str, address: str) -> None:
+    """Write ``<pid>\\n<address>\\n`` atomically (a reader never sees half)."""
+    partial = f"{path}.{os.getpid()}.tmp"
+    with open(partial, "w") as handle:
+        handle.write(f"{os.getpid()}\n{address}\n")
+    os.replace(partial, path)
+
+
+def read_pid_file(path: str) -> Optional[int]:
+    """The pid in ``path`` if the file exists and names a process that runs
+    (not a zombie); else None."""
+    try:
+        with open(path) as handle:
+            pid = int(handle.readline())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs (a zombie, dead but not reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it runs
+        return True
+    if sys.platform.startswith("linux"):
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                # "pid (comm) state ...": comm may hold spaces and parentheses
+                return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+    return True
+
+
+def remove_files(files: EmbeddedFiles, *, keep_log: bool = False) -> None:
+    """Remove ``files`` (the caller holds the lock). The pid file only if it
+    names this process: a broker removes no one else's."""
+    try:
+        with open(files.pid) as handle:
+            mine = int(handle.readline()) == os.getpid()
+    except (OSError, ValueError):
+        mine = False
+    # The lock goes last: once it is gone, a starter may lock a new one and
+    # start a broker whose log and pid file must not be removed here.
+    paths = ([files.pid] if mine else []) + ([] if keep_log else [files.log]) + [files.lock]
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
