@@ -150,6 +150,30 @@ def test_a_delivered_message_counts_against_capacity_until_reported(pair):
     assert pair[A].send("ch", b"3", capacity=2) is None
 
 
+@pytest.mark.parametrize("how", ["take", "withdraw"])
+def test_a_message_that_expires_in_the_buffer_stops_counting(pair, how):
+    """Delivered, never received, expired here: it left the channel, so it
+    must not count against capacity for ever (it is reported like a
+    received one, whether a receive skips it or the idle withdrawal finds
+    it; ``ChannelState.feed`` skips expired ones the same way)."""
+    pair[B].receive("ch")
+    pair[A].send("ch", b"0", capacity=3)  # to the waiting receive
+    pair.tick()  # its report
+    for i in range(3):
+        assert pair[A].send("ch", b"short%d" % i, ttl=1.0, capacity=3) is None  # B's buffer
+    assert isinstance(pair[A].send("ch", b"full", capacity=3), ex.QueueFull)
+    pair.now += 2  # they expire in B's buffer
+    if how == "take":
+        assert isinstance(pair[B].receive("ch"), Receive)  # skips all three, then waits
+    else:
+        pair.tick(0.0)  # idle for 2 s: withdraws, and hands back nothing
+        assert not [m for m in pair[B].sent if isinstance(m, p.Return)]
+    pair.tick()
+    for i in range(3):
+        assert pair[A].send("ch", b"again%d" % i, capacity=3) is None
+    assert isinstance(pair[A].send("ch", b"full", capacity=3), ex.QueueFull)
+
+
 def test_a_report_without_a_connection_waits(pair):
     pair[B].receive("ch")
     pair[A].send("ch", b"1")

@@ -92,11 +92,13 @@ class ChannelState:
 
     def take_nowait(self, now: float) -> Optional[Item]:
         """The next live buffered message, if no receive is ahead in line.
-        Expired ones are dropped on the way."""
+        Expired ones are dropped on the way. Either way the message has left
+        the channel: it is counted in ``consumed``, so the broker stops
+        holding it against the channel's capacity."""
         while self.buffer and not self.waiters and not self.handoffs:
             item = self.buffer.popleft()
+            self.consumed += 1
             if item[1] > now:
-                self.consumed += 1
                 return item
         return None
 
@@ -123,6 +125,7 @@ class ChannelState:
                 continue
             item = self.buffer.popleft()
             if item[1] <= now:
+                self.consumed += 1  # expired here: it has left the channel too
                 continue
             self.waiters.popleft()
             if waiter.settles_later:
@@ -265,8 +268,7 @@ class ClientState:
         if item is None:
             waiter = make_waiter(state)
             state.waiters.append(waiter)
-        else:
-            self.report_due = True
+        self._noted(state)  # what it took, or skipped as expired
         return item, waiter, state.top_up(connected)
 
     def deliver(self, channels: list[str], bodies: list[bytes], ttls: list[float], now: float) -> None:
@@ -411,7 +413,9 @@ class ClientState:
             grant = state.top_up(connected)
             return [] if grant is None else [(grant, None)]
         returned = [(body, deadline) for body, deadline in state.buffer if deadline > now]
+        state.consumed += len(state.buffer) - len(returned)  # expired here: reported, not returned
         state.buffer.clear()
+        self._noted(state)
         out: list[Outgoing] = []
         for start in range(0, len(returned), p.MAX_BATCH):
             chunk = returned[start : start + p.MAX_BATCH]
