@@ -67,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest message body in bytes (default 16 MiB)"
     )
-    run.add_argument("--max-queue-length", type=int, default=None, help="hard cap on any one channel's queue")
+    run.add_argument(
+        "--max-queue-length",
+        type=int,
+        default=None,
+        help="hard cap on any one channel's queue, in messages (default: none)",
+    )
     run.add_argument(
         "--max-memory",
         type=_size,
@@ -79,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-timeout",
         type=float,
         default=None,
-        help="exit after this many idle seconds (no clients, nothing queued)",
+        help="exit after this many idle seconds (no clients, nothing queued; default: never)",
     )
     run.add_argument("--secret-key", default=None, help="the broker's secret certificate: encrypt with CURVE")
     run.add_argument(
@@ -92,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a non-loopback TCP address without --secret-key (plain text, anyone may connect)",
     )
-    run.add_argument("--ipc-mode", type=_mode, default=None, help="file mode of an ipc:// socket, e.g. 0660")
+    run.add_argument(
+        "--ipc-mode",
+        type=_mode,
+        default=None,
+        help="file mode of an ipc:// socket, e.g. 0660 (default: as the umask leaves it)",
+    )
     run.add_argument(
         "--log-level",
         default="INFO",
