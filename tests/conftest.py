@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 from django_message_broker.server.server import BrokerServer
+from helpers import Keys, make_keys
 
 
 class BrokerThread:
@@ -89,3 +91,15 @@ def broker_factory() -> Iterator[Any]:
     yield start
     for thread in started:
         thread.stop()
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    """CURVE certificates in ``tmp_path`` (see ``helpers.Keys``)."""
+    return make_keys(tmp_path)
+
+
+@pytest.fixture
+def curve_broker(broker_factory: Any, keys: Keys) -> BrokerThread:
+    """A CURVE broker on a free port that admits only ``keys.good_*``."""
+    return broker_factory(secret_key=str(keys.broker_secret), authorized_keys=str(keys.authorized))

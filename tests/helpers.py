@@ -3,6 +3,7 @@
 
 - ``free_port``, ``wait_for``: for tests with real sockets and processes.
 - ``FakeClock``: time as a number a test moves.
+- ``Keys``, ``make_keys``: CURVE certificates for a broker and its clients.
 - ``Wire``: the shell's side of the broker core: drains what it decided to
   send (``Broker.data_to_send``) and reports failed sends for busy or gone
   peers.
@@ -14,16 +15,42 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import time
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
 
 import msgspec
 
 from django_message_broker import exceptions as ex
 from django_message_broker import protocol as p
 from django_message_broker.client._state import ChannelState, ClientState, Item
+from django_message_broker.keys import create_keypair
 from django_message_broker.server.broker import BUSY, GONE, Broker
+
+
+class Keys(NamedTuple):
+    """CURVE certificate files: the broker's pair, an authorized client's
+    pair, an unauthorized client's secret, and the broker's allow-list
+    directory (holding the good client's public certificate)."""
+
+    broker_public: Path
+    broker_secret: Path
+    good_public: Path
+    good_secret: Path
+    bad_secret: Path
+    authorized: Path
+
+
+def make_keys(directory: Path) -> Keys:
+    broker_public, broker_secret = create_keypair("broker", directory)
+    good_public, good_secret = create_keypair("good", directory)
+    _, bad_secret = create_keypair("bad", directory)
+    authorized = directory / "authorized"
+    authorized.mkdir()
+    shutil.copy(good_public, authorized)
+    return Keys(broker_public, broker_secret, good_public, good_secret, bad_secret, authorized)
 
 
 def free_port() -> int:

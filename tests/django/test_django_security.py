@@ -5,9 +5,8 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 import zmq.auth
@@ -17,35 +16,11 @@ from django.core.management.base import CommandError
 from django.test.utils import override_settings
 
 from django_message_broker import AuthenticationFailed, ProcessClient
-from django_message_broker.keys import create_keypair
 from django_message_broker.layer import ChannelsServerLayer
 from django_message_broker.management.commands import runbroker
+from helpers import Keys
 
 BACKEND = "django_message_broker.ChannelsServerLayer"
-
-
-class Keys(NamedTuple):
-    broker_public: Path
-    broker_secret: Path
-    good_secret: Path
-    bad_secret: Path
-    authorized: Path
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    broker_public, broker_secret = create_keypair("broker", tmp_path)
-    good_public, good_secret = create_keypair("web", tmp_path)
-    _, bad_secret = create_keypair("other", tmp_path)
-    authorized = tmp_path / "clients"
-    authorized.mkdir()
-    shutil.copy(good_public, authorized)
-    return Keys(broker_public, broker_secret, good_secret, bad_secret, authorized)
-
-
-@pytest.fixture
-def curve_broker(broker_factory: Any, keys: Keys) -> Any:
-    return broker_factory(secret_key=str(keys.broker_secret), authorized_keys=str(keys.authorized))
 
 
 # -- the layer and ProcessClient ---------------------------------------------------

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import pytest
 import zmq
@@ -30,34 +30,10 @@ from django_message_broker import __main__ as cli
 from django_message_broker.client import core as client_core
 from django_message_broker.embedded import ensure_broker, probe
 from django_message_broker.keys import create_keypair, load_public_key
+from helpers import Keys
 
 REFUSAL_DEADLINE = 2.0  # seconds: the brief's bound for AuthenticationFailed
 MARKER = b"marker-7f3a9c1e-do-not-leak"
-
-
-class Keys(NamedTuple):
-    broker_public: Path
-    broker_secret: Path
-    good_public: Path
-    good_secret: Path
-    bad_secret: Path
-    authorized: Path
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    broker_public, broker_secret = create_keypair("broker", tmp_path)
-    good_public, good_secret = create_keypair("good", tmp_path)
-    _, bad_secret = create_keypair("bad", tmp_path)
-    authorized = tmp_path / "authorized"
-    authorized.mkdir()
-    shutil.copy(good_public, authorized)
-    return Keys(broker_public, broker_secret, good_public, good_secret, bad_secret, authorized)
-
-
-@pytest.fixture
-def curve_broker(broker_factory: Any, keys: Keys) -> Any:
-    return broker_factory(secret_key=str(keys.broker_secret), authorized_keys=str(keys.authorized))
 
 
 class Relay:

@@ -19,7 +19,7 @@ from typing import Iterator, NamedTuple
 
 import pytest
 
-from django_message_broker.keys import create_keypair
+from helpers import Keys
 
 CLIENT = textwrap.dedent(
     """
@@ -98,25 +98,6 @@ def hosts() -> Iterator[Hosts]:
 
 def _in(ns: str, *command: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *command]
-
-
-class Keys(NamedTuple):
-    broker_public: Path
-    broker_secret: Path
-    good_secret: Path
-    bad_secret: Path
-    authorized: Path
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    broker_public, broker_secret = create_keypair("broker", tmp_path)
-    good_public, good_secret = create_keypair("web-1", tmp_path)
-    _, bad_secret = create_keypair("stranger", tmp_path)
-    authorized = tmp_path / "clients"
-    authorized.mkdir()
-    shutil.copy(good_public, authorized)
-    return Keys(broker_public, broker_secret, good_secret, bad_secret, authorized)
 
 
 def _client(hosts: Hosts, address: str, keys: Keys, client_key: Path) -> str:
