@@ -15,7 +15,6 @@ tests' fixtures ``flush()`` it between tests.
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +23,7 @@ import channels_redis.pubsub
 import pytest
 
 from django_message_broker.layer import ChannelsServerLayer
-from django_message_broker.server.server import BrokerServer
+from helpers import BrokerThread
 
 try:
     from deselected import DESELECTED
@@ -52,51 +51,7 @@ DROPPED_KWARGS = {
 }
 
 
-class _Broker:
-    """A ``BrokerServer`` on ``tcp://127.0.0.1:0`` in a daemon thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.server: Optional[BrokerServer] = None
-        self.address = ""
-        self._started = threading.Event()
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, name="peers-broker", daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def main() -> None:
-            try:
-                self.server = BrokerServer("tcp://127.0.0.1:0")
-                await self.server.start()
-                self.address = self.server.address
-            except BaseException as exc:  # re-raised by start()
-                self._error = exc
-                return
-            finally:
-                self._started.set()
-            await self.server.wait_closed()
-
-        self.loop.run_until_complete(main())
-
-    def start(self) -> _Broker:
-        self._thread.start()
-        if not self._started.wait(10):
-            raise RuntimeError("the test broker did not start in 10 s")
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None and self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(10)
-        self._thread.join(10)
-        if not self._thread.is_alive():
-            self.loop.close()
-
-
-_broker: Optional[_Broker] = None
+_broker: Optional[BrokerThread] = None
 #: Every layer the tests built: closed before the broker stops, so that their
 #: (shared) connection does not log that it lost the broker.
 _layers: list[ChannelsServerLayer] = []
@@ -133,7 +88,7 @@ channels_redis.pubsub.RedisPubSubChannelLayer = PeerPubSubChannelLayer  # type: 
 
 def pytest_configure(config: pytest.Config) -> None:
     global _broker
-    _broker = _Broker().start()
+    _broker = BrokerThread().start()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -56,7 +56,9 @@ def main(argv: list[str]) -> int:
     root = fetch(wanted)
     if root is None:
         return 0
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
+    # tests/peers (the plugin, the deselection list) and tests/ (helpers.BrokerThread)
+    paths = [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
     command = [sys.executable, "-m", "pytest", "-c", str(HERE / "pytest.ini"), "--rootdir", str(root)]
     command += ["-p", "dmb_peers", f"--timeout={TIMEOUT}", *TEST_FILES, *argv]
     print(f"test-peers: channels_redis {wanted}'s {', '.join(TEST_FILES)} against ChannelsServerLayer", flush=True)
