@@ -47,3 +47,28 @@ def keys(tmp_path: Path) -> Keys:
 def curve_broker(broker_factory: Any, keys: Keys) -> BrokerThread:
     """A CURVE broker on a free port that admits only ``keys.good_*``."""
     return broker_factory(secret_key=str(keys.broker_secret), authorized_keys=str(keys.authorized))
+
+
+@pytest.fixture
+def embedded_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[list[str]]:
+    """The command lines ``embedded.ensure_broker`` would start, recorded
+    instead of run: nothing answers, and each started "broker" exits at once
+    (status 1). Its lock and log files go to ``tmp_path``."""
+    from django_message_broker import embedded
+
+    started: list[list[str]] = []
+
+    class FakeProcess:
+        pid = 1
+        returncode = 1
+
+        def __init__(self, command: list[str], **kwargs: Any) -> None:
+            started.append(command)
+
+        def poll(self) -> int:
+            return 1
+
+    monkeypatch.setattr(embedded, "probe", lambda address, timeout=0.3, **keys: False)
+    monkeypatch.setattr(embedded.subprocess, "Popen", FakeProcess)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    return started

@@ -207,25 +207,11 @@ def test_serve_takes_max_memory_as_bytes_or_text(monkeypatch, capsys):
     assert "quarter of the host's physical memory" in " ".join(capsys.readouterr().out.split())
 
 
-def test_the_embedded_broker_gets_embedded_max_memory(monkeypatch, tmp_path):
+def test_the_embedded_broker_gets_embedded_max_memory(embedded_starts):
     from django_message_broker import embedded
     from django_message_broker.options import ClientOptions
 
-    started: list[list[str]] = []
-
-    class FakeProcess:
-        pid = 1
-        returncode = 1
-
-        def __init__(self, command: list[str], **kwargs: object) -> None:
-            started.append(command)
-
-        def poll(self) -> int:
-            return 1
-
-    monkeypatch.setattr(embedded, "probe", lambda address, timeout=0.3, **keys: False)
-    monkeypatch.setattr(embedded.subprocess, "Popen", FakeProcess)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # keep its lock and log files here
+    started = embedded_starts
     max_memory = ClientOptions(embedded_max_memory="64MiB").embedded_max_memory
     assert max_memory == 64 << 20
     for limit in (max_memory, None):

@@ -229,24 +229,10 @@ def test_the_options_module_is_pure():
     assert not imported & {"zmq", "asyncio", "django", "channels"}, imported
 
 
-def test_the_embedded_broker_gets_the_clients_max_message_size(monkeypatch, tmp_path):
+def test_the_embedded_broker_gets_the_clients_max_message_size(embedded_starts):
     from django_message_broker import embedded
 
-    started: list[list[str]] = []
-
-    class FakeProcess:
-        pid = 1
-        returncode = 1
-
-        def __init__(self, command: list[str], **kwargs: Any) -> None:
-            started.append(command)
-
-        def poll(self) -> int:
-            return 1
-
-    monkeypatch.setattr(embedded, "probe", lambda address, timeout=0.3, **keys: False)
-    monkeypatch.setattr(embedded.subprocess, "Popen", FakeProcess)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # keep its lock and log files here
+    started = embedded_starts
     with pytest.raises(RuntimeError, match="exited"):
         embedded.ensure_broker("tcp://127.0.0.1:1", max_body=1234, timeout=1)
     (command,) = started
