@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -249,3 +250,44 @@ def processes_serving(address: str) -> list[psutil.Process]:
         if "django_message_broker" in cmdline and "serve" in cmdline and address in cmdline:
             found.append(proc)
     return found
+
+
+class GoodClient:
+    """A well-behaved client doing round trips (send, then receive the same
+    message) on ``channel`` in a thread, while a test throws bad input at
+    the broker: ``latencies`` and ``errors`` say how it fared."""
+
+    def __init__(self, client: Any, channel: str, pause: float = 0.005) -> None:
+        self.client = client  # a SyncClient, closed on exit
+        self.channel = channel
+        self.pause = pause
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="good-client", daemon=True)
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            body = b"rt:%d" % n
+            start = time.monotonic()
+            try:
+                self.client.send(self.channel, body)
+                got = self.client.receive(self.channel, timeout=10)
+                if got != body:
+                    self.errors.append(f"expected {body!r}, got {got!r}")
+            except Exception as exc:
+                self.errors.append(repr(exc))
+            self.latencies.append(time.monotonic() - start)
+            n += 1
+            time.sleep(self.pause)
+
+    def __enter__(self) -> GoodClient:
+        assert self.client.wait_connected(10), "the good client did not connect"
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(20)
+        self.client.close()

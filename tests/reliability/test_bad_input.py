@@ -21,7 +21,6 @@ import math
 import os
 import random
 import struct
-import threading
 import time
 from collections import Counter
 from typing import Any, Callable, Iterator
@@ -32,7 +31,7 @@ import zmq
 import zmq.utils.monitor
 from channels.exceptions import ChannelFull as ChannelsChannelFull
 from channels.exceptions import MessageTooLarge as ChannelsMessageTooLarge
-from dmb_reliability import FAST, BrokerProcess, soak, wait_for
+from dmb_reliability import FAST, BrokerProcess, GoodClient, soak, wait_for
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -120,47 +119,11 @@ class RawPeer:
 
 
 # -- the well-behaved client ----------------------------------------------------------------
-class GoodClient:
-    """Round trips (send, then receive the same message) in a thread."""
-
-    def __init__(self, address: str) -> None:
-        self.client = SyncClient(address, **FAST)
-        self.latencies: list[float] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="good-client", daemon=True)
-
-    def _run(self) -> None:
-        n = 0
-        while not self._stop.is_set():
-            body = b"rt:%d" % n
-            start = time.monotonic()
-            try:
-                self.client.send(GOOD_CHANNEL, body)
-                got = self.client.receive(GOOD_CHANNEL, timeout=10)
-                if got != body:
-                    self.errors.append(f"expected {body!r}, got {got!r}")
-            except Exception as exc:
-                self.errors.append(repr(exc))
-            self.latencies.append(time.monotonic() - start)
-            n += 1
-            time.sleep(0.005)
-
-    def __enter__(self) -> GoodClient:
-        self.client.wait_connected(10)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(20)
-        self.client.close()
-
-    def check(self, minimum: int) -> None:
-        assert not self.errors, f"good client failed: {self.errors[:5]}"
-        assert len(self.latencies) >= minimum, f"only {len(self.latencies)} round trips during the fuzzing"
-        worst = max(self.latencies)
-        assert worst < LATENCY_BOUND, f"worst good-client round trip {worst:.2f}s"
+def check_good_client(good: GoodClient, minimum: int) -> None:
+    assert not good.errors, f"good client failed: {good.errors[:5]}"
+    assert len(good.latencies) >= minimum, f"only {len(good.latencies)} round trips during the fuzzing"
+    worst = max(good.latencies)
+    assert worst < LATENCY_BOUND, f"worst good-client round trip {worst:.2f}s"
 
 
 # -- input generators --------------------------------------------------------------------------
@@ -415,7 +378,7 @@ def fuzz(broker: BrokerProcess, generators: list[Generator], count: int, seed: i
     peer = RawPeer(broker.address)
     started = time.monotonic()
     batch = 2000
-    with GoodClient(broker.address) as good:
+    with GoodClient(SyncClient(broker.address, **FAST), GOOD_CHANNEL) as good:
         sent = held_back = 0
         while sent < count:
             for _ in range(min(batch, count - sent)):
@@ -432,7 +395,7 @@ def fuzz(broker: BrokerProcess, generators: list[Generator], count: int, seed: i
         peer.sync()
         elapsed = time.monotonic() - started
         assert broker.alive(), f"the broker died:\n{broker.log()[-3000:]}"
-        good.check(minimum=3)
+        check_good_client(good, minimum=3)
         round_trips, worst = len(good.latencies), max(good.latencies)
     peak_rss = broker.rss()
     peer.close()
@@ -575,7 +538,7 @@ def test_oversized_bodies_get_a_typed_reply_and_memory_returns(broker_proc):
     peer.keep = True
     rng = random.Random(SEED)
     sizes = [limit + 1, limit + 7, 2 * limit, 5 * limit, 8 * limit - 1]
-    with GoodClient(broker.address) as good:
+    with GoodClient(SyncClient(broker.address, **FAST), GOOD_CHANNEL) as good:
         expected = 0
         for round_ in range(4):
             for size in sizes:
@@ -585,7 +548,7 @@ def test_oversized_bodies_get_a_typed_reply_and_memory_returns(broker_proc):
                 peer.send([p.encode(p.Send(3000 + expected, "big", 5.0, 10, True)), b"small", body])  # one too big
                 expected += 1
             peer.sync(60)
-        good.check(minimum=1)
+        check_good_client(good, minimum=1)
     too_large = [r for r in peer.replies if isinstance(r, p.Reply) and r.code == 2]
     assert len(too_large) == 3 * expected, Counter(getattr(r, "code", None) for r in peer.replies)
     for reply in too_large:

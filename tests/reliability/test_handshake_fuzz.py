@@ -19,14 +19,13 @@ import os
 import random
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 from urllib.parse import urlparse
 
 import pytest
-from dmb_reliability import wait_for
+from dmb_reliability import GoodClient, wait_for
 
 from django_message_broker import SyncClient
 from django_message_broker.keys import create_keypair
@@ -111,43 +110,6 @@ GENERATORS: list[Callable[[random.Random], bytes]] = [
 ]
 
 
-class CurveRoundTrips:
-    """A CURVE client with an authorized key doing round trips in a thread."""
-
-    def __init__(self, address: str, server_key: str, client_key: str) -> None:
-        self.client = SyncClient(address, server_key=server_key, client_key=client_key, timeout=5.0, heartbeat=0.5)
-        self.latencies: list[float] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="curve-good-client", daemon=True)
-
-    def _run(self) -> None:
-        n = 0
-        while not self._stop.is_set():
-            body = b"rt:%d" % n
-            start = time.monotonic()
-            try:
-                self.client.send("curve-good", body)
-                got = self.client.receive("curve-good", timeout=10)
-                if got != body:
-                    self.errors.append(f"expected {body!r}, got {got!r}")
-            except Exception as exc:
-                self.errors.append(repr(exc))
-            self.latencies.append(time.monotonic() - start)
-            n += 1
-            time.sleep(0.01)
-
-    def __enter__(self) -> CurveRoundTrips:
-        assert self.client.wait_connected(10), "the good CURVE client did not connect"
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(20)
-        self.client.close()
-
-
 def _poke(host: str, port: int, data: bytes, rng: random.Random, pool: list[socket.socket]) -> None:
     sock = socket.create_connection((host, port), timeout=2.0)
     try:
@@ -198,7 +160,10 @@ def test_garbage_before_and_instead_of_a_curve_handshake(broker_proc, tmp_path: 
     pool: list[socket.socket] = []
     peak_rss = baseline_rss
     started = time.monotonic()
-    with CurveRoundTrips(broker.address, str(broker_public), str(good_secret)) as good:
+    curve_client = SyncClient(
+        broker.address, server_key=str(broker_public), client_key=str(good_secret), timeout=5.0, heartbeat=0.5
+    )
+    with GoodClient(curve_client, "curve-good", pause=0.01) as good:
         for i in range(CONNECTIONS):
             _poke(host, port, GENERATORS[i % len(GENERATORS)](rng), rng, pool)
             if i % 500 == 0:
