@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["IntOutOfRange", "check_message", "decode_message", "encode_message"]
+__all__ = ["IntOutOfRange", "decode_message", "encode_message"]
 
 
 class IntOutOfRange(TypeError, OverflowError):
@@ -74,11 +74,6 @@ def encode_message(message: Any) -> bytes:
 
 def decode_message(body: bytes) -> dict[str, Any]:
     return _decoder.decode(body)  # type: ignore[no-any-return]
-
-
-def check_message(message: Any) -> None:
-    """Raise ``TypeError`` unless ``encode_message`` would accept ``message``."""
-    encode_message(message)
 
 
 def _check_dict(value: dict, depth: int, _scalars: frozenset = _SCALARS, _str: type = str) -> None:
