@@ -16,8 +16,11 @@ __all__ = [
     "ClientClosed",
     "InvalidName",
     "MessageTooLarge",
+    "NotFound",
+    "PreconditionFailed",
     "ProtocolError",
     "QueueFull",
+    "ResourceLocked",
     "SubscriptionError",
     "from_wire",
 ]
@@ -142,6 +145,47 @@ class AuthenticationFailed(BrokerError):
         return {"address": self.address, "reason": self.reason}
 
 
+class NotFound(BrokerError):
+    """A task queue or exchange does not exist (AMQP's 404). ``kind`` is
+    ``"queue"`` or ``"exchange"``."""
+
+    code = 10
+
+    def __init__(self, detail: str = "not found", kind: str = "", name: str = "") -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.name = name
+
+    def fields(self) -> dict[str, Any]:
+        return {"detail": str(self), "kind": self.kind, "name": self.name}
+
+
+class ResourceLocked(BrokerError):
+    """The task queue is exclusive to another connection (AMQP's 405)."""
+
+    code = 11
+
+    def __init__(self, detail: str = "resource locked", name: str = "") -> None:
+        super().__init__(detail)
+        self.name = name
+
+    def fields(self) -> dict[str, Any]:
+        return {"detail": str(self), "name": self.name}
+
+
+class PreconditionFailed(BrokerError):
+    """A declaration contradicts what exists, or a conditional delete found
+    the queue in use (AMQP's 406)."""
+
+    code = 12
+
+    def __init__(self, detail: str = "precondition failed") -> None:
+        super().__init__(detail)
+
+    def fields(self) -> dict[str, Any]:
+        return {"detail": str(self)}
+
+
 _BY_CODE: dict[int, type[BrokerError]] = {
     cls.code: cls
     for cls in (
@@ -153,6 +197,9 @@ _BY_CODE: dict[int, type[BrokerError]] = {
         BrokerUnavailable,
         ClientClosed,
         AuthenticationFailed,
+        NotFound,
+        ResourceLocked,
+        PreconditionFailed,
     )
 }
 

@@ -173,6 +173,159 @@ class Consumed(_Msg, tag=13):
     counts: list[int]
 
 
+# --- client -> broker: task queues (kombu's AMQP model; see server/tasks.py) ---
+class TaskCommand(_Msg):
+    """A command on task queues; the broker answers each with a ``Reply``
+    unless its text says otherwise. ``session`` is the client's channel
+    number (kombu's ``channel_id``): prefetch and delivery tags are per
+    session, as AMQP's are per channel."""
+
+
+class Open(TaskCommand, tag=30):
+    """Use task queues in virtual host ``vhost`` (names in another vhost are
+    another namespace). Starts the connection's task state afresh."""
+
+    req: int
+    vhost: str = "/"
+
+
+class ExchangeDeclare(TaskCommand, tag=31):
+    req: int
+    exchange: str
+    type: str = "direct"
+    passive: bool = False
+    durable: bool = False
+    auto_delete: bool = False
+
+
+class ExchangeDelete(TaskCommand, tag=32):
+    req: int
+    exchange: str
+    if_unused: bool = False
+
+
+class QueueDeclare(TaskCommand, tag=33):
+    """``value``: ``[queue, ready messages, consumers]``."""
+
+    req: int
+    queue: str
+    passive: bool = False
+    durable: bool = False
+    exclusive: bool = False
+    auto_delete: bool = False
+    #: ``x-expires``, ``x-message-ttl`` (milliseconds), ``x-max-length``
+    arguments: dict[str, Any] = {}
+
+
+class QueueBind(TaskCommand, tag=34):
+    req: int
+    queue: str
+    exchange: str
+    routing_key: str = ""
+
+
+class QueueUnbind(TaskCommand, tag=35):
+    req: int
+    queue: str
+    exchange: str
+    routing_key: str = ""
+
+
+class QueuePurge(TaskCommand, tag=36):
+    """``value``: how many ready messages were dropped."""
+
+    req: int
+    queue: str
+
+
+class QueueDelete(TaskCommand, tag=37):
+    """``value``: how many ready messages went with the queue."""
+
+    req: int
+    queue: str
+    if_unused: bool = False
+    if_empty: bool = False
+
+
+class Publish(TaskCommand, tag=38):
+    """Route the one body frame through ``exchange`` (``""``: the queue
+    named ``routing_key``). ``priority`` 0-9 (9 first); ``ttl`` seconds
+    (0: none). Answered when ``confirm`` (``value``: how many queues took
+    it), otherwise only on error."""
+
+    req: int
+    exchange: str
+    routing_key: str
+    priority: int = 0
+    ttl: float = 0.0
+    confirm: bool = False
+
+
+class Consume(TaskCommand, tag=39):
+    req: int
+    session: int
+    queue: str
+    tag: str
+    no_ack: bool = False
+
+
+class Cancel(TaskCommand, tag=40):
+    req: int
+    session: int
+    tag: str
+
+
+class Qos(TaskCommand, tag=41):
+    """At most ``prefetch`` unacknowledged deliveries in the session (0: no
+    limit). May change at any time."""
+
+    req: int
+    session: int
+    prefetch: int
+
+
+class Ack(TaskCommand, tag=42):
+    """Never answered. ``multiple``: every tag up to the largest given."""
+
+    session: int
+    tags: list[int]
+    multiple: bool = False
+
+
+class Reject(TaskCommand, tag=43):
+    """Never answered. ``requeue``: back to the head of the queue, marked
+    redelivered; otherwise dropped."""
+
+    session: int
+    tags: list[int]
+    requeue: bool = True
+    multiple: bool = False
+
+
+class Recover(TaskCommand, tag=44):
+    """Every unacknowledged delivery of the session goes back."""
+
+    req: int
+    session: int
+
+
+class Get(TaskCommand, tag=45):
+    """``value``: ``None`` (empty), or ``[tag, redelivered]`` and the
+    message as the reply's one body frame."""
+
+    req: int
+    session: int
+    queue: str
+    no_ack: bool = False
+
+
+class CloseSession(TaskCommand, tag=46):
+    """The channel closed: its consumers end, its unacknowledged messages go back."""
+
+    req: int
+    session: int
+
+
 # --- broker -> client -------------------------------------------------------
 class Deliver(_Msg, tag=20):
     """Messages (one body frame each follows, oldest first); ``ttls``:
@@ -212,6 +365,22 @@ class Flushed(_Msg, tag=23):
     prefix: str = ""
 
 
+class TaskDeliver(_Msg, tag=24):
+    """Task messages, one body frame each: body *i* is for consumer
+    ``consumers[i]`` of session ``sessions[i]``, delivery tag ``tags[i]``."""
+
+    sessions: list[int]
+    consumers: list[str]
+    tags: list[int]
+    redelivered: list[bool]
+
+
+class Ping(_Msg, tag=25):
+    """Sent to check that a connection is still there (the broker saw a
+    connection close and asks the clients that hold task messages); the
+    client ignores it."""
+
+
 Command = Union[
     Hello,
     Send,
@@ -226,8 +395,25 @@ Command = Union[
     Stats,
     Bye,
     Consumed,
+    Open,
+    ExchangeDeclare,
+    ExchangeDelete,
+    QueueDeclare,
+    QueueBind,
+    QueueUnbind,
+    QueuePurge,
+    QueueDelete,
+    Publish,
+    Consume,
+    Cancel,
+    Qos,
+    Ack,
+    Reject,
+    Recover,
+    Get,
+    CloseSession,
 ]
-ToClient = Union[Deliver, Reply, Welcome, Flushed]
+ToClient = Union[Deliver, Reply, Welcome, Flushed, TaskDeliver, Ping]
 
 _encoder = msgspec.msgpack.Encoder()
 _command_decoder = msgspec.msgpack.Decoder(Command)
@@ -260,7 +446,7 @@ def decode_command(header: Any) -> Command:
     return _decode(_command_decoder, header)  # type: ignore[no-any-return]
 
 
-def decode_to_client(header: Any) -> Deliver | Reply | Welcome | Flushed:
+def decode_to_client(header: Any) -> Deliver | Reply | Welcome | Flushed | TaskDeliver | Ping:
     """Decode a broker's header; raises ``ProtocolError``."""
     return _decode(_to_client_decoder, header)  # type: ignore[no-any-return]
 

@@ -43,6 +43,8 @@ def _for_type(t: msgspec.inspect.Type) -> st.SearchStrategy:
         return st.binary(max_size=40)
     if isinstance(t, mi.ListType):
         return st.lists(_for_type(t.item_type), max_size=8)
+    if isinstance(t, mi.DictType):
+        return st.dictionaries(_for_type(t.key_type), _for_type(t.value_type), max_size=4)
     if isinstance(t, mi.TupleType):
         return st.tuples(*[_for_type(item) for item in t.item_types])
     if isinstance(t, mi.AnyType):
@@ -67,8 +69,12 @@ def test_the_unions_are_what_the_peers_speak():
     assert {c.__name__ for c in COMMANDS} == {
         "Hello", "Send", "GroupSend", "GroupAdd", "GroupDiscard", "Subscribe",
         "Unsubscribe", "Return", "Flush", "Heartbeat", "Stats", "Bye", "Consumed",
+        # task queues (the kombu transport)
+        "Open", "ExchangeDeclare", "ExchangeDelete", "QueueDeclare", "QueueBind", "QueueUnbind",
+        "QueuePurge", "QueueDelete", "Publish", "Consume", "Cancel", "Qos", "Ack", "Reject",
+        "Recover", "Get", "CloseSession",
     }  # fmt: skip
-    assert {c.__name__ for c in TO_CLIENT} == {"Deliver", "Reply", "Welcome", "Flushed"}
+    assert {c.__name__ for c in TO_CLIENT} == {"Deliver", "Reply", "Welcome", "Flushed", "TaskDeliver", "Ping"}
     tags = [msgspec.inspect.type_info(c).tag for c in COMMANDS + TO_CLIENT]
     assert len(set(tags)) == len(tags)
 

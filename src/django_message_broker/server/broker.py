@@ -50,6 +50,7 @@ from .data_message import DataMessage
 from .groups import Groups
 from .outbox import Outbox, Outgoing
 from .server_queue import ChannelQueue, Endpoint, MemoryMeter
+from .tasks import Tasks
 
 __all__ = ["BUSY", "DEFAULT_MAX_BODY", "GONE", "Broker", "Outgoing"]
 
@@ -65,6 +66,7 @@ _MAX_RULES = 64
 _QUEUED, _FULL, _NO_MEMORY = 0, 1, 2
 #: Flushes remembered to judge late reports (see ``Broker._flushed_since``).
 _FLUSH_HISTORY = 256
+_PING = p.encode(p.Ping())
 
 
 @functools.lru_cache(maxsize=256)
@@ -92,8 +94,13 @@ def _compile_rules(rules: list[tuple[str, int]]) -> list[tuple[re.Pattern, int]]
 class ClientState:
     ident: bytes
     client_id: str = ""
+    #: Seconds between the client's heartbeats; 0: it sends none, and only
+    #: its connection closing (or ZeroMQ's own heartbeats failing) ends it.
     heartbeat: float = 1.0
     last_seen: float = 0.0
+    #: The socket (file descriptor) its connection came in on, once known
+    #: (clients with task state: see ``connection_closed``).
+    fd: int = -1
     #: channel name -> this client's endpoint in that channel's queue
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
 
@@ -129,6 +136,14 @@ class Broker:
         self._flushes: deque[tuple[int, str]] = deque(maxlen=_FLUSH_HISTORY)
         self.queues: dict[str, ChannelQueue] = {}
         self.groups = Groups()
+        #: Celery's side: task queues, exchanges and their consumers.
+        self.tasks = Tasks(clock=clock, sink=self.outbox.task, meter=self.memory)
+        #: Clients whose socket the shell should tell us (``record_fd``).
+        self.fd_wanted: list[bytes] = []
+        #: Clients to ask whether they are still there (``Ping``), and when.
+        self.probes: dict[bytes, list[float]] = {}
+        #: Task deliveries came back from a busy peer: retry on the next tick.
+        self.tasks_stalled = False
         self.clients: dict[bytes, ClientState] = {}
         self.stalled: set[ChannelQueue] = set()
         self._bad_inputs = 0
@@ -166,7 +181,7 @@ class Broker:
         delivered = 0
         for messages in peers:
             for out in messages:
-                if out.runs:
+                if out.runs or out.tasks:
                     delivered += len(out.frames) - 1
         self.counters["delivered"] += delivered
         return peers
@@ -180,7 +195,16 @@ class Broker:
         (EHOSTUNREACH): the peer left; its runs go back and its endpoints
         are dropped. A reply is dropped: the client's request times out."""
         gone = errno == GONE
-        for out in reversed(list(unsent)):  # the last first: each run goes back to the head
+        unsent = list(unsent)
+        if gone and unsent and unsent[0].ident in self.tasks.clients:
+            self.probes.pop(unsent[0].ident, None)
+            self.tasks.drop_client(unsent[0].ident)  # its task deliveries went back with it
+        for out in reversed(unsent):  # the last first: each run goes back to the head
+            if out.tasks:
+                self.counters["delivered"] -= len(out.tasks)
+                self.tasks.undeliver(out.tasks)
+                self.tasks_stalled = True
+                continue
             if not out.runs:
                 logger.debug("message to %r dropped: errno %d", out.ident, errno)
                 continue
@@ -324,8 +348,11 @@ class Broker:
             self._error(ident, req, BrokerError(f"internal error: {exc}"))
 
     def _dispatch(self, client: ClientState, cmd: Any, bodies: list, now: float) -> None:
-        if bodies and not isinstance(cmd, (p.Send, p.GroupSend, p.Return)):
+        if bodies and not isinstance(cmd, (p.Send, p.GroupSend, p.Return, p.Publish)):
             raise ProtocolError(f"{type(cmd).__name__} takes no body frames")
+        if isinstance(cmd, p.TaskCommand):
+            self._on_task(client, cmd, bodies)
+            return
         match cmd:
             case p.Send():
                 self._on_send(client, cmd, bodies)
@@ -494,7 +521,8 @@ class Broker:
     def _on_hello(self, client: ClientState, cmd: p.Hello) -> None:
         self._drop_endpoints(client)  # a (re)connecting client replays its state
         client.client_id = cmd.client_id
-        client.heartbeat = max(0.05, cmd.heartbeat)
+        # 0: no heartbeats (the task transport): liveness is the connection's.
+        client.heartbeat = 0.0 if cmd.heartbeat == 0 else max(0.05, cmd.heartbeat)
         self._reply(client.ident, p.Reply(cmd.req, 0, "", [self.instance, self.max_body, self.epoch]))
 
     def _on_flush(self, client: ClientState, cmd: p.Flush) -> None:
@@ -507,6 +535,103 @@ class Broker:
         for other in self.clients:
             self.outbox.reply(other, notice)
         self._reply(client.ident, p.Reply(cmd.req))
+
+    def _on_task(self, client: ClientState, cmd: p.TaskCommand, bodies: list) -> None:
+        """Task queues (Celery's side): the model is ``self.tasks``."""
+        tasks, ident = self.tasks, client.ident
+        value: Any = None
+        match cmd:
+            case p.Publish():
+                self._check_bodies(bodies, 1)
+                value = tasks.publish(ident, cmd.exchange, cmd.routing_key, bodies[0], cmd.priority, cmd.ttl)
+                if not cmd.confirm:
+                    return
+            case p.Ack(session, tags, multiple):
+                tasks.ack(ident, session, tags, multiple=multiple)
+                return
+            case p.Reject(session, tags, requeue, multiple):
+                tasks.reject(ident, session, tags, requeue=requeue, multiple=multiple)
+                return
+            case p.Consume(_, session, queue, tag, no_ack):
+                tasks.consume(ident, session, queue, tag, no_ack=no_ack)
+            case p.Cancel(_, session, tag):
+                tasks.cancel(ident, session, tag)
+            case p.Qos(_, session, prefetch):
+                tasks.qos(ident, session, prefetch)
+            case p.Get(req, session, queue, no_ack):
+                delivery = tasks.get(ident, session, queue, no_ack=no_ack)
+                if delivery is not None:
+                    header = p.encode(p.Reply(req, 0, "", [delivery.tag, delivery.message.redelivered]))
+                    self.outbox.reply_frames(ident, [header, delivery.message.body], [delivery])
+                    return
+            case p.QueueDeclare():
+                value = list(
+                    tasks.declare_queue(
+                        ident,
+                        cmd.queue,
+                        passive=cmd.passive,
+                        durable=cmd.durable,
+                        exclusive=cmd.exclusive,
+                        auto_delete=cmd.auto_delete,
+                        arguments=cmd.arguments,
+                    )
+                )
+            case p.QueueBind(_, queue, exchange, routing_key):
+                tasks.bind(ident, queue, exchange, routing_key)
+            case p.QueueUnbind(_, queue, exchange, routing_key):
+                tasks.unbind(ident, queue, exchange, routing_key)
+            case p.QueuePurge(_, queue):
+                value = tasks.purge(ident, queue)
+            case p.QueueDelete(_, queue, if_unused, if_empty):
+                value = tasks.delete_queue(ident, queue, if_unused=if_unused, if_empty=if_empty)
+            case p.ExchangeDeclare():
+                tasks.declare_exchange(
+                    ident, cmd.exchange, cmd.type, passive=cmd.passive, durable=cmd.durable, auto_delete=cmd.auto_delete
+                )
+            case p.ExchangeDelete(_, exchange, if_unused):
+                tasks.delete_exchange(ident, exchange, if_unused=if_unused)
+            case p.Recover(_, session):
+                tasks.recover(ident, session)
+            case p.CloseSession(_, session):
+                tasks.close_session(ident, session)
+            case p.Open(_, vhost):
+                tasks.open(ident, vhost)
+                self.fd_wanted.append(ident)
+            case _:  # pragma: no cover - every TaskCommand is matched above
+                raise ProtocolError(f"unknown command {type(cmd).__name__}")
+        self._reply(ident, p.Reply(cmd.req, 0, "", value))  # type: ignore[attr-defined]
+
+    # -- connections that close (the shell watches the socket) -----------------
+    def record_fd(self, ident: bytes, fd: int) -> None:
+        """The socket ``ident``'s messages come in on (the shell reads it
+        off the message after an ``Open``)."""
+        client = self.clients.get(ident)
+        if client is not None:
+            client.fd = fd
+
+    def connection_closed(self, fd: int, now: float) -> None:
+        """A connection on socket ``fd`` closed. Whoever came in on it and
+        holds task messages is asked at once whether it is still there (a
+        ``Ping``): if the peer is gone, the send fails and ``send_failed``
+        gives back what it held. File descriptors are reused, so a live
+        peer may share the number: it just gets the Ping. Asked again a few
+        times in the next second, in case the socket had not yet noticed."""
+        for ident, client in self.clients.items():
+            if client.fd == fd and self.tasks.holds(ident):
+                self.probes[ident] = [now + 0.05, now + 0.2, now + 1.0]
+                self.outbox.reply(ident, _PING)
+
+    def probe(self, now: float) -> None:
+        """Ask again the clients ``connection_closed`` suspects (every tick)."""
+        for ident, times in list(self.probes.items()):
+            if ident not in self.tasks.clients:
+                del self.probes[ident]
+                continue
+            if times and now >= times[0]:
+                times.pop(0)
+                self.outbox.reply(ident, _PING)
+            if not times:
+                del self.probes[ident]
 
     # -- state changes ----------------------------------------------------
     def _forget_if_empty(self, queue: ChannelQueue) -> None:
@@ -548,7 +673,10 @@ class Broker:
 
     def drop_client(self, ident: bytes) -> None:
         """The client left or died: its subscriptions end, and what it held
-        stops counting (read, or lost with it)."""
+        stops counting (read, or lost with it). Its unacknowledged task
+        messages go back to their queues."""
+        self.tasks.drop_client(ident)
+        self.probes.pop(ident, None)
         client = self.clients.pop(ident, None)
         if client is None:
             return
@@ -593,6 +721,9 @@ class Broker:
     def retry_stalled(self) -> None:
         """Deliver again from the queues whose peer was busy or gone (the
         output waits for ``data_to_send``)."""
+        if self.tasks_stalled:
+            self.tasks_stalled = False
+            self.tasks.retry()
         stalled, self.stalled = self.stalled, set()
         for queue in stalled:
             if self.queues.get(queue.name) is queue:
@@ -607,7 +738,7 @@ class Broker:
     def sweep(self, now: float) -> None:
         """Expire messages, endpoints, memberships and silent clients."""
         for ident, client in list(self.clients.items()):
-            if now - client.last_seen > client.heartbeat * self.missed_heartbeats + 1.0:
+            if client.heartbeat and now - client.last_seen > client.heartbeat * self.missed_heartbeats + 1.0:
                 logger.info("client %s (%r) timed out", client.client_id or "?", ident)
                 self.drop_client(ident)
         self._expire_messages()
@@ -616,6 +747,7 @@ class Broker:
                 queue.expire_endpoints(now)
             self._forget_if_empty(queue)
         self.groups.sweep(now)
+        self.tasks.sweep(now)
 
     # -- introspection ----------------------------------------------------
     def queued(self) -> int:
@@ -623,7 +755,11 @@ class Broker:
 
     def is_idle(self) -> bool:
         """No clients and nothing queued: safe to exit."""
-        return not self.clients and not any(q.queue for q in self.queues.values())
+        return (
+            not self.clients
+            and not any(q.queue for q in self.queues.values())
+            and not any(q.ready for v in self.tasks.vhosts.values() for q in v.queues.values())
+        )
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -636,5 +772,6 @@ class Broker:
             "held": sum(q.held for q in self.queues.values()),
             "groups": len(self.groups),
             "memberships": self.groups.memberships(),
+            **self.tasks.stats(),
             **self.counters,
         }

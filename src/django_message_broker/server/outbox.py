@@ -13,9 +13,13 @@ that were sent a reply since the last take: the shell sends those after
 each message it handles, and the rest once per read batch. Nothing here
 does I/O.
 
-An ``Outgoing`` remembers the runs it carries, so that a send that fails
-can give them back to their queues (``Broker.send_failed`` and
-``ChannelQueue.requeue``).
+Task deliveries (``task``: see ``tasks.py``) coalesce the same way into one
+``TaskDeliver`` per ``MAX_BATCH``; a reply may carry a task message too
+(``reply_frames``: the answer to a ``Get``).
+
+An ``Outgoing`` remembers the runs and task deliveries it carries, so that
+a send that fails can give them back to their queues (``Broker.send_failed``,
+``ChannelQueue.requeue`` and ``Tasks.undeliver``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 from .. import protocol as p
 from .data_message import DataMessage
 from .server_queue import ChannelQueue, Endpoint
+from .tasks import Delivery
 
 __all__ = ["Outbox", "Outgoing"]
 
@@ -34,17 +39,24 @@ _Run = tuple[ChannelQueue, Endpoint, list[DataMessage]]
 class Outgoing:
     """One ZeroMQ message for one peer: ``[ident, *frames]`` on the ROUTER.
     ``frames`` is the header and then the bodies; ``runs`` the deliveries it
-    carries (empty for a reply or a notice)."""
+    carries (empty for a reply or a notice), ``tasks`` its task deliveries."""
 
-    __slots__ = ("frames", "ident", "runs")
+    __slots__ = ("frames", "ident", "runs", "tasks")
 
-    def __init__(self, ident: bytes, frames: list[Any], runs: tuple[_Run, ...] | list[_Run] = ()) -> None:
+    def __init__(
+        self,
+        ident: bytes,
+        frames: list[Any],
+        runs: tuple[_Run, ...] | list[_Run] = (),
+        tasks: tuple[Delivery, ...] | list[Delivery] = (),
+    ) -> None:
         self.ident = ident
         self.frames = frames
         self.runs = runs
+        self.tasks = tasks
 
     def __repr__(self) -> str:
-        kind = "Deliver" if self.runs else "reply"
+        kind = "Deliver" if self.runs else "TaskDeliver" if self.tasks else "reply"
         return f"<Outgoing {kind} to {self.ident!r}: {len(self.frames)} frame(s)>"
 
 
@@ -66,6 +78,19 @@ class Outbox:
             self._peers[ident] = [header]
         else:
             items.append(header)
+
+    def reply_frames(self, ident: bytes, frames: list[Any], tasks: list[Delivery]) -> None:
+        """Queue a reply with body frames (carrying ``tasks``) for ``ident``."""
+        self.replied.add(ident)
+        self._peers.setdefault(ident, []).append(Outgoing(ident, frames, (), tasks))
+
+    def task(self, ident: bytes, delivery: Delivery) -> None:
+        """Take a task delivery for ``ident`` (the task queues' sink)."""
+        items = self._peers.get(ident)
+        if items is None:
+            self._peers[ident] = [delivery]
+        else:
+            items.append(delivery)
 
     def defer(self, queue: ChannelQueue, endpoint: Endpoint, messages: list[DataMessage]) -> None:
         """Take a run of deliveries for ``endpoint`` (the queues' sink)."""
@@ -93,8 +118,21 @@ class Outbox:
 def _messages(ident: bytes, items: list[Any], now: float) -> list[Outgoing]:
     out: list[Outgoing] = []
     runs: list[_Run] = []
+    tasks: list[Delivery] = []
     size = 0
     for item in items:
+        if type(item) is Delivery:
+            if runs:
+                out.append(_deliver(ident, runs, now))
+                runs, size = [], 0
+            tasks.append(item)
+            if len(tasks) == p.MAX_BATCH:
+                out.append(_task_deliver(ident, tasks))
+                tasks = []
+            continue
+        if tasks:
+            out.append(_task_deliver(ident, tasks))
+            tasks = []
         if type(item) is tuple:
             if runs and size + len(item[2]) > p.MAX_BATCH:
                 out.append(_deliver(ident, runs, now))
@@ -105,10 +143,22 @@ def _messages(ident: bytes, items: list[Any], now: float) -> list[Outgoing]:
             if runs:
                 out.append(_deliver(ident, runs, now))
                 runs, size = [], 0
-            out.append(Outgoing(ident, [item]))
+            out.append(item if type(item) is Outgoing else Outgoing(ident, [item]))
     if runs:
         out.append(_deliver(ident, runs, now))
+    if tasks:
+        out.append(_task_deliver(ident, tasks))
     return out
+
+
+def _task_deliver(ident: bytes, tasks: list[Delivery]) -> Outgoing:
+    header = p.TaskDeliver(
+        [d.session.id for d in tasks],
+        [d.consumer for d in tasks],
+        [d.tag for d in tasks],
+        [d.message.redelivered for d in tasks],
+    )
+    return Outgoing(ident, [p.encode(header), *[d.message.body for d in tasks]], (), tasks)
 
 
 def _deliver(ident: bytes, runs: list[_Run], now: float) -> Outgoing:

@@ -45,6 +45,7 @@ from typing import Any, Optional
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from ..keys import server_curve
 from ..options import DEFAULT_ADDRESS, is_local_address  # DEFAULT_ADDRESS re-exported: its home was here
@@ -60,6 +61,12 @@ _TICK = 0.1
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
 _FAILED: dict[Any, int] = {zmq.EAGAIN: BUSY, zmq.EHOSTUNREACH: GONE}
+_SRCFD = int(zmq.SRCFD)
+#: ZeroMQ's own heartbeats on every connection (ms): a peer whose host
+#: vanished is disconnected after the timeout, while a live process answers
+#: from libzmq's I/O thread however busy its Python code is.
+_ZMTP_HEARTBEAT_IVL = 1000
+_ZMTP_HEARTBEAT_TIMEOUT = 3000
 
 
 def _send_all(sock: zmq.Socket, broker: Broker, replies_only: bool = False) -> None:
@@ -203,6 +210,8 @@ class BrokerServer:
         # and deliveries wait in their queues).
         sock.setsockopt(zmq.SNDHWM, _PEER_HWM)
         sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, _ZMTP_HEARTBEAT_IVL)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ZMTP_HEARTBEAT_TIMEOUT)
         # Frames past the body limit get a typed reply; far past it, the
         # peer is cut off before the frame is read into memory.
         sock.setsockopt(zmq.MAXMSGSIZE, max(8 * self.max_body, 64 << 20))
@@ -301,6 +310,21 @@ class BrokerServer:
         """Read every ready message (up to a batch), handle each, send what
         the core decided; every ``_TICK`` retry busy peers, once a second
         sweep, and exit when idle for ``idle_timeout``."""
+        # Closed connections: whoever held task messages on one is asked at
+        # once whether it is gone (Broker.connection_closed). A plain PAIR:
+        # sock.get_monitor_socket() would make one of the asyncio context.
+        address = f"inproc://dmb-monitor-{id(self):x}-{os.getpid()}"
+        sock.monitor(address, zmq.EVENT_DISCONNECTED)
+        monitor: zmq.Socket = zmq.Context.shadow(sock.context.underlying).socket(zmq.PAIR)
+        monitor.connect(address)
+        items = [(sock, int(zmq.POLLIN)), (wake, int(zmq.POLLIN)), (monitor, int(zmq.POLLIN))]
+        try:
+            self._serve_loop(sock, wake, monitor, items)
+        finally:
+            sock.disable_monitor()
+            monitor.close(0)
+
+    def _serve_loop(self, sock: zmq.Socket, wake: zmq.Socket, monitor: zmq.Socket, items: list) -> None:
         assert self.broker is not None
         broker = self.broker
         handle = broker.handle
@@ -308,7 +332,6 @@ class BrokerServer:
         noblock = _NOBLOCK
         outbox = broker.outbox
         poll = zmq.zmq_poll
-        items = [(sock, int(zmq.POLLIN)), (wake, int(zmq.POLLIN))]
         monotonic = time.monotonic
         now = last_sweep = idle_since = monotonic()
         next_tick = now + _TICK
@@ -327,12 +350,28 @@ class BrokerServer:
                         handle(frames, now)
                     except Exception:  # Broker.handle answers errors itself; this is a bug's last guard
                         logger.exception("unexpected error handling a message: dropped it")
+                    if broker.fd_wanted:
+                        for ident in broker.fd_wanted:
+                            broker.record_fd(ident, frames[1].get(_SRCFD))
+                        broker.fd_wanted.clear()
                     if outbox.replied:  # a reply goes at once: a caller waits for it
                         _send_all(sock, broker, replies_only=True)
                 _send_all(sock, broker)  # the deliveries: one Deliver per peer for the whole batch
+                while True:
+                    try:
+                        event = recv_monitor_message(monitor, _NOBLOCK)
+                    except zmq.Again:
+                        break
+                    broker.connection_closed(event["value"], now)
+                if outbox:
+                    _send_all(sock, broker)
+            if broker.probes:
+                broker.probe(now)
+                if outbox:
+                    _send_all(sock, broker)
             if now >= next_tick:
                 next_tick = now + _TICK
-                if broker.stalled:
+                if broker.stalled or broker.tasks_stalled:
                     broker.retry_stalled()
                 if now - last_sweep >= 1.0:
                     last_sweep = now

@@ -1,0 +1,789 @@
+"""Task queues: the AMQP model that kombu (and so Celery) expects. Pure.
+
+How it works. Beside Channels' channels, the broker keeps named task queues,
+exchanges that route to them, and the consumers of each connection, per
+virtual host. A publish goes to an exchange; the exchange's bindings decide
+the queues (direct: equal routing key; topic: AMQP's ``*`` and ``#``
+patterns; fanout: every bound queue; the default exchange ``""``: the queue
+named by the routing key). A queue keeps its ready messages in ten FIFO
+levels, one per priority, and serves the highest first (9 before 0, as
+AMQP and RabbitMQ do).
+
+A connection's consumers live in *sessions* (kombu's channels), each with a
+prefetch limit. Delivering a message moves it, in one step, from its
+queue's ready levels to the session's unacknowledged table under a delivery
+tag: there is no moment when it is in neither. ``ack`` forgets it;
+``reject(requeue=True)``, ``recover``, closing the session, and the death of
+the connection put it back at the head of its queue (marked redelivered).
+Nothing is ever redelivered because of its age: a live consumer holds a
+message for as long as it likes (an ETA task held for a day is delivered
+once). The broker shell learns of a dead connection from its socket (see
+``server.py``) and calls ``drop_client``.
+
+Deliveries leave through ``sink(ident, delivery)`` (the broker's outbox)
+in the order decided; a delivery the shell could not send comes back
+through ``undeliver`` and returns to its queue's head, not redelivered.
+
+Queues honour ``x-message-ttl`` and per-message expiration (a message past
+its deadline is dropped when it reaches the head of its level, or in
+``sweep``, as RabbitMQ does), ``x-expires`` (a queue unused that long is
+deleted), ``auto_delete`` (deleted when its last consumer goes) and
+``exclusive`` (only its declaring connection may use it, and it goes with
+that connection). All messages count in the broker's ``MemoryMeter``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
+
+from .._memory import MESSAGE_OVERHEAD
+from ..exceptions import NotFound, PreconditionFailed, ProtocolError, QueueFull, ResourceLocked
+from .server_queue import MemoryMeter
+
+__all__ = ["Delivery", "Exchange", "Session", "TaskMessage", "TaskQueue", "Tasks"]
+
+logger = logging.getLogger("django_message_broker.server")
+
+PRIORITIES = 10
+EXCHANGE_TYPES = ("direct", "topic", "fanout")
+#: Longest queue or exchange name (AMQP's short string).
+MAX_NAME = 255
+#: Most unacknowledged deliveries one session may hold when it sets no prefetch.
+MAX_UNACKED = 1 << 20
+_PREDECLARED = {"amq.direct": "direct", "amq.topic": "topic", "amq.fanout": "fanout"}
+
+
+class TaskMessage:
+    """One message in a task queue: an opaque body (the publisher's encoded
+    kombu message), its priority, deadline and whether it was delivered
+    before. ``size`` is what it counts against the memory limit."""
+
+    __slots__ = ("body", "deadline", "priority", "redelivered", "size")
+
+    def __init__(self, body: Any, priority: int = 0, deadline: float = math.inf, redelivered: bool = False) -> None:
+        self.body = body
+        self.priority = priority
+        self.deadline = deadline
+        self.redelivered = redelivered
+        self.size = (len(body.buffer) if hasattr(body, "buffer") else len(body)) + MESSAGE_OVERHEAD
+
+    def __repr__(self) -> str:
+        return f"TaskMessage({self.size - MESSAGE_OVERHEAD} bytes, priority={self.priority})"
+
+
+class Delivery:
+    """A message on its way to a session: what the outbox sends (``tag`` and
+    ``consumer`` ``""`` for a ``get``) and what ``undeliver`` puts back."""
+
+    __slots__ = ("consumer", "message", "queue", "session", "tag", "tracked")
+
+    def __init__(
+        self, session: Session, tag: int, consumer: str, queue: TaskQueue, message: TaskMessage, tracked: bool
+    ) -> None:
+        self.session = session
+        self.tag = tag
+        self.consumer = consumer
+        self.queue = queue
+        self.message = message
+        #: Awaits an ack (not ``no_ack``).
+        self.tracked = tracked
+
+
+class Consumer:
+    __slots__ = ("no_ack", "queue", "session", "tag")
+
+    def __init__(self, session: Session, tag: str, queue: TaskQueue, no_ack: bool) -> None:
+        self.session = session
+        self.tag = tag
+        self.queue = queue
+        self.no_ack = no_ack
+
+
+class Session:
+    """One channel of one connection: its consumers, its prefetch limit and
+    the deliveries it has not acknowledged (tag -> (queue, message))."""
+
+    __slots__ = ("client", "consumers", "id", "next_tag", "prefetch", "unacked")
+
+    def __init__(self, client: TaskClient, session_id: int) -> None:
+        self.client = client
+        self.id = session_id
+        self.prefetch = 0  # 0: no limit (but MAX_UNACKED)
+        self.next_tag = 1
+        self.unacked: dict[int, tuple[TaskQueue, TaskMessage]] = {}
+        self.consumers: dict[str, Consumer] = {}
+
+    def room(self) -> int:
+        limit = self.prefetch or MAX_UNACKED
+        return limit - len(self.unacked)
+
+
+class TaskClient:
+    """What the task model knows of one connection."""
+
+    __slots__ = ("exclusive", "ident", "sessions", "vhost")
+
+    def __init__(self, ident: bytes, vhost: str) -> None:
+        self.ident = ident
+        self.vhost = vhost
+        self.sessions: dict[int, Session] = {}
+        self.exclusive: set[str] = set()
+
+
+class TaskQueue:
+    """A named queue: ready messages in priority levels, its consumers in
+    round-robin order, and counters."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        durable: bool = False,
+        auto_delete: bool = False,
+        owner: Optional[bytes] = None,
+        expires: Optional[float] = None,
+        message_ttl: Optional[float] = None,
+        max_length: Optional[int] = None,
+        now: float = 0.0,
+    ) -> None:
+        self.name = name
+        self.durable = durable
+        self.auto_delete = auto_delete
+        self.owner = owner
+        self.expires = expires
+        self.message_ttl = message_ttl
+        self.max_length = max_length
+        self.levels: list[deque[TaskMessage]] = [deque() for _ in range(PRIORITIES)]
+        self.ready = 0
+        self.unacked = 0
+        self.consumers: list[Consumer] = []
+        self._next = 0
+        self.had_consumer = False
+        self.last_used = now
+        self.published = self.delivered = self.acked = self.redelivered = self.expired = 0
+
+    def __len__(self) -> int:
+        return self.ready
+
+    def __repr__(self) -> str:
+        return f"<TaskQueue {self.name!r}: {self.ready} ready, {self.unacked} unacked, {len(self.consumers)} consumers>"
+
+    def push(self, message: TaskMessage) -> None:
+        self.levels[message.priority].append(message)
+        self.ready += 1
+
+    def push_front(self, message: TaskMessage) -> None:
+        self.levels[message.priority].appendleft(message)
+        self.ready += 1
+
+    def pop(self, now: float, meter: MemoryMeter) -> Optional[TaskMessage]:
+        """The next live message, highest priority first; expired ones met
+        on the way are dropped."""
+        for level in reversed(self.levels):
+            while level:
+                message = level.popleft()
+                self.ready -= 1
+                meter.used -= message.size
+                if message.deadline > now:
+                    return message
+                self.expired += 1
+        return None
+
+    def expire(self, now: float, meter: MemoryMeter) -> int:
+        """Drop expired messages at the head of each level."""
+        dropped = 0
+        for level in self.levels:
+            while level and level[0].deadline <= now:
+                meter.used -= level.popleft().size
+                dropped += 1
+        self.ready -= dropped
+        self.expired += dropped
+        return dropped
+
+    def purge(self, meter: MemoryMeter) -> int:
+        count = self.ready
+        for level in self.levels:
+            meter.used -= sum(m.size for m in level)
+            level.clear()
+        self.ready = 0
+        return count
+
+    def next_consumer(self) -> Optional[Consumer]:
+        """The next consumer in turn whose session has room."""
+        consumers = self.consumers
+        count = len(consumers)
+        for i in range(count):
+            index = (self._next + i) % count
+            consumer = consumers[index]
+            if consumer.no_ack or consumer.session.room() > 0:
+                self._next = index + 1
+                return consumer
+        return None
+
+
+class Exchange:
+    """Routes a routing key to the names of bound queues."""
+
+    def __init__(self, name: str, type: str, *, durable: bool = False, auto_delete: bool = False) -> None:
+        self.name = name
+        self.type = type
+        self.durable = durable
+        self.auto_delete = auto_delete
+        #: (binding key, queue) -> the key's words (topic), in binding order
+        self.bindings: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._direct: dict[str, list[str]] = {}
+
+    def bind(self, queue: str, routing_key: str) -> None:
+        key = (routing_key, queue)
+        if key in self.bindings:
+            return
+        self.bindings[key] = tuple(routing_key.split("."))
+        self._direct.setdefault(routing_key, []).append(queue)
+
+    def unbind(self, queue: str, routing_key: str) -> None:
+        if self.bindings.pop((routing_key, queue), None) is not None:
+            names = self._direct[routing_key]
+            names.remove(queue)
+            if not names:
+                del self._direct[routing_key]
+
+    def unbind_queue(self, queue: str) -> None:
+        for routing_key, name in [key for key in self.bindings if key[1] == queue]:
+            self.unbind(name, routing_key)
+
+    def route(self, routing_key: str) -> list[str]:
+        if self.type == "direct":
+            return self._direct.get(routing_key, [])
+        if self.type == "fanout":
+            return list(dict.fromkeys(name for _, name in self.bindings))
+        words = routing_key.split(".")
+        found = (name for (_, name), pattern in self.bindings.items() if topic_matches(pattern, words))
+        return list(dict.fromkeys(found))  # once per queue, in binding order
+
+
+def topic_matches(pattern: tuple[str, ...] | list[str], words: list[str], i: int = 0, j: int = 0) -> bool:
+    """AMQP topic matching on dot-separated words: ``*`` is exactly one
+    word, ``#`` zero or more."""
+    while i < len(pattern):
+        word = pattern[i]
+        if word == "#":
+            if i == len(pattern) - 1:
+                return True
+            return any(topic_matches(pattern, words, i + 1, k) for k in range(j, len(words) + 1))
+        if j >= len(words) or (word != "*" and word != words[j]):
+            return False
+        i += 1
+        j += 1
+    return j == len(words)
+
+
+class VHost:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.queues: dict[str, TaskQueue] = {}
+        self.exchanges: dict[str, Exchange] = {name: Exchange(name, kind) for name, kind in _PREDECLARED.items()}
+
+
+def _check_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or len(name) > MAX_NAME or "\x00" in name:
+        raise ProtocolError(f"invalid {what} name {name!r}")
+    return name
+
+
+def _seconds(arguments: dict, key: str) -> Optional[float]:
+    """An ``x-`` argument in milliseconds, as seconds."""
+    value = arguments.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e13:
+        raise PreconditionFailed(f"invalid {key} {value!r}: a number of milliseconds")
+    return value / 1000.0
+
+
+class Tasks:
+    """Every vhost's queues and exchanges, and every connection's sessions.
+
+    Methods raise ``BrokerError`` subclasses (``NotFound``,
+    ``ResourceLocked``, ``PreconditionFailed``, ``ProtocolError``,
+    ``QueueFull``) for the broker to answer with."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float],
+        sink: Callable[[bytes, Delivery], None],
+        meter: Optional[MemoryMeter] = None,
+    ) -> None:
+        self.clock = clock
+        self.sink = sink
+        self.meter = meter or MemoryMeter()
+        self.vhosts: dict[str, VHost] = {}
+        self.clients: dict[bytes, TaskClient] = {}
+        self.unroutable = 0
+        self.expired = 0
+
+    # -- connections and sessions --------------------------------------------
+    def open(self, ident: bytes, vhost: str) -> None:
+        """A connection starts using task queues in ``vhost`` (again: a
+        reconnecting connection starts afresh)."""
+        _check_name(vhost, "vhost")
+        self.drop_client(ident)
+        self.clients[ident] = TaskClient(ident, vhost)
+        if vhost not in self.vhosts:
+            self.vhosts[vhost] = VHost(vhost)
+
+    def _client(self, ident: bytes) -> TaskClient:
+        client = self.clients.get(ident)
+        if client is None:
+            raise ProtocolError("task commands need an Open first")
+        return client
+
+    def _session(self, client: TaskClient, session_id: int) -> Session:
+        session = client.sessions.get(session_id)
+        if session is None:
+            if type(session_id) is not int or not 0 <= session_id < 1 << 16:
+                raise ProtocolError(f"invalid session {session_id!r}")
+            session = client.sessions[session_id] = Session(client, session_id)
+        return session
+
+    def _vhost(self, client: TaskClient) -> VHost:
+        return self.vhosts[client.vhost]
+
+    def _queue(self, client: TaskClient, name: str) -> TaskQueue:
+        queue = self._vhost(client).queues.get(name)
+        if queue is None:
+            raise NotFound(f"no queue {name!r} in vhost {client.vhost!r}", "queue", name)
+        if queue.owner is not None and queue.owner != client.ident:
+            raise ResourceLocked(f"queue {name!r} is exclusive to another connection", name)
+        return queue
+
+    # -- exchanges ------------------------------------------------------------
+    def declare_exchange(
+        self,
+        ident: bytes,
+        name: str,
+        type: str,
+        *,
+        passive: bool = False,
+        durable: bool = False,
+        auto_delete: bool = False,
+    ) -> None:
+        client = self._client(ident)
+        _check_name(name, "exchange")
+        exchanges = self._vhost(client).exchanges
+        existing = exchanges.get(name)
+        if passive:
+            if existing is None and name:
+                raise NotFound(f"no exchange {name!r} in vhost {client.vhost!r}", "exchange", name)
+            return
+        if not name:
+            raise PreconditionFailed("the default exchange cannot be declared")
+        if type not in EXCHANGE_TYPES:
+            raise PreconditionFailed(f"exchange type {type!r} is not one of {', '.join(EXCHANGE_TYPES)}")
+        if existing is None:
+            exchanges[name] = Exchange(name, type, durable=durable, auto_delete=auto_delete)
+        elif existing.type != type:
+            raise PreconditionFailed(f"exchange {name!r} exists with type {existing.type!r}, not {type!r}")
+
+    def delete_exchange(self, ident: bytes, name: str, *, if_unused: bool = False) -> None:
+        client = self._client(ident)
+        exchanges = self._vhost(client).exchanges
+        exchange = exchanges.get(name)
+        if exchange is None:
+            return
+        if if_unused and exchange.bindings:
+            raise PreconditionFailed(f"exchange {name!r} is in use")
+        del exchanges[name]
+
+    # -- queues ---------------------------------------------------------------
+    def declare_queue(
+        self,
+        ident: bytes,
+        name: str,
+        *,
+        passive: bool = False,
+        durable: bool = False,
+        exclusive: bool = False,
+        auto_delete: bool = False,
+        arguments: Optional[dict] = None,
+    ) -> tuple[str, int, int]:
+        """Returns (name, ready messages, consumers), as AMQP's declare-ok."""
+        client = self._client(ident)
+        _check_name(name, "queue")
+        queues = self._vhost(client).queues
+        now = self.clock()
+        if passive:
+            queue = self._queue(client, name)
+            queue.last_used = now
+            return name, queue.ready, len(queue.consumers)
+        if not name:
+            raise PreconditionFailed("a queue needs a name (the transport names anonymous queues)")
+        arguments = arguments or {}
+        if not isinstance(arguments, dict):
+            raise ProtocolError("queue arguments must be a map")
+        existing = queues.get(name)
+        if existing is not None:
+            self._queue(client, name)  # exclusive to another: ResourceLocked
+            existing.last_used = now
+            return name, existing.ready, len(existing.consumers)
+        max_length = arguments.get("x-max-length")
+        if max_length is not None and (type(max_length) is not int or max_length < 0):
+            raise PreconditionFailed(f"invalid x-max-length {max_length!r}")
+        queue = TaskQueue(
+            name,
+            durable=durable,
+            auto_delete=auto_delete,
+            owner=ident if exclusive else None,
+            expires=_seconds(arguments, "x-expires"),
+            message_ttl=_seconds(arguments, "x-message-ttl"),
+            max_length=max_length,
+            now=now,
+        )
+        queues[name] = queue
+        if exclusive:
+            client.exclusive.add(name)
+        return name, 0, 0
+
+    def bind(self, ident: bytes, queue: str, exchange: str, routing_key: str) -> None:
+        client = self._client(ident)
+        self._queue(client, queue)
+        target = self._exchange(client, exchange)
+        target.bind(queue, routing_key)
+
+    def unbind(self, ident: bytes, queue: str, exchange: str, routing_key: str) -> None:
+        client = self._client(ident)
+        target = self._vhost(client).exchanges.get(exchange)
+        if target is not None:
+            target.unbind(queue, routing_key)
+
+    def _exchange(self, client: TaskClient, name: str) -> Exchange:
+        exchange = self._vhost(client).exchanges.get(name)
+        if exchange is None:
+            raise NotFound(f"no exchange {name!r} in vhost {client.vhost!r}", "exchange", name)
+        return exchange
+
+    def purge(self, ident: bytes, name: str) -> int:
+        """Drop the queue's ready messages (not the unacknowledged ones)."""
+        return self._queue(self._client(ident), name).purge(self.meter)
+
+    def delete_queue(self, ident: bytes, name: str, *, if_unused: bool = False, if_empty: bool = False) -> int:
+        client = self._client(ident)
+        if name not in self._vhost(client).queues:
+            return 0
+        queue = self._queue(client, name)
+        if if_unused and queue.consumers:
+            raise PreconditionFailed(f"queue {name!r} has consumers")
+        if if_empty and queue.ready:
+            raise PreconditionFailed(f"queue {name!r} is not empty")
+        return self._delete(self._vhost(client), queue)
+
+    def _delete(self, vhost: VHost, queue: TaskQueue) -> int:
+        count = queue.purge(self.meter)
+        for consumer in queue.consumers:
+            consumer.session.consumers.pop(consumer.tag, None)
+        queue.consumers = []
+        for exchange in vhost.exchanges.values():
+            exchange.unbind_queue(queue.name)
+        if vhost.queues.get(queue.name) is queue:
+            del vhost.queues[queue.name]
+        if queue.owner is not None:
+            owner = self.clients.get(queue.owner)
+            if owner is not None:
+                owner.exclusive.discard(queue.name)
+        return count
+
+    def size(self, ident: bytes, name: str) -> int:
+        return self._queue(self._client(ident), name).ready
+
+    # -- publishing -----------------------------------------------------------
+    def publish(self, ident: bytes, exchange: str, routing_key: str, body: Any, priority: int, ttl: float) -> int:
+        """Route ``body`` and queue it on every matching queue; returns how
+        many queues took it (0: unroutable, dropped and counted, as AMQP
+        does without ``mandatory``). ``ttl``: seconds, 0 for none."""
+        client = self._client(ident)
+        if type(priority) is not int:
+            raise ProtocolError(f"priority must be an integer, not {priority!r}")
+        priority = min(max(priority, 0), PRIORITIES - 1)
+        if not (ttl == 0 or 0 < ttl < math.inf):
+            raise ProtocolError(f"ttl must be 0 (none) or a positive number of seconds, not {ttl!r}")
+        vhost = self._vhost(client)
+        if exchange:
+            target = vhost.exchanges.get(exchange)
+            names = target.route(routing_key) if target is not None else []
+        else:
+            names = [routing_key] if routing_key in vhost.queues else []
+        if not names:
+            self.unroutable += 1
+            return 0
+        now = self.clock()
+        targets = [vhost.queues[name] for name in names if name in vhost.queues]
+        messages = []
+        for queue in targets:
+            if queue.max_length is not None and queue.ready >= queue.max_length:
+                raise QueueFull(queue.name, queue.max_length)
+            deadline = now + ttl if ttl else math.inf
+            if queue.message_ttl is not None:
+                deadline = min(deadline, now + queue.message_ttl)
+            messages.append(TaskMessage(body, priority, deadline))
+        if not self.meter.fits(sum(m.size for m in messages)):
+            raise QueueFull(routing_key, 0, "broker memory limit reached")
+        for queue, message in zip(targets, messages, strict=True):
+            queue.push(message)
+            self.meter.used += message.size
+            queue.published += 1
+            if queue.consumers:
+                self._dispatch(queue)
+        routed = len(targets)
+        return routed
+
+    # -- consuming ------------------------------------------------------------
+    def consume(self, ident: bytes, session_id: int, queue_name: str, tag: str, *, no_ack: bool = False) -> None:
+        client = self._client(ident)
+        session = self._session(client, session_id)
+        if not isinstance(tag, str) or not tag or len(tag) > MAX_NAME:
+            raise ProtocolError(f"invalid consumer tag {tag!r}")
+        if tag in session.consumers:
+            raise PreconditionFailed(f"consumer tag {tag!r} is in use on this channel")
+        queue = self._queue(client, queue_name)
+        consumer = Consumer(session, tag, queue, no_ack)
+        session.consumers[tag] = consumer
+        queue.consumers.append(consumer)
+        queue.had_consumer = True
+        queue.last_used = self.clock()
+        self._dispatch(queue)
+
+    def cancel(self, ident: bytes, session_id: int, tag: str) -> None:
+        client = self._client(ident)
+        session = client.sessions.get(session_id)
+        consumer = session.consumers.pop(tag, None) if session is not None else None
+        if consumer is not None:
+            self._remove_consumer(consumer)
+
+    def _remove_consumer(self, consumer: Consumer) -> None:
+        queue = consumer.queue
+        try:
+            queue.consumers.remove(consumer)
+        except ValueError:
+            return
+        queue.last_used = self.clock()
+        if queue.auto_delete and not queue.consumers and queue.had_consumer:
+            vhost = self.vhosts.get(consumer.session.client.vhost)
+            if vhost is not None:
+                self._delete(vhost, queue)
+
+    def qos(self, ident: bytes, session_id: int, prefetch: int) -> None:
+        if type(prefetch) is not int or not 0 <= prefetch <= MAX_UNACKED:
+            raise ProtocolError(f"prefetch must be in [0, {MAX_UNACKED}], not {prefetch!r}")
+        session = self._session(self._client(ident), session_id)
+        session.prefetch = prefetch
+        self._wake(session)
+
+    def get(self, ident: bytes, session_id: int, queue_name: str, *, no_ack: bool = False) -> Optional[Delivery]:
+        """``basic_get``: the next message, or ``None``."""
+        client = self._client(ident)
+        session = self._session(client, session_id)
+        queue = self._queue(client, queue_name)
+        queue.last_used = self.clock()
+        message = queue.pop(self.clock(), self.meter)
+        if message is None:
+            return None
+        return self._delivery(session, "", queue, message, no_ack)
+
+    def _delivery(
+        self, session: Session, consumer: str, queue: TaskQueue, message: TaskMessage, no_ack: bool
+    ) -> Delivery:
+        tag = session.next_tag
+        session.next_tag += 1
+        queue.delivered += 1
+        if not no_ack:
+            session.unacked[tag] = (queue, message)
+            queue.unacked += 1
+        return Delivery(session, tag, consumer, queue, message, not no_ack)
+
+    def _dispatch(self, queue: TaskQueue) -> None:
+        """Hand ready messages to consumers with room, in turn."""
+        now = self.clock()
+        while queue.ready:
+            consumer = queue.next_consumer()
+            if consumer is None:
+                return
+            message = queue.pop(now, self.meter)
+            if message is None:
+                return
+            session = consumer.session
+            self.sink(session.client.ident, self._delivery(session, consumer.tag, queue, message, consumer.no_ack))
+
+    def _wake(self, session: Session) -> None:
+        """The session has room again: its queues may deliver."""
+        for queue in {id(c.queue): c.queue for c in session.consumers.values()}.values():
+            if queue.ready:
+                self._dispatch(queue)
+
+    # -- acknowledgements -----------------------------------------------------
+    def ack(self, ident: bytes, session_id: int, tags: Iterable[int], *, multiple: bool = False) -> None:
+        session = self._session(self._client(ident), session_id)
+        for tag in self._tags(session, tags, multiple):
+            entry = session.unacked.pop(tag, None)
+            if entry is not None:
+                queue = entry[0]
+                queue.unacked -= 1
+                queue.acked += 1
+        self._wake(session)
+
+    def reject(
+        self, ident: bytes, session_id: int, tags: Iterable[int], *, requeue: bool, multiple: bool = False
+    ) -> None:
+        session = self._session(self._client(ident), session_id)
+        chosen = self._tags(session, tags, multiple)
+        self._give_back(session, chosen, drop=not requeue)
+        self._wake(session)
+
+    def recover(self, ident: bytes, session_id: int) -> None:
+        """Put every unacknowledged message of the session back (AMQP's
+        ``basic.recover(requeue=True)``)."""
+        session = self._session(self._client(ident), session_id)
+        self._give_back(session, list(session.unacked))
+        self._wake(session)
+
+    @staticmethod
+    def _tags(session: Session, tags: Iterable[int], multiple: bool) -> list[int]:
+        tags = list(tags)
+        if any(type(t) is not int for t in tags):
+            raise ProtocolError("delivery tags are integers")
+        if multiple:  # every tag up to the largest given, as AMQP's multiple flag
+            top = max(tags, default=0)
+            return [t for t in session.unacked if t <= top]
+        return tags
+
+    def _give_back(self, session: Session, tags: list[int], *, drop: bool = False, redelivered: bool = True) -> None:
+        """Unacknowledged messages go back to the head of their queues, the
+        oldest first in front (or are dropped)."""
+        entries = [(tag, session.unacked.pop(tag)) for tag in sorted(tags) if tag in session.unacked]
+        touched: dict[int, TaskQueue] = {}
+        for _, (queue, message) in reversed(entries):
+            queue.unacked -= 1
+            if drop or self._queue_gone(session.client.vhost, queue):
+                continue
+            message.redelivered = message.redelivered or redelivered
+            queue.push_front(message)
+            self.meter.used += message.size
+            if redelivered:
+                queue.redelivered += 1
+            touched[id(queue)] = queue
+        for queue in touched.values():
+            if queue.consumers:
+                self._dispatch(queue)
+
+    def _queue_gone(self, vhost_name: str, queue: TaskQueue) -> bool:
+        vhost = self.vhosts.get(vhost_name)
+        return vhost is None or vhost.queues.get(queue.name) is not queue
+
+    def close_session(self, ident: bytes, session_id: int) -> None:
+        """The channel closed: its consumers end and what it holds goes back."""
+        client = self.clients.get(ident)
+        if client is None:
+            return
+        session = client.sessions.pop(session_id, None)
+        if session is not None:
+            self._end_session(session)
+
+    def _end_session(self, session: Session) -> None:
+        consumers, session.consumers = list(session.consumers.values()), {}
+        for consumer in consumers:
+            self._remove_consumer(consumer)
+        self._give_back(session, list(session.unacked))
+
+    def drop_client(self, ident: bytes) -> int:
+        """The connection is gone (closed, dead, or reconnecting afresh):
+        its unacknowledged messages go back to the head of their queues,
+        its consumers end, its exclusive queues go. Returns how many
+        messages went back."""
+        client = self.clients.pop(ident, None)
+        if client is None:
+            return 0
+        held = sum(len(s.unacked) for s in client.sessions.values())
+        for session in list(client.sessions.values()):
+            self._end_session(session)
+        client.sessions.clear()
+        vhost = self.vhosts.get(client.vhost)
+        if vhost is not None:
+            for name in list(client.exclusive):
+                queue = vhost.queues.get(name)
+                if queue is not None:
+                    self._delete(vhost, queue)
+        if held:
+            logger.info("connection %r is gone: %d unacknowledged message(s) go back to their queues", ident, held)
+        return held
+
+    def holds(self, ident: bytes) -> bool:
+        """Whether the connection has consumers or unacknowledged messages
+        (the broker checks such connections at once when one drops)."""
+        client = self.clients.get(ident)
+        return client is not None and any(s.unacked or s.consumers for s in client.sessions.values())
+
+    # -- the shell's side -----------------------------------------------------
+    def undeliver(self, deliveries: Iterable[Delivery]) -> None:
+        """Deliveries the shell could not send go back to the head of their
+        queues, not marked redelivered (they never arrived)."""
+        by_session: dict[int, tuple[Session, list[int]]] = {}
+        for delivery in reversed(list(deliveries)):
+            session = delivery.session
+            if delivery.tracked:  # unless acked or given back already (its client is gone)
+                if delivery.tag in session.unacked:
+                    by_session.setdefault(id(session), (session, []))[1].append(delivery.tag)
+            elif not self._queue_gone(session.client.vhost, delivery.queue):
+                delivery.queue.push_front(delivery.message)
+                self.meter.used += delivery.message.size
+        for session, tags in by_session.values():
+            self._give_back(session, tags, redelivered=False)
+
+    def retry(self) -> None:
+        """Deliver again wherever a consumer has room (after sends failed)."""
+        for vhost in self.vhosts.values():
+            for queue in list(vhost.queues.values()):
+                if queue.ready and queue.consumers:
+                    self._dispatch(queue)
+
+    def sweep(self, now: float) -> None:
+        """Expire messages and unused queues (``x-expires``)."""
+        for vhost in self.vhosts.values():
+            for queue in list(vhost.queues.values()):
+                if queue.ready:
+                    self.expired += queue.expire(now, self.meter)
+                if queue.expires is not None and not queue.consumers and now - queue.last_used >= queue.expires:
+                    logger.debug("queue %r unused for %gs: deleted", queue.name, queue.expires)
+                    self._delete(vhost, queue)
+
+    # -- introspection --------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        queues = [q for v in self.vhosts.values() for q in v.queues.values()]
+        return {
+            "task_queues": len(queues),
+            "task_ready": sum(q.ready for q in queues),
+            "task_unacked": sum(q.unacked for q in queues),
+            "task_consumers": sum(len(q.consumers) for q in queues),
+            "task_unroutable": self.unroutable,
+        }
+
+    def queue_stats(self, vhost: str = "/") -> list[dict[str, Any]]:
+        host = self.vhosts.get(vhost)
+        if host is None:
+            return []
+        return [
+            {
+                "name": q.name,
+                "ready": q.ready,
+                "unacked": q.unacked,
+                "consumers": len(q.consumers),
+                "published": q.published,
+                "delivered": q.delivered,
+                "acked": q.acked,
+                "redelivered": q.redelivered,
+                "expired": q.expired,
+            }
+            for q in host.queues.values()
+        ]
