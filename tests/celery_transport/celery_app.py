@@ -18,6 +18,10 @@ app.conf.update(
     task_default_priority=0,
     worker_prefetch_multiplier=4,
 )
+if os.environ.get("BEAT_TRACE"):  # celery beat's test: a task every half second
+    app.conf.beat_schedule = {
+        "tick": {"task": "celery_app.record", "schedule": 0.5, "args": (os.environ["BEAT_TRACE"], "tick")}
+    }
 
 
 def _trace(path: str, text: str) -> None:
@@ -25,18 +29,20 @@ def _trace(path: str, text: str) -> None:
         f.write(f"{text}\n")
 
 
-@app.task
+# shared=False: the tests import a fresh app per test; shared tasks would
+# register with every app made since.
+@app.task(shared=False)
 def add(x: int, y: int) -> int:
     return x + y
 
 
-@app.task
+@app.task(shared=False)
 def record(path: str, token: str) -> str:
     _trace(path, f"{token} {os.getpid()} {time.time():.6f}")
     return token
 
 
-@app.task(acks_late=True)
+@app.task(shared=False, acks_late=True)
 def slow_late(path: str, token: str, seconds: float) -> str:
     """acks_late: acknowledged only when it returns."""
     _trace(path, f"start {token} {os.getpid()} {time.time():.6f}")
@@ -45,7 +51,7 @@ def slow_late(path: str, token: str, seconds: float) -> str:
     return token
 
 
-@app.task
+@app.task(shared=False)
 def sleepy(path: str, token: str, seconds: float) -> str:
     _trace(path, f"start {token}")
     time.sleep(seconds)
@@ -53,11 +59,11 @@ def sleepy(path: str, token: str, seconds: float) -> str:
     return token
 
 
-@app.task
+@app.task(shared=False)
 def size_of(data: str) -> int:
     return len(data)
 
 
-@app.task
+@app.task(shared=False)
 def total(numbers: list) -> int:
     return sum(numbers)

@@ -76,8 +76,11 @@ class Worker:
             pass
         self.process.wait(10)
 
-    def stop(self, timeout: float = 30.0) -> int:
-        """Warm shutdown (SIGTERM), as a process manager does."""
+    def stop(self, timeout: float = 45.0) -> int:
+        """Warm shutdown (SIGTERM), as a process manager does. Celery's
+        prefork pool may take up to 30 s: a pool process waits that long for
+        the main process to read its last results (billiard's
+        ``_ensure_messages_consumed``; seen with the Redis transport too)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

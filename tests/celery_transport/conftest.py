@@ -35,16 +35,16 @@ def celery_app(task_broker: BrokerThread, monkeypatch: pytest.MonkeyPatch) -> It
     monkeypatch.setenv("BROKER", dmb_url(task_broker.address))
     monkeypatch.setenv("BACKEND", "rpc://")
     sys.path.insert(0, str(HERE))
+    sys.modules.pop("celery_app", None)  # a fresh app (and producer pool, and backend) per test
     try:
         import celery_app as module
 
-        module.app.conf.broker_url = dmb_url(task_broker.address)
-        module.app.conf.result_backend = "rpc://"
         yield module
     finally:
         sys.path.remove(str(HERE))
-        module.app.close()
+        sys.modules.pop("celery_app", None)
         module.app.pool.force_close_all()
+        module.app.close()
 
 
 @pytest.fixture
@@ -64,4 +64,4 @@ def start_worker(task_broker: BrokerThread, tmp_path: Path, celery_app: Any) -> 
 
     yield start
     for worker in workers:
-        worker.stop(timeout=15)
+        worker.stop()

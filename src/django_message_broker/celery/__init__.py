@@ -126,8 +126,10 @@ class Channel(virtual.Channel):
         super().__init__(connection, **kwargs)
         self.no_ack_consumers: set[str] = set()  # type: ignore[assignment]
         self._callbacks: dict[str, Any] = {}
-        #: Callbacks of cancelled consumers: deliveries the broker sent before
-        #: it saw the cancel still reach them (as py-amqp does until cancel-ok).
+        #: Callbacks of cancelled ``no_ack`` consumers: what the broker sent
+        #: them before it saw the cancel has no way back, so it still reaches
+        #: them (as with py-amqp until cancel-ok). A consumer that acks gets
+        #: nothing after its cancel: such deliveries go back to the queue.
         self._cancelled: dict[str, Any] = {}
         self._qos_object = BrokerQoS(self)
 
@@ -270,8 +272,9 @@ class Channel(virtual.Channel):
         if consumer_tag not in self._consumers:
             return
         callback = self._callbacks.get(consumer_tag)
+        no_ack = consumer_tag in self.no_ack_consumers
         self._forget_consumer(consumer_tag)
-        if callback is not None:
+        if callback is not None and no_ack:
             self._cancelled[consumer_tag] = callback
             while len(self._cancelled) > 64:
                 del self._cancelled[next(iter(self._cancelled))]
