@@ -432,6 +432,8 @@ def sweep(directory: Optional[str] = None, *, now: Optional[float] = None, log_g
 
 def _sweep_address(files: EmbeddedFiles, now: float, log_grace: float, removed: list[str]) -> None:
     had_lock = os.path.exists(files.lock)
+    if not had_lock and not os.path.exists(files.pid) and not _log_expired(files.log, now, log_grace):
+        return  # a recent log alone: nothing to remove, no need to lock
     lock = HostLock(files.lock)
     if not lock.acquire(0):
         return  # a starter, or a broker removing its own files: not gone
@@ -468,13 +470,18 @@ def _sweep_locked(files: EmbeddedFiles, now: float, log_grace: float, removed: l
                 removed.append(files.pid)
         finally:
             os.close(fd)
-    try:
-        last_write = os.stat(files.log).st_mtime
-    except FileNotFoundError:
-        return True
-    if now - last_write >= log_grace and _unlink(files.log):
+    if _log_expired(files.log, now, log_grace) and _unlink(files.log):
         removed.append(files.log)
     return True
+
+
+def _log_expired(path: str, now: float, log_grace: float) -> bool:
+    """True if the log ``path`` exists and was last written ``log_grace``
+    seconds or more before ``now``."""
+    try:
+        return now - os.stat(path).st_mtime >= log_grace
+    except FileNotFoundError:
+        return False
 
 
 def _unlink(path: str) -> bool:
