@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo test test-fast test-peers test-matrix test-matrix-ci dist smoke lint bench bench-core soak clean
+.PHONY: help install demo test test-fast test-peers test-matrix test-matrix-ci dist smoke docs lint bench bench-core soak clean
 
 help:
 	@echo "make demo   - set up and run the demo chat site on the embedded broker"
@@ -13,6 +13,7 @@ help:
 	@echo "make test-matrix - the suite on every supported Python x Django pair (nox; see noxfile.py)"
 	@echo "make dist   - build the sdist and the wheel into dist/"
 	@echo "make smoke  - make dist, then install the wheel in a fresh venv and try it outside the checkout"
+	@echo "make docs   - build the documentation site from docs/ into site/ (mkdocs --strict: a warning fails)"
 	@echo "make bench  - run the benchmarks (writes benchmarks/results/)"
 	@echo "make bench-core - micro-benchmarks of the pure broker core, a few seconds (writes benchmarks/results/core-latest.md)"
 	@echo "make soak   - run the long reliability tests"
@@ -58,6 +59,11 @@ dist: $(STAMP)
 smoke: dist
 	PYTHON=$(PYTHON) TOOLS=$(PY) .ci/smoke_wheel.sh
 
+# The site from docs/ (pages listed in mkdocs.yml's nav) into site/. Strict:
+# a broken link or anchor, or a page missing from nav, fails the build.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --clean
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks example
 	$(VENV)/bin/mypy
@@ -73,4 +79,4 @@ soak: $(STAMP)
 	DMB_SOAK=1 $(PY) -m pytest -q tests/reliability -m soak --timeout=3600
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .cache/peers .nox
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .cache/peers .nox

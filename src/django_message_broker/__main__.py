@@ -1,5 +1,6 @@
 """``python -m django_message_broker serve [--bind ADDR]``: run the broker.
 ``python -m django_message_broker stop [--address ADDR]``: stop the embedded broker.
+``python -m django_message_broker status``: list this user's embedded brokers.
 ``python -m django_message_broker keygen NAME``: create a CURVE key pair.
 The same as the ``django-message-broker`` console script."""
 
@@ -16,7 +17,7 @@ from typing import Optional, Sequence
 import zmq
 
 from ._memory import parse_size
-from .embedded import address_in_use_hint, serve_embedded, stop_embedded
+from .embedded import address_in_use_hint, serve_embedded, status_embedded, stop_embedded
 from .server.broker import DEFAULT_MAX_BODY
 from .server.server import DEFAULT_ADDRESS, check_bind, serve
 
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (a function so that tests can read every option)."""
     parser = argparse.ArgumentParser(
         prog=prog_name(),
-        description="django-message-broker: run the broker, stop the embedded one, make CURVE keys",
+        description="django-message-broker: run the broker, list or stop the embedded ones, make CURVE keys",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("serve", help="run the broker in the foreground")
@@ -122,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default=DEFAULT_ADDRESS, help=f"the address it serves, as in CONFIG (default {DEFAULT_ADDRESS})"
     )
     stop.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for it to exit (default 10)")
+    commands.add_parser(
+        "status",
+        help="list this user's embedded brokers (address, pid, log), after removing the files of those killed "
+        "without cleaning up",
+    )
     keygen = commands.add_parser("keygen", help="create a CURVE key pair: NAME.key and NAME.key_secret")
     keygen.add_argument("name", help="file name stem, e.g. broker or web-1")
     keygen.add_argument("--dir", "-d", default=".", help="output directory (default: the current one)")
@@ -135,6 +141,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _keygen(args)
     if args.command == "stop":
         return _stop(args)
+    if args.command == "status":
+        return _status()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         check_bind(args.bind, secret_key=args.secret_key, insecure=args.insecure)
@@ -166,6 +174,20 @@ def _stop(args: argparse.Namespace) -> int:
     ok, message = stop_embedded(args.address, timeout=args.timeout)
     print(message, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
+
+
+def _status() -> int:
+    directory, brokers, removed = status_embedded()
+    print(f"runtime directory: {directory}")
+    for path in removed:
+        print(f"removed {path} (its broker is gone)")
+    if not brokers:
+        print("no embedded broker of this user runs")
+        return 0
+    for broker, answers in brokers:
+        state = "serving" if answers else "NOT ANSWERING"
+        print(f"{broker.address}  pid {broker.pid}  {state}  log: {broker.files.log}")
+    return 0
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -15,11 +15,25 @@ normally (idle or a signal), under the lock, so that a starter never finds a
 half-removed set. A lock file can be unlinked while someone waits on it, so
 ``host_lock`` checks after taking it that the path still names the file it
 locked, and retries if not.
+
+A broker killed with SIGKILL (or by the OOM killer) cannot remove its files,
+so ``sweep`` removes them the next time a broker, or a client about to start
+one, uses the directory (and ``status`` lists what runs). Whether a broker
+still runs is decided by a lock, not by its pid (which the system may since
+have given to another process): the broker holds an ``flock`` on its pid
+file from before the file appears until after it has removed it, and the
+kernel drops that lock when the process dies, however it dies. ``sweep``
+judges an address only while it holds the address's ``.lock`` (so never
+while a starter is starting a broker there, nor while a broker removes its
+own files), and leaves every file of an address whose pid file is locked.
+The log of a broker that is gone is kept for ``LOG_GRACE`` seconds after its
+last line, to be read; its lock and pid file go at once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import stat
@@ -30,11 +44,29 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional
 
-__all__ = ["EmbeddedFiles", "HostLock", "RuntimeDirError", "files_for", "host_lock", "read_pid_file", "runtime_dir"]
+logger = logging.getLogger("django_message_broker.embedded")
+
+__all__ = [
+    "LOG_GRACE",
+    "EmbeddedFiles",
+    "HostLock",
+    "PidFile",
+    "RunningBroker",
+    "RuntimeDirError",
+    "files_for",
+    "host_lock",
+    "read_pid_file",
+    "running_brokers",
+    "runtime_dir",
+    "sweep",
+]
 
 APP = "django-message-broker"
 #: The fallback's parent: fixed, not ``tempfile.gettempdir()`` (which follows TMPDIR).
 TMP_ROOT = "/tmp"
+#: Seconds the log of a broker that is gone is kept after its last write: a
+#: starter's error message points at it, and a crash may be read next day.
+LOG_GRACE = 24 * 3600.0
 
 
 class RuntimeDirError(RuntimeError):
@@ -204,12 +236,73 @@ def host_lock(path: str) -> Iterator[None]:
         lock.release()
 
 
-def write_pid_file(path: str, address: str) -> None:
-    """Write ``<pid>\\n<address>\\n`` atomically (a reader never sees half)."""
+class PidFile:
+    """The lock a broker holds on its pid file for as long as it runs (see
+    the module docstring): ``close()`` it after removing the file, or let
+    the process end."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd: Optional[int] = fd
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # drops the flock
+
+
+def write_pid_file(path: str, address: str) -> PidFile:
+    """Write ``<pid>\\n<address>\\n`` atomically (a reader never sees half),
+    locked before it appears under ``path``; the returned ``PidFile`` holds
+    the lock."""
     partial = f"{path}.{os.getpid()}.tmp"
-    with open(partial, "w") as handle:
-        handle.write(f"{os.getpid()}\n{address}\n")
-    os.replace(partial, path)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # not inherited by children
+    try:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no sweep, no lock
+            pass
+        else:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: nobody else has it
+        os.write(fd, f"{os.getpid()}\n{address}\n".encode())
+        os.replace(partial, path)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(partial)
+        except FileNotFoundError:
+            pass
+        raise
+    return PidFile(path, fd)
+
+
+def pid_file_held(path: str) -> Optional[bool]:
+    """True if a running process holds the lock of the pid file ``path``;
+    False if nobody does (the process that wrote it is gone); None if there
+    is no such file."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        return _locked_by_another(fd)
+    finally:
+        os.close(fd)
+
+
+def _locked_by_another(fd: int) -> bool:
+    """True if another open file (this process's or another's) holds an
+    ``flock`` on the file of ``fd``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: assume it runs
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
 
 
 def read_pid_file(path: str) -> Optional[int]:
@@ -257,3 +350,143 @@ def remove_files(files: EmbeddedFiles, *, keep_log: bool = False) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+# -- brokers that are gone ------------------------------------------------------------
+@dataclass(frozen=True)
+class RunningBroker:
+    """An embedded broker of this user that runs (its pid file is locked)."""
+
+    address: str
+    pid: int
+    files: EmbeddedFiles
+
+
+def _stems(directory: str) -> tuple[list[str], list[str]]:
+    """The address stems (paths without ``.lock``/``.log``/``.pid``) found in
+    ``directory``, and its partial pid files (``<stem>.pid.<pid>.tmp``)."""
+    stems: set[str] = set()
+    partials = []
+    for name in os.listdir(directory):
+        if re.fullmatch(r".+\.pid\.\d+\.tmp", name):
+            partials.append(os.path.join(directory, name))
+            continue
+        stem, ext = os.path.splitext(name)
+        if ext in (".lock", ".log", ".pid") and stem:
+            stems.add(os.path.join(directory, stem))
+    return sorted(stems), sorted(partials)
+
+
+def _of_stem(stem: str) -> EmbeddedFiles:
+    return EmbeddedFiles(stem + ".lock", stem + ".log", stem + ".pid")
+
+
+def _read_pid_and_address(path: str) -> tuple[Optional[int], str]:
+    try:
+        with open(path) as handle:
+            lines = handle.read().splitlines()
+        return int(lines[0]), lines[1] if len(lines) > 1 else ""
+    except (OSError, ValueError, IndexError):
+        return None, ""
+
+
+def running_brokers(directory: Optional[str] = None) -> list[RunningBroker]:
+    """This user's embedded brokers that run (their pid file is locked)."""
+    directory = runtime_dir() if directory is None else directory
+    found = []
+    for stem in _stems(directory)[0]:
+        files = _of_stem(stem)
+        if pid_file_held(files.pid):
+            pid, address = _read_pid_and_address(files.pid)
+            if pid is not None:
+                found.append(RunningBroker(address, pid, files))
+    return found
+
+
+def sweep(directory: Optional[str] = None, *, now: Optional[float] = None, log_grace: float = LOG_GRACE) -> list[str]:
+    """Remove the files of embedded brokers that are gone (see the module
+    docstring) and return their paths. ``now`` is wall-clock time, as file
+    times are (default ``time.time()``). A file that cannot be judged or
+    removed is logged and left: housekeeping never stops a broker starting."""
+    directory = runtime_dir() if directory is None else directory
+    now = time.time() if now is None else now
+    removed: list[str] = []
+    try:
+        stems, partials = _stems(directory)
+    except OSError as exc:
+        logger.warning("cannot sweep %s: %s", directory, exc)
+        return removed
+    for stem in stems:
+        try:
+            _sweep_address(_of_stem(stem), now, log_grace, removed)
+        except OSError as exc:
+            logger.warning("cannot sweep the files of %s: %s", stem, exc)
+    for partial in partials:
+        # half written by a process that is gone (its pid is in the name)
+        if not pid_alive(int(partial.rsplit(".", 2)[1])) and _unlink(partial):
+            removed.append(partial)
+    if removed:
+        logger.info("removed %d files of embedded brokers that are gone: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def _sweep_address(files: EmbeddedFiles, now: float, log_grace: float, removed: list[str]) -> None:
+    had_lock = os.path.exists(files.lock)
+    if not had_lock and not os.path.exists(files.pid) and not _log_expired(files.log, now, log_grace):
+        return  # a recent log alone: nothing to remove, no need to lock
+    lock = HostLock(files.lock)
+    if not lock.acquire(0):
+        return  # a starter, or a broker removing its own files: not gone
+    try:
+        gone = _sweep_locked(files, now, log_grace, removed)
+        # We hold the lock, so nobody starts a broker here meanwhile. It goes
+        # last (a waiter on it then locks a new file: see HostLock): if its
+        # broker is gone, or if we made the file only to judge.
+        if (gone or not had_lock) and _unlink(files.lock) and had_lock:
+            removed.append(files.lock)
+    finally:
+        lock.release()
+
+
+def _sweep_locked(files: EmbeddedFiles, now: float, log_grace: float, removed: list[str]) -> bool:
+    """With the address's lock held: if its broker is gone, remove its pid
+    file and (past the grace) its log, and return True; if it runs, remove
+    nothing and return False."""
+    try:
+        fd = os.open(files.pid, os.O_RDONLY)
+    except FileNotFoundError:
+        pass
+    else:
+        try:
+            if _locked_by_another(fd):
+                return False  # it runs
+            pid, _ = _read_pid_and_address(files.pid)
+            if pid is not None and pid_alive(pid):
+                # Unlocked, yet its process runs: a broker of a build that did
+                # not lock its pid file, or a pid the system has given to
+                # another process since. Keeping is the safe side.
+                return False
+            if _names(files.pid, fd) and _unlink(files.pid):
+                removed.append(files.pid)
+        finally:
+            os.close(fd)
+    if _log_expired(files.log, now, log_grace) and _unlink(files.log):
+        removed.append(files.log)
+    return True
+
+
+def _log_expired(path: str, now: float, log_grace: float) -> bool:
+    """True if the log ``path`` exists and was last written ``log_grace``
+    seconds or more before ``now``."""
+    try:
+        return now - os.stat(path).st_mtime >= log_grace
+    except FileNotFoundError:
+        return False
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True

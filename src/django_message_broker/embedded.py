@@ -13,9 +13,13 @@ Its files (lock, log, pid) live in one per-user runtime directory (see
 ``_runtime.py``) and are removed when it exits normally: ``serve
 --embedded`` runs ``serve_embedded``, which writes the pid file once bound
 and, at exit, takes the lock before it closes its socket, so a starter
-waiting on the lock never sees a half-removed set. ``stop_embedded`` (the
-``stop`` command) signals it through its pid file; ``address_in_use_hint``
-tells a ``runbroker`` that fails to bind what holds the address.
+waiting on the lock never sees a half-removed set. The broker holds a lock
+on its pid file while it runs; the files of a broker that died without
+removing them (SIGKILL) are swept (``_runtime.sweep``) by the next broker
+to start and by a client before it starts one. ``stop_embedded`` (the
+``stop`` command) signals it through its pid file, ``status`` lists the
+brokers that run; ``address_in_use_hint`` tells a ``runbroker`` that fails
+to bind what holds the address.
 """
 
 from __future__ import annotations
@@ -32,11 +36,30 @@ from typing import Any, Optional
 import zmq
 
 from . import protocol as p
-from ._runtime import HostLock, files_for, host_lock, read_pid_file, remove_files, write_pid_file
+from ._runtime import (
+    HostLock,
+    RunningBroker,
+    files_for,
+    host_lock,
+    read_pid_file,
+    remove_files,
+    running_brokers,
+    runtime_dir,
+    sweep,
+    write_pid_file,
+)
 from .keys import client_curve
 from .options import DEFAULT_MAX_MESSAGE_SIZE, is_local_address
 
-__all__ = ["address_in_use_hint", "ensure_broker", "is_local_address", "probe", "serve_embedded", "stop_embedded"]
+__all__ = [
+    "address_in_use_hint",
+    "ensure_broker",
+    "is_local_address",
+    "probe",
+    "serve_embedded",
+    "status_embedded",
+    "stop_embedded",
+]
 
 logger = logging.getLogger("django_message_broker.embedded")
 
@@ -99,6 +122,7 @@ def ensure_broker(
         )
     files = files_for(address)
     log_path = files.log
+    sweep(os.path.dirname(files.lock))  # what brokers killed before us left
     with host_lock(files.lock):
         if probe(address):
             return False
@@ -140,8 +164,10 @@ async def serve_embedded(address: str, **options: Any) -> None:
     server = BrokerServer(address, **options)
     await server.start()
     failed = True
+    pid_file = None
     try:
-        write_pid_file(files.pid, address)
+        pid_file = write_pid_file(files.pid, address)  # locked while we run
+        sweep(os.path.dirname(files.pid))  # what brokers killed before us left
         await run_until_stopped(server)
         failed = False
     finally:
@@ -159,6 +185,8 @@ async def serve_embedded(address: str, **options: Any) -> None:
                 logger.warning("could not take %s within 15s: leaving the embedded broker's files", files.lock)
         finally:
             lock.release()
+            if pid_file is not None:
+                pid_file.close()  # after the removal: until then, a sweep sees us running
 
 
 def stop_embedded(address: str, *, timeout: float = 10.0) -> tuple[bool, str]:
@@ -173,17 +201,35 @@ def stop_embedded(address: str, *, timeout: float = 10.0) -> tuple[bool, str]:
                 f"a broker answers at {address}, but not an embedded broker of this user (no pid file in "
                 f"{os.path.dirname(files.pid)}): stop it the way it was started (its process manager, or Ctrl-C)"
             )
-        return True, f"no broker runs at {address}: nothing to stop"
+        return True, f"no broker runs at {address}: nothing to stop" + _others(address)
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
-        return True, f"no broker runs at {address}: nothing to stop"
+        return True, f"no broker runs at {address}: nothing to stop" + _others(address)
     deadline = time.monotonic() + timeout
     while read_pid_file(files.pid) == pid:
         if time.monotonic() >= deadline:
             return False, f"the embedded broker (pid {pid}) at {address} did not exit within {timeout:g}s"
         time.sleep(0.05)
     return True, f"stopped the embedded broker (pid {pid}) at {address}"
+
+
+def _others(address: str) -> str:
+    """What else runs, for a ``stop`` that found nothing at ``address``."""
+    others = [b for b in running_brokers() if b.address != address]
+    if not others:
+        return ""
+    return "; this user's embedded brokers run at " + ", ".join(f"{b.address} (pid {b.pid})" for b in others)
+
+
+def status_embedded(*, probe_timeout: float = 0.3) -> tuple[str, list[tuple[RunningBroker, bool]], list[str]]:
+    """Sweep this user's runtime directory, then list the embedded brokers
+    that run there, each with whether it answers a probe. Returns (the
+    directory, [(broker, answers)], the paths the sweep removed)."""
+    directory = runtime_dir()
+    removed = sweep(directory)
+    brokers = running_brokers(directory)
+    return directory, [(b, probe(b.address, probe_timeout)) for b in brokers], removed
 
 
 def address_in_use_hint(address: str) -> str:

@@ -2,7 +2,8 @@
 per-user runtime directory and go when it exits (idle or stopped); ``stop``
 stops it; a broker that cannot bind says what holds the address; two
 processes with different TMPDIR share one broker; ``--help`` names the
-command as it was run.
+command as it was run; the files of a SIGKILLed broker are swept by the next
+start, never those of a broker that runs; ``status`` lists what runs.
 
 Every test points XDG_RUNTIME_DIR at its own directory (the brokers it
 starts inherit it) and kills, at teardown, any broker a pid file there names.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from django_message_broker._runtime import files_for, read_pid_file, runtime_dir
+from django_message_broker._runtime import LOG_GRACE, files_for, pid_alive, read_pid_file, runtime_dir, sweep
 from django_message_broker.embedded import ensure_broker, probe
 
 pytestmark = [
@@ -163,6 +164,153 @@ def test_a_broker_that_loses_the_bind_leaves_the_winners_files(runtime):
     assert lost.returncode == 1
     assert {p: os.stat(p).st_ino for p in files} == before
     assert run("stop", "--address", address).returncode == 0
+
+
+# -- brokers killed without cleaning up ---------------------------------------------------
+def kill_embedded(address: str) -> int:
+    """SIGKILL the embedded broker at ``address``; return its pid once it is
+    dead (a zombie of this process counts as dead, see pid_alive)."""
+    pid = read_pid_file(files_for(address).pid)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not pid_alive(pid), 10), f"pid {pid} survived SIGKILL"
+    assert wait_for(lambda: not probe(address, 0.1), 10)
+    return pid
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait(10)
+    return process.pid
+
+
+def present(files) -> list[str]:
+    return [os.path.splitext(p)[1] for p in files if os.path.exists(p)]
+
+
+def test_the_next_start_sweeps_a_killed_brokers_files_and_status_lists_what_runs(runtime):
+    killed, live = free_address(), free_address()
+    assert ensure_broker(killed, idle_timeout=60) is True
+    old_pid = kill_embedded(killed)
+    gone = files_for(killed)
+    assert present(gone) == [".lock", ".log", ".pid"]  # what SIGKILL leaves
+
+    assert ensure_broker(live, idle_timeout=60) is True  # the next start, at another address
+    kept = files_for(live)
+    # its lock and pid file went at once; its log stays for LOG_GRACE, to be read
+    assert present(gone) == [".log"]
+    assert "listening on" in Path(gone.log).read_text()
+    assert present(kept) == [".lock", ".log", ".pid"]
+
+    status = run("status")
+    assert status.returncode == 0, status
+    live_pid = read_pid_file(kept.pid)
+    lines = [line for line in status.stdout.splitlines() if line.startswith("tcp://")]
+    assert lines == [f"{live}  pid {live_pid}  serving  log: {kept.log}"], status.stdout
+    assert f"runtime directory: {runtime}" in status.stdout
+    assert str(old_pid) not in status.stdout
+
+    # Past the grace the dead broker's log goes too; the live broker's files
+    # stay however old they are: its pid file is locked.
+    assert sweep(now=time.time() + LOG_GRACE + 1) == [gone.log]
+    assert present(kept) == [".lock", ".log", ".pid"]
+    assert probe(live)
+    stop = run("stop", "--address", killed)  # nothing there: it says what runs
+    assert stop.returncode == 0 and f"{live} (pid {live_pid})" in stop.stdout, stop
+    assert run("stop", "--address", live).returncode == 0
+    assert list(runtime.iterdir()) == []
+    assert "no embedded broker of this user runs" in run("status").stdout
+
+
+def test_a_restart_at_the_killed_brokers_address_takes_over_its_files(runtime):
+    address = free_address()
+    assert ensure_broker(address, idle_timeout=60) is True
+    old_pid = kill_embedded(address)
+    assert ensure_broker(address, idle_timeout=60) is True
+    files = files_for(address)
+    new_pid = read_pid_file(files.pid)
+    assert new_pid not in (None, old_pid)
+    # the new broker appends to the old broker's log
+    assert Path(files.log).read_text().count("django-message-broker listening on") == 2
+    assert run("stop", "--address", address).returncode == 0
+    assert present(files) == []
+
+
+def test_a_sigkilled_broker_started_by_hand_is_swept_by_the_next_broker(runtime):
+    """``serve --embedded`` run directly (no starter, no lock file): the next
+    embedded broker to start sweeps what it left."""
+    address = free_address()
+    files = files_for(address)
+    with open(files.log, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "django_message_broker", "serve", "--embedded", "--bind", address],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert wait_for(lambda: read_pid_file(files.pid) == process.pid, 15), Path(files.log).read_text()
+        process.kill()
+        process.wait(10)
+        assert present(files) == [".log", ".pid"]
+        other = free_address()
+        with open(files_for(other).log, "ab") as log:
+            second = subprocess.Popen(
+                [sys.executable, "-m", "django_message_broker", "serve", "--embedded", "--bind", other],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            assert wait_for(lambda: read_pid_file(files_for(other).pid) == second.pid, 15)
+            assert wait_for(lambda: present(files) == [".log"], 10), present(files)
+        finally:
+            second.terminate()
+            assert second.wait(15) == 0
+        assert present(files_for(other)) == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def test_a_sweep_never_removes_a_live_brokers_files(runtime):
+    """Sweeps in a loop, in another process, while brokers start and stop:
+    each broker's pid file and log are there for as long as it runs, and
+    stop finds it."""
+    # In another process: in this one the sweep's locks would be the test's own.
+    busy = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\n"
+            "from django_message_broker._runtime import sweep\n"
+            "deadline = time.monotonic() + 50\n"
+            "while time.monotonic() < deadline:\n"
+            "    sweep()\n",
+        ],
+    )
+    try:
+        # leftovers of a dead broker: once they are gone, the sweeper is at work
+        dead = files_for(free_address())
+        for path in (dead.lock, dead.pid):
+            Path(path).write_text(f"{dead_pid()}\n")
+        assert wait_for(lambda: present(dead) == [], 20), "the sweeper does not sweep"
+        for _ in range(3):
+            address = free_address()
+            files = files_for(address)
+            assert ensure_broker(address, idle_timeout=60) is True
+            pid = read_pid_file(files.pid)
+            assert pid is not None
+            for _ in range(20):  # the sweeper runs meanwhile
+                assert present(files)[-2:] == [".log", ".pid"], present(files)
+                assert probe(address, 0.5)
+            result = run("stop", "--address", address)
+            assert f"stopped the embedded broker (pid {pid})" in result.stdout, result
+        assert busy.poll() is None, "the sweeper died"
+    finally:
+        busy.kill()
+        busy.wait(10)
 
 
 def test_help_names_the_command_as_it_was_run():

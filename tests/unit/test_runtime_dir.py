@@ -1,6 +1,7 @@
 """Where the embedded broker keeps its files (``_runtime.py``): one private
 directory per user, not following TMPDIR; a lock that survives its file
-being removed; pid files that name only live processes."""
+being removed; pid files that name only live processes and are locked while
+their broker runs; the sweep of the files of brokers that are gone."""
 
 from __future__ import annotations
 
@@ -10,18 +11,23 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 
 from django_message_broker import _runtime
 from django_message_broker.__main__ import prog_name
 from django_message_broker._runtime import (
+    LOG_GRACE,
     HostLock,
     RuntimeDirError,
     files_for,
+    pid_file_held,
     read_pid_file,
     remove_files,
+    running_brokers,
     runtime_dir,
+    sweep,
     write_pid_file,
 )
 
@@ -163,7 +169,7 @@ def test_a_waiter_takes_the_new_file_when_the_holder_removes_the_old(tmp_path):
 def test_a_pid_file_names_only_a_live_process(tmp_path):
     path = str(tmp_path / "x.pid")
     assert read_pid_file(path) is None
-    write_pid_file(path, "tcp://127.0.0.1:1")
+    write_pid_file(path, "tcp://127.0.0.1:1").close()
     assert read_pid_file(path) == os.getpid()
     with open(path) as handle:
         assert handle.read().splitlines() == [str(os.getpid()), "tcp://127.0.0.1:1"]
@@ -203,10 +209,118 @@ def test_remove_files_leaves_another_process_pid_file(tmp_path):
             handle.write("1\n")  # pid 1 is not us
     remove_files(files)
     assert [os.path.exists(path) for path in files] == [False, False, True]
-    write_pid_file(files.pid, "tcp://127.0.0.1:1")
+    write_pid_file(files.pid, "tcp://127.0.0.1:1").close()
     open(files.log, "w").close()
     remove_files(files, keep_log=True)
     assert [os.path.exists(path) for path in files] == [False, True, False]
+
+
+# -- the pid file's lock, and the sweep ---------------------------------------------------
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait(10)
+    return process.pid
+
+
+def leftovers(directory, address: str, pid: int, *, age: float = 0.0):
+    """The files a broker at ``address`` with ``pid`` leaves when killed
+    (an unlocked pid file), its log last written ``age`` seconds ago."""
+    files = files_for(address, str(directory))
+    for path in files:
+        with open(path, "w") as handle:
+            handle.write(f"{pid}\n{address}\n" if path == files.pid else "")
+    if age:
+        os.utime(files.log, (time.time() - age, time.time() - age))
+    return files
+
+
+def existing(files) -> list[str]:
+    return [os.path.splitext(path)[1] for path in files if os.path.exists(path)]
+
+
+def test_a_pid_file_is_locked_from_before_it_appears_until_closed(tmp_path):
+    path = str(tmp_path / "x.pid")
+    assert pid_file_held(path) is None
+    pid_file = write_pid_file(path, "tcp://127.0.0.1:1")
+    assert pid_file_held(path) is True
+    assert os.listdir(tmp_path) == ["x.pid"]  # no partial file left
+    pid_file.close()
+    assert pid_file_held(path) is False
+    pid_file.close()  # twice is fine
+
+
+def test_the_sweep_removes_a_dead_brokers_lock_and_pid_at_once_and_its_log_after_the_grace(tmp_path):
+    files = leftovers(tmp_path, "tcp://127.0.0.1:1", dead_pid())
+    now = time.time()
+    assert sorted(sweep(str(tmp_path), now=now)) == sorted([files.lock, files.pid])
+    assert existing(files) == [".log"]
+    assert sweep(str(tmp_path), now=now + LOG_GRACE - 60) == []
+    assert sweep(str(tmp_path), now=now + LOG_GRACE + 1) == [files.log]
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_sweep_removes_a_failed_brokers_old_log_and_lone_locks(tmp_path):
+    """A broker that failed at start keeps its log (no pid file); a starter
+    that died leaves its lock file."""
+    failed = files_for("tcp://127.0.0.1:2", str(tmp_path))
+    open(failed.log, "w").close()
+    os.utime(failed.log, (time.time() - LOG_GRACE - 5,) * 2)
+    recent = files_for("tcp://127.0.0.1:3", str(tmp_path))
+    open(recent.log, "w").close()
+    lone = files_for("tcp://127.0.0.1:4", str(tmp_path))
+    open(lone.lock, "w").close()
+    assert sorted(sweep(str(tmp_path))) == sorted([failed.log, lone.lock])
+    assert os.listdir(tmp_path) == [os.path.basename(recent.log)]
+
+
+def test_the_sweep_keeps_every_file_of_a_broker_whose_pid_file_is_locked(tmp_path):
+    """The lock decides, not the pid: here the pid file names a dead pid
+    (as if the system had recycled it), yet its lock is held."""
+    files = leftovers(tmp_path, "tcp://127.0.0.1:1", os.getpid(), age=LOG_GRACE + 60)
+    pid_file = write_pid_file(files.pid, "tcp://127.0.0.1:1")
+    with open(files.pid, "w") as handle:  # the same (locked) file, another pid
+        handle.write(f"{dead_pid()}\ntcp://127.0.0.1:1\n")
+    try:
+        assert sweep(str(tmp_path), now=time.time() + 10 * LOG_GRACE) == []
+        assert existing(files) == [".lock", ".log", ".pid"]
+        assert [(b.address, b.files) for b in running_brokers(str(tmp_path))] == [("tcp://127.0.0.1:1", files)]
+    finally:
+        pid_file.close()
+    assert running_brokers(str(tmp_path)) == []
+    assert len(sweep(str(tmp_path))) == 3
+
+
+def test_the_sweep_leaves_an_address_whose_lock_is_held(tmp_path):
+    """A starter holds the lock while its broker starts: not gone."""
+    files = leftovers(tmp_path, "tcp://127.0.0.1:1", dead_pid(), age=LOG_GRACE + 60)
+    starter = HostLock(files.lock)
+    assert starter.acquire(0)
+    try:
+        assert sweep(str(tmp_path)) == []
+        assert existing(files) == [".lock", ".log", ".pid"]
+    finally:
+        starter.release()
+    assert len(sweep(str(tmp_path))) == 3
+
+
+def test_the_sweep_keeps_an_unlocked_pid_file_whose_process_runs(tmp_path):
+    """A broker of a build that did not lock its pid file: the pid check
+    only ever keeps files, never removes them."""
+    files = leftovers(tmp_path, "tcp://127.0.0.1:1", os.getpid(), age=LOG_GRACE + 60)
+    assert sweep(str(tmp_path)) == []
+    assert existing(files) == [".lock", ".log", ".pid"]
+
+
+def test_the_sweep_removes_partial_pid_files_of_dead_writers_only(tmp_path):
+    files = files_for("tcp://127.0.0.1:1", str(tmp_path))
+    dead = f"{files.pid}.{dead_pid()}.tmp"
+    mine = f"{files.pid}.{os.getpid()}.tmp"
+    other = tmp_path / "notes.txt"
+    for path in (dead, mine, other):
+        open(path, "w").close()
+    assert sweep(str(tmp_path)) == [dead]
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(mine), "notes.txt"])
 
 
 # -- the console script's name ------------------------------------------------------------
