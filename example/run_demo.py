@@ -1,5 +1,5 @@
-"""Run the demo chat site: two web server processes and a background worker,
-all on one embedded broker. ``make demo``, or::
+"""Run the demo chat site: two web server processes, a background worker and
+a Celery worker, all on one embedded broker. ``make demo``, or::
 
     python example/run_demo.py [--host 127.0.0.1] [--ports 8000 8001] [--room lobby] [--interval 5]
 
@@ -211,6 +211,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             children.append(Child(f"web:{port}", command, env))
         worker = [sys.executable, str(HERE / "worker.py"), "--room", args.room, "--interval", str(args.interval)]
         children.append(Child("worker", worker, env))
+        # Celery on the same broker (CELERY_BROKER_URL = "dmb://"): "/report" in a room runs a task.
+        celery = [sys.executable, "-m", "celery", "-A", "chat", "worker", "-P", "prefork", "-c", "2", "-l", "info"]
+        children.append(Child("celery", celery, dict(env, PYTHONPATH=str(HERE))))
 
         deadline = time.monotonic() + STARTUP_TIMEOUT
         pending = list(urls)
@@ -231,7 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         say(f"Demo running: {urls[0]} and {urls[1]} — both share the embedded broker; Ctrl-C to stop")
         say(
             f"[demo] broker {address}; the worker posts to room {args.room!r} every {args.interval:g}s "
-            f"(open {urls[0]}room/{args.room}/ and {urls[1]}room/{args.room}/)"
+            f"(open {urls[0]}room/{args.room}/ and {urls[1]}room/{args.room}/); "
+            "type /report in a room to run a Celery task that answers there"
         )
         while not stopping.wait(0.5):
             dead = [c for c in children if c.process.poll() is not None]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from chat.rooms import group_name
@@ -17,7 +19,8 @@ MAX_USER = 40
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
     """Joins ``room-<room>`` on connect; what a client sends goes to the whole
-    group (on every web server process) as ``{"type": "chat.message", ...}``."""
+    group (on every web server process) as ``{"type": "chat.message", ...}``.
+    ``/report`` starts a Celery task instead, which answers in the room."""
 
     room = ""
     group = ""
@@ -38,6 +41,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         text = str(content.get("text", "")).strip()[:MAX_TEXT]
         user = str(content.get("user", "")).strip()[:MAX_USER] or "anonymous"
         if not text:
+            return
+        if text == "/report":  # a Celery task on the same broker answers in the room
+            from chat.tasks import report
+
+            await sync_to_async(report.delay)(self.room, user, time.time())
             return
         await self.channel_layer.group_send(self.group, {"type": "chat.message", "text": text, "user": user})
 

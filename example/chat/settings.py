@@ -52,6 +52,14 @@ CHANNEL_LAYERS = {
     }
 }
 
+# Celery on the same broker: "dmb://" is the broker of CHANNEL_LAYERS above
+# (one setting switches a site between it and "redis://..."; the app in
+# INSTALLED_APPS registers the scheme with kombu).
+CELERY_BROKER_URL = "dmb://"
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
 # Base URLs of all the demo's web servers (set by run_demo.py), to link
 # the same room on each of them.
 DEMO_SERVERS = [url for url in os.environ.get("DEMO_SERVERS", "").split(",") if url]

@@ -203,6 +203,8 @@ async def test_demo_two_servers_share_the_embedded_broker() -> None:
         commands = [" ".join(c.cmdline()) for c in children]
         assert sum("uvicorn" in c for c in commands) == 2, commands
         assert sum("worker.py" in c for c in commands) == 1, commands
+        direct = [" ".join(c.cmdline()) for c in parent.children() if c.pid != broker_pid]
+        assert sum("celery -A chat worker" in c for c in direct) == 1, direct  # and its pool processes
         # The leak detector used at the end sees them all (and not the broker).
         assert {c.pid for c in children} | {demo.process.pid} == {p.pid for p in demo_processes(address)}
 
@@ -231,6 +233,11 @@ async def test_demo_two_servers_share_the_embedded_broker() -> None:
             # ... and the same posts: a later tick seen on one is seen on the other.
             later = await one.wait_for(lambda m: is_tick(m) and m != tick1 and m != tick2)
             await two.wait_for(lambda m: m == later)
+
+            # "/report" runs a Celery task on the same broker; its answer reaches both servers.
+            await one.send("/report", "carol")
+            report = await two.wait_for(lambda m: m.get("user") == "celery" and "report for carol" in m["text"])
+            await one.wait_for(lambda m: m == report)
     finally:
         if demo.process.poll() is None:
             demo.process.send_signal(signal.SIGINT)  # Ctrl-C
