@@ -367,3 +367,29 @@ def test_a_lost_broker_is_a_connection_error_within_two_seconds(tmp_path: Path) 
                 drain(again, got, 1)
     finally:
         second.stop()
+
+
+PRODUCER = textwrap.dedent(
+    """
+    import sys, time
+    from kombu import Connection, Producer
+    import django_message_broker.celery
+    with Connection(sys.argv[1]) as conn:
+        Producer(conn.channel()).publish({"n": 1}, routing_key="nobody")
+        print("published", flush=True)
+        time.sleep(60)
+    """
+)
+
+
+def test_the_broker_forgets_a_killed_producer(url: str, task_broker: BrokerThread) -> None:
+    """A connection with no consumers and no heartbeats of its own (a web
+    process that only publishes) is forgotten when its process dies."""
+    assert task_broker.server is not None and task_broker.server.broker is not None
+    broker = task_broker.server.broker
+    process = subprocess.Popen([sys.executable, "-c", PRODUCER, url], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline().strip() == "published"
+    assert task_broker.call(lambda: len(broker.clients)) == 1
+    process.kill()
+    process.wait(10)
+    wait_for(lambda: task_broker.call(lambda: len(broker.clients)) == 0, 5, "the broker to forget the producer")

@@ -196,9 +196,17 @@ class Broker:
         are dropped. A reply is dropped: the client's request times out."""
         gone = errno == GONE
         unsent = list(unsent)
-        if gone and unsent and unsent[0].ident in self.tasks.clients:
-            self.probes.pop(unsent[0].ident, None)
-            self.tasks.drop_client(unsent[0].ident)  # its task deliveries went back with it
+        if gone and unsent:
+            # The peer is gone (a Ping or a delivery found no one). What it
+            # held of task queues goes back now; a client without heartbeats
+            # of its own (the kombu transport) would never be swept, so all of
+            # it goes.
+            ident = unsent[0].ident
+            client = self.clients.get(ident)
+            if client is not None and not client.heartbeat:
+                self.drop_client(ident)
+            elif ident in self.tasks.clients:
+                self.tasks.drop_client(ident)
         for out in reversed(unsent):  # the last first: each run goes back to the head
             if out.tasks:
                 self.counters["delivered"] -= len(out.tasks)
@@ -521,8 +529,11 @@ class Broker:
     def _on_hello(self, client: ClientState, cmd: p.Hello) -> None:
         self._drop_endpoints(client)  # a (re)connecting client replays its state
         client.client_id = cmd.client_id
-        # 0: no heartbeats (the task transport): liveness is the connection's.
+        # 0: no heartbeats (the task transport): liveness is the connection's,
+        # watched through its socket (``connection_closed``).
         client.heartbeat = 0.0 if cmd.heartbeat == 0 else max(0.05, cmd.heartbeat)
+        if not client.heartbeat:
+            self.fd_wanted.append(client.ident)
         self._reply(client.ident, p.Reply(cmd.req, 0, "", [self.instance, self.max_body, self.epoch]))
 
     def _on_flush(self, client: ClientState, cmd: p.Flush) -> None:
@@ -596,7 +607,6 @@ class Broker:
                 tasks.close_session(ident, session)
             case p.Open(_, vhost):
                 tasks.open(ident, vhost)
-                self.fd_wanted.append(ident)
             case _:  # pragma: no cover - every TaskCommand is matched above
                 raise ProtocolError(f"unknown command {type(cmd).__name__}")
         self._reply(ident, p.Reply(cmd.req, 0, "", value))  # type: ignore[attr-defined]
@@ -610,21 +620,22 @@ class Broker:
             client.fd = fd
 
     def connection_closed(self, fd: int, now: float) -> None:
-        """A connection on socket ``fd`` closed. Whoever came in on it and
-        holds task messages is asked at once whether it is still there (a
-        ``Ping``): if the peer is gone, the send fails and ``send_failed``
-        gives back what it held. File descriptors are reused, so a live
-        peer may share the number: it just gets the Ping. Asked again a few
-        times in the next second, in case the socket had not yet noticed."""
+        """A connection on socket ``fd`` closed. Whoever came in on it (the
+        clients without heartbeats of their own: the kombu transport's) is
+        asked at once whether it is still there (a ``Ping``): if the peer is
+        gone, the send fails and ``send_failed`` gives back what it held and
+        forgets it. File descriptors are reused, so a live peer may share the
+        number: it just gets the Ping. Asked again a few times in the next
+        second, in case the socket had not yet noticed."""
         for ident, client in self.clients.items():
-            if client.fd == fd and self.tasks.holds(ident):
+            if client.fd == fd:
                 self.probes[ident] = [now + 0.05, now + 0.2, now + 1.0]
                 self.outbox.reply(ident, _PING)
 
     def probe(self, now: float) -> None:
         """Ask again the clients ``connection_closed`` suspects (every tick)."""
         for ident, times in list(self.probes.items()):
-            if ident not in self.tasks.clients:
+            if ident not in self.clients:
                 del self.probes[ident]
                 continue
             if times and now >= times[0]:
