@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 
-APP = '''
+APP = """
 import os
 from celery import Celery
 import django_message_broker.celery
@@ -34,7 +34,7 @@ app.conf.worker_hijack_root_logger = False
 @app.task
 def nothing():
     pass
-'''
+"""
 
 
 def free_port() -> int:
@@ -67,8 +67,20 @@ def main() -> int:
             for n in range(args.workers):
                 workers.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "celery", "-A", "idle_app", "worker", "-P", "solo", "-n", f"idle{n}@%h",
-                         "-l", "warning"],  # fmt: skip
+                        [
+                            sys.executable,
+                            "-m",
+                            "celery",
+                            "-A",
+                            "idle_app",
+                            "worker",
+                            "-P",
+                            "solo",
+                            "-n",
+                            f"idle{n}@%h",
+                            "-l",
+                            "warning",
+                        ],
                         cwd=tmp,
                         env=env,
                         stdout=subprocess.DEVNULL,
