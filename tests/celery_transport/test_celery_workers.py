@@ -51,6 +51,29 @@ def test_an_eta_longer_than_any_liveness_timeout_runs_once(
         traces.wait("eta", 2, timeout=3)
 
 
+def test_a_warm_shutdown_hands_back_eta_tasks(
+    celery_app: Any, start_worker: Callable[..., Worker], traces: Traces
+) -> None:
+    """The worker holds an ETA task unacknowledged; SIGTERM hands it back
+    (its connection closes) and another worker runs it at its time, once
+    (Celery issue 3501: ETA tasks lost on a worker's end)."""
+    first = start_worker("w1@test", "--without-gossip", "--without-mingle")
+    sent = time.time()
+    celery_app.record.apply_async((traces.path("eta"), "later"), countdown=6)
+    wait_for(lambda: _reserved(celery_app, "w1@test") == 1, 10, "w1 to hold the ETA task")
+    assert first.stop() == 0
+    start_worker("w2@test", "--without-gossip", "--without-mingle")
+    lines = traces.wait("eta", 1, timeout=20)
+    assert float(lines[0].split()[2]) - sent >= 5.9
+    with pytest.raises(AssertionError):
+        traces.wait("eta", 2, timeout=1)
+
+
+def _reserved(celery_app: Any, name: str) -> int:
+    scheduled = celery_app.app.control.inspect(destination=[name], limit=1, timeout=5).scheduled() or {}
+    return len(scheduled.get(name, []))
+
+
 def test_acks_late_task_of_a_killed_worker_runs_again_at_once(
     celery_app: Any, start_worker: Callable[..., Worker], traces: Traces
 ) -> None:
