@@ -45,7 +45,9 @@ SEED = int(os.environ.get("DMB_FUZZ_SEED", "20240611"))
 MiB = 1 << 20
 RSS_SLACK = 30 * MiB
 LATENCY_BOUND = 2.0  # seconds, worst good-client round trip during fuzzing
-KNOWN_CODES = {0, 1, 2, 3, 4, 5}  # ok, QueueFull, MessageTooLarge, InvalidName, SubscriptionError, ProtocolError
+# ok, QueueFull, MessageTooLarge, InvalidName, SubscriptionError, ProtocolError,
+# and the task queues' NotFound, ResourceLocked, PreconditionFailed
+KNOWN_CODES = {0, 1, 2, 3, 4, 5, 10, 11, 12}
 GOOD_CHANNEL = "good-client-round-trips"
 _pack = msgspec.msgpack.encode
 V = bytes([p.VERSION])
@@ -283,7 +285,7 @@ def gen_deep_nesting(rng: random.Random) -> list[bytes]:
 
 def gen_wrong_types(rng: random.Random) -> list[bytes]:
     """A known tag with the wrong number or types of fields."""
-    tag = rng.randrange(1, 13)
+    tag = rng.randrange(1, 14) if rng.random() < 0.6 else rng.randrange(30, 47)
     junk = [1, -1, "x", "", None, 2.5, True, [], {}, b"raw", [1, 2], {"a": 1}, 2**63, -(2**63)]
     fields = [rng.choice(junk) for _ in range(rng.randrange(0, 7))]
     return _safe([V + _pack([tag, *fields]), *([rng.randbytes(4)] if rng.random() < 0.5 else [])])
@@ -318,6 +320,60 @@ def gen_bad_names(rng: random.Random) -> list[bytes]:
     else:
         cmd, frames = p.Return(bad, [5.0]), body
     return [p.encode(cmd), *frames]
+
+
+TASK_QUEUES = [f"fzq-{i}" for i in range(6)]
+TASK_EXCHANGES = ["", "amq.direct", "amq.topic", "amq.fanout", "fzx-direct", "fzx-topic", "fzx-nope"]
+
+
+def gen_task_commands(rng: random.Random) -> list[bytes]:
+    """Task-queue commands (Celery's side) with odd values, in any order: a
+    consume before a declare, acks of tags never given, prefetch and
+    priorities out of range, arguments of the wrong types, bodies where
+    none belong. Queue names come from a small pool, so state stays bounded."""
+    req = rng.randrange(1, 1 << 30)
+    queue = rng.choice(TASK_QUEUES + ["", "x" * 300, "bad\x00name"])
+    exchange = rng.choice(TASK_EXCHANGES)
+    session = rng.choice([1, 2, 0, -1, 1 << 16, 2**63 - 1])
+    i = rng.choice(WEIRD_INTS + [1, 2, 3, 8])
+    f = rng.choice(WEIRD_FLOATS)
+    kind = rng.randrange(15)
+    cmd: Any
+    frames: list[bytes] = []
+    if kind == 0:
+        cmd = p.Open(req, rng.choice(["/", "fz", "", "\x00"]))
+    elif kind == 1:
+        cmd = p.ExchangeDeclare(req, exchange, rng.choice(["direct", "topic", "fanout", "headers", ""]), rng.random() < 0.2)
+    elif kind == 2:
+        arguments = rng.choice([{}, {"x-expires": i}, {"x-message-ttl": f}, {"x-max-length": i}, {"x-expires": "soon"}])
+        cmd = p.QueueDeclare(req, queue, rng.random() < 0.2, False, rng.random() < 0.2, rng.random() < 0.3, arguments)
+    elif kind == 3:
+        cmd = p.QueueBind(req, queue, exchange, rng.choice(["#", "*.a", "a.#.b", "", "x" * 10]))
+    elif kind == 4:
+        cmd, frames = p.Publish(req, exchange, queue, i, f, rng.random() < 0.5), [b"task"]
+        if rng.random() < 0.1:
+            frames = [] if rng.random() < 0.5 else [b"a", b"b"]
+    elif kind == 5:
+        cmd = p.Consume(req, session, queue, rng.choice(["c1", "c2", ""]), rng.random() < 0.3)
+    elif kind == 6:
+        cmd = p.Ack(session, [rng.choice([1, 2, 3, i]) for _ in range(rng.randrange(0, 4))], rng.random() < 0.2)
+    elif kind == 7:
+        cmd = p.Reject(session, [rng.choice([1, 2, i])], rng.random() < 0.5, rng.random() < 0.2)
+    elif kind == 8:
+        cmd = p.Qos(req, session, i)
+    elif kind == 9:
+        cmd = p.Get(req, session, queue, rng.random() < 0.5)
+    elif kind == 10:
+        cmd = p.Recover(req, session)
+    elif kind == 11:
+        cmd = p.Cancel(req, session, rng.choice(["c1", "c2", "nope"]))
+    elif kind == 12:
+        cmd = p.CloseSession(req, session)
+    elif kind == 13:
+        cmd = p.QueuePurge(req, queue) if rng.random() < 0.5 else p.QueueDelete(req, queue, rng.random() < 0.5)
+    else:
+        cmd = p.ExchangeDelete(req, exchange, rng.random() < 0.5)
+    return _safe([p.encode(cmd), *frames])
 
 
 def gen_wrong_bodies(rng: random.Random) -> list[bytes]:
@@ -458,6 +514,13 @@ def test_fuzz_unknown_commands_wrong_types_and_wrong_bodies(fuzz_broker):
 def test_fuzz_bad_names_and_weird_values(fuzz_broker):
     figures = fuzz(fuzz_broker, [gen_bad_names, gen_weird_values, valid_command_frames], 21_000, SEED + 3)
     assert figures["replies_by_code"].get(3, 0) > 5_000  # InvalidName, typed
+
+
+@pytest.mark.timeout(120)
+def test_fuzz_task_queue_commands(fuzz_broker):
+    figures = fuzz(fuzz_broker, [gen_task_commands], 20_000, SEED + 4)
+    codes = figures["replies_by_code"]
+    assert codes.get(0, 0) > 2_000 and codes.get(5, 0) > 1_000 and codes.get(10, 0) > 100
 
 
 def valid_command_frames(rng: random.Random) -> list[bytes]:
