@@ -332,10 +332,10 @@ def gen_task_commands(rng: random.Random) -> list[bytes]:
     priorities out of range, arguments of the wrong types, bodies where
     none belong. Queue names come from a small pool, so state stays bounded."""
     req = rng.randrange(1, 1 << 30)
-    queue = rng.choice(TASK_QUEUES + ["", "x" * 300, "bad\x00name"])
+    queue = rng.choice([*TASK_QUEUES, "", "x" * 300, "bad\x00name"])
     exchange = rng.choice(TASK_EXCHANGES)
     session = rng.choice([1, 2, 0, -1, 1 << 16, 2**63 - 1])
-    i = rng.choice(WEIRD_INTS + [1, 2, 3, 8])
+    i = rng.choice([*WEIRD_INTS, 1, 2, 3, 8])
     f = rng.choice(WEIRD_FLOATS)
     kind = rng.randrange(15)
     cmd: Any
@@ -343,7 +343,8 @@ def gen_task_commands(rng: random.Random) -> list[bytes]:
     if kind == 0:
         cmd = p.Open(req, rng.choice(["/", "fz", "", "\x00"]))
     elif kind == 1:
-        cmd = p.ExchangeDeclare(req, exchange, rng.choice(["direct", "topic", "fanout", "headers", ""]), rng.random() < 0.2)
+        kind_of = rng.choice(["direct", "topic", "fanout", "headers", ""])
+        cmd = p.ExchangeDeclare(req, exchange, kind_of, rng.random() < 0.2)
     elif kind == 2:
         arguments = rng.choice([{}, {"x-expires": i}, {"x-message-ttl": f}, {"x-max-length": i}, {"x-expires": "soon"}])
         cmd = p.QueueDeclare(req, queue, rng.random() < 0.2, False, rng.random() < 0.2, rng.random() < 0.3, arguments)
