@@ -20,6 +20,7 @@ from ._memory import parse_size
 from .embedded import address_in_use_hint, serve_embedded, status_embedded, stop_embedded
 from .server.broker import DEFAULT_MAX_BODY
 from .server.server import DEFAULT_ADDRESS, check_bind, serve
+from .server.store import FSYNC_MODES
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -105,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="file mode of an ipc:// socket, e.g. 0660 (default: as the umask leaves it)",
     )
     run.add_argument(
+        "--data-dir",
+        default=None,
+        help="keep durable task queues (Celery's) in this directory, so they survive a restart "
+        "(default: in memory only; docs/durability.md)",
+    )
+    run.add_argument(
+        "--fsync",
+        default="always",
+        choices=FSYNC_MODES,
+        help="with --data-dir: always (a confirmed publish is on disk; the default), everysec "
+        "(a machine crash loses up to a second) or off",
+    )
+    run.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -157,6 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 authorized_keys=args.authorized_keys,
                 insecure=args.insecure,
                 ipc_mode=args.ipc_mode,
+                data_dir=args.data_dir,
+                fsync=args.fsync,
             )
         )
     except ValueError as exc:  # refused configuration, unreadable key

@@ -115,6 +115,7 @@ def _check_server_settings() -> list[checks.CheckMessage]:
     from .keys import server_curve
     from .options import is_local_address
     from .server.server import check_bind
+    from .server.store import FSYNC_MODES
 
     conf = getattr(settings, "MESSAGE_BROKER_SERVER", None)
     if not conf:
@@ -132,6 +133,8 @@ def _check_server_settings() -> list[checks.CheckMessage]:
                 authorized_keys=conf.get("authorized_keys"),
                 insecure=bool(conf.get("insecure")),
             )
+        if conf.get("fsync") not in (None, *FSYNC_MODES):
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {conf['fsync']!r}")
     except (OSError, ValueError) as exc:
         messages.append(checks.Error(f"MESSAGE_BROKER_SERVER: {exc}", id="django_message_broker.E005"))
     else:

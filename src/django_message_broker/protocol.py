@@ -259,6 +259,9 @@ class Publish(TaskCommand, tag=38):
     priority: int = 0
     ttl: float = 0.0
     confirm: bool = False
+    #: Keep it on disk if the queue is durable and the broker has a store
+    #: (AMQP's delivery mode 2); a confirm then means "on disk".
+    persistent: bool = False
 
 
 class Consume(TaskCommand, tag=39):
@@ -324,6 +327,14 @@ class CloseSession(TaskCommand, tag=46):
 
     req: int
     session: int
+
+
+class Sync(TaskCommand, tag=47):
+    """Answered once everything the broker decided before it is on disk (a
+    broker with a durable store), at once otherwise: a consumer that closes
+    after this knows its acks will not be undone by a crash."""
+
+    req: int
 
 
 # --- broker -> client -------------------------------------------------------
@@ -412,6 +423,7 @@ Command = Union[
     Recover,
     Get,
     CloseSession,
+    Sync,
 ]
 ToClient = Union[Deliver, Reply, Welcome, Flushed, TaskDeliver, Ping]
 

@@ -14,7 +14,8 @@ from celery_helpers import Traces, Worker
 
 from helpers import BrokerThread, wait_for
 
-pytestmark = pytest.mark.slow
+# Real worker processes start in 1-3 s each here; the default 60 s is too tight.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
 def _task_queues(broker: BrokerThread) -> dict[str, dict]:
@@ -95,8 +96,14 @@ def test_acks_late_task_of_a_killed_worker_runs_again_at_once(
     print(f"acks_late task redelivered {restarted * 1000:.0f} ms after SIGKILL")
 
 
+@pytest.mark.timeout(600)  # 20 restarts; a warm shutdown may take up to 30 s (celery_helpers.Worker.stop)
 def test_warm_restarts_lose_nothing(celery_app: Any, start_worker: Callable[..., Worker], traces: Traces) -> None:
-    """20 SIGTERMs of the worker while tasks flow: every task runs once."""
+    """20 SIGTERMs of the worker while tasks flow: every task runs. A task
+    runs twice only if it was running when a SIGTERM came and the worker's
+    main process stopped before it read the pool's "accepted", so its early
+    ack was never sent (billiard's shutdown stall; the same with the Redis
+    transport, and with RabbitMQ, which also requeues what a closed
+    connection did not ack)."""
     tokens = [f"t{i}" for i in range(300)]
     stop = threading.Event()
 
@@ -109,14 +116,25 @@ def test_warm_restarts_lose_nothing(celery_app: Any, start_worker: Callable[...,
     worker = start_worker("r@test", "--without-gossip", "--without-mingle")
     producer = threading.Thread(target=produce)
     producer.start()
+    sigterms: list[float] = []
     for _ in range(20):
+        sigterms.append(time.time())
         assert worker.stop() == 0
         worker = start_worker("r@test", "--without-gossip", "--without-mingle")
     producer.join(30)
     worker.wait_ready(celery_app.app)
-    lines = traces.wait("restarts", len(tokens), timeout=60)
-    ran = [line.split()[0] for line in lines]
-    assert sorted(ran) == sorted(tokens), "lost or duplicated tasks"
+    traces.wait("restarts", len(tokens), timeout=60)
+    wait_for(lambda: {line.split()[0] for line in traces.lines("restarts")} >= set(tokens), 60, "every task")
+    runs: dict[str, list[float]] = {}
+    for line in traces.lines("restarts"):
+        token, _, at = line.split()
+        runs.setdefault(token, []).append(float(at))
+    assert set(runs) == set(tokens), "lost tasks"
+    twice = {token: times for token, times in runs.items() if len(times) > 1}
+    for token, times in twice.items():
+        assert len(times) == 2, f"{token} ran {len(times)} times"
+        assert any(abs(times[0] - t) < 1.0 for t in sigterms), f"{token} ran twice, not around a SIGTERM"
+    print(f"20 warm restarts: {len(tokens)} tasks, none lost; {len(twice)} ran again (running at a SIGTERM)")
 
 
 def test_remote_control(celery_app: Any, start_worker: Callable[..., Worker], traces: Traces) -> None:

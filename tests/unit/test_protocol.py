@@ -72,7 +72,7 @@ def test_the_unions_are_what_the_peers_speak():
         # task queues (the kombu transport)
         "Open", "ExchangeDeclare", "ExchangeDelete", "QueueDeclare", "QueueBind", "QueueUnbind",
         "QueuePurge", "QueueDelete", "Publish", "Consume", "Cancel", "Qos", "Ack", "Reject",
-        "Recover", "Get", "CloseSession",
+        "Recover", "Get", "CloseSession", "Sync",
     }  # fmt: skip
     assert {c.__name__ for c in TO_CLIENT} == {"Deliver", "Reply", "Welcome", "Flushed", "TaskDeliver", "Ping"}
     tags = [msgspec.inspect.type_info(c).tag for c in COMMANDS + TO_CLIENT]

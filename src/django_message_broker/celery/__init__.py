@@ -235,8 +235,15 @@ class Channel(virtual.Channel):
         properties = message["properties"]
         priority = self._get_message_priority(message)
         body = encode_payload(message)
+        persistent = properties.get("delivery_mode") in (2, "persistent")  # kombu's default
         cmd = p.Publish(
-            self._req(), exchange or "", routing_key or "", priority, _ttl(properties), self.confirm_publish
+            self._req(),
+            exchange or "",
+            routing_key or "",
+            priority,
+            _ttl(properties),
+            self.confirm_publish,
+            persistent,
         )
         try:
             self._conn.publish(cmd, body)
@@ -409,6 +416,8 @@ class Transport(virtual.Transport):
         self.task_connection: Optional[TaskConnection] = None
         #: channel id -> the channel that consumes (deliveries are routed by session)
         self.sessions: dict[int, Channel] = {}
+        #: Celery's hub, once registered with it.
+        self._hub: Any = None
 
     def driver_version(self) -> str:
         return __version__
@@ -490,6 +499,7 @@ class Transport(virtual.Transport):
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         conn = self.task_connection
         assert conn is not None
+        self._hub = loop
         loop.add_reader(conn.fileno(), self.on_readable, connection, loop)
         loop.add_reader(conn.monitor_fileno(), self.on_readable, connection, loop)
         loop.on_tick.add(self._on_tick)
@@ -502,6 +512,7 @@ class Transport(virtual.Transport):
             loop.remove_reader(conn.fileno())
             loop.remove_reader(conn.monitor_fileno())
         loop.on_tick.discard(self._on_tick)
+        self._hub = None
 
     def on_readable(self, connection: Any, loop: Any) -> None:
         """Celery's hub: the socket (or its monitor) is readable. Raises
@@ -519,16 +530,26 @@ class Transport(virtual.Transport):
         came while a request waited for its reply, and whatever is ready on
         the socket. A send (an ack, a publish) lets ZeroMQ take in arrived
         messages and reset the edge-triggered descriptor without a wake, so
-        the hub must look before each sleep, not only when woken."""
+        the hub must look before each sleep, not only when woken.
+
+        The hub's other tick callbacks run in no set order; the prefork
+        pool's registers a writer for each job waiting to go to a pool
+        process. If it ran before this one, the jobs these deliveries made
+        would wait for its next turn, which may be the pool's 5 s timer: so
+        after delivering, the others run again."""
         conn = self.task_connection
         if conn is None:
             return
         if conn.readable():
             conn.read()
-        if conn.pending:
-            conn.dispatch(self._deliver_one)
+        delivered = conn.dispatch(self._deliver_one) if conn.pending else 0
         conn.flush()
         conn.raise_deferred()
+        hub = self._hub
+        if delivered and hub is not None:
+            for callback in list(hub.on_tick):
+                if callback != self._on_tick:
+                    callback()
 
     @property
     def default_connection_params(self) -> dict[str, Any]:
@@ -537,13 +558,17 @@ class Transport(virtual.Transport):
 
 def _client_options(address: Optional[str]) -> Any:
     """The connection's options: the project's ``CHANNEL_LAYERS`` broker
-    for ``dmb://`` (the embedded one by default), else ``address``."""
+    for ``dmb://`` (the embedded one by default), else ``address`` (never
+    embedded)."""
     from ..options import LayerOptions
 
     if address is None:
         config = _settings_layer_config()
         return LayerOptions.from_config(config, "CELERY_BROKER_URL 'dmb://' (CHANNEL_LAYERS)").client
-    return LayerOptions.from_config({"address": address}, "the dmb:// URL").client
+    # A URL that names a broker means a broker someone runs: never start an
+    # embedded one there (it would hold the address, in memory only, while
+    # the real one restarts with its durable queues).
+    return LayerOptions.from_config({"address": address, "embedded": False}, "the dmb:// URL").client
 
 
 def _settings_layer_config() -> dict[str, Any]:

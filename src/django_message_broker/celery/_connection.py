@@ -98,6 +98,8 @@ class TaskConnection:
         self.closed = False
         self._acks: dict[int, list[int]] = {}
         self._dispatching = False
+        #: Acks were sent since the last ``Sync`` (``close`` makes them durable first).
+        self.acked = False
         self._req = 0
         #: errors of requests nobody waits for (unconfirmed publishes), raised by the next call
         self._deferred: deque[BrokerError] = deque()
@@ -207,6 +209,7 @@ class TaskConnection:
         acks, self._acks = self._acks, {}
         for session, tags in acks.items():
             self._send([p.encode(p.Ack(session, tags))])
+        self.acked = True
 
     def raise_deferred(self) -> None:
         if self.lost is not None:
@@ -332,6 +335,8 @@ class TaskConnection:
         if self.lost is None:
             try:
                 self.flush()
+                if self.acked:  # a broker with a durable store: acks on disk before we go
+                    self.request(p.Sync(self._next_req()), timeout=min(self.timeout, 2.0))
                 self.sock.send(p.encode(p.Bye()), _NOBLOCK)
             except (BrokerError, zmq.ZMQError):
                 pass

@@ -114,6 +114,8 @@ class Broker:
         max_queue_length: Optional[int] = None,
         max_memory: Optional[int] = None,
         missed_heartbeats: int = 3,
+        durable: bool = False,
+        wall_clock: Callable[[], float] = lambda: 0.0,
     ) -> None:
         #: Replies and deliveries wait here until ``data_to_send``.
         self.outbox = Outbox()
@@ -137,7 +139,14 @@ class Broker:
         self.queues: dict[str, ChannelQueue] = {}
         self.groups = Groups()
         #: Celery's side: task queues, exchanges and their consumers.
-        self.tasks = Tasks(clock=clock, sink=self.outbox.task, meter=self.memory)
+        self.tasks = Tasks(
+            clock=clock, sink=self.outbox.task, meter=self.memory, durable=durable, wall_clock=wall_clock
+        )
+        #: Batches of durable changes handed to the store (``take_journal``),
+        #: and the confirms that wait for theirs to commit: (seq, ident, req).
+        self.store_seq = 0
+        self.committed_seq = 0
+        self.awaiting_store: deque[tuple[int, bytes, int, Any]] = deque()
         #: Clients whose socket the shell should tell us (``record_fd``).
         self.fd_wanted: list[bytes] = []
         #: Clients to ask whether they are still there (``Ping``), and when.
@@ -554,8 +563,13 @@ class Broker:
         match cmd:
             case p.Publish():
                 self._check_bodies(bodies, 1)
-                value = tasks.publish(ident, cmd.exchange, cmd.routing_key, bodies[0], cmd.priority, cmd.ttl)
+                value = tasks.publish(
+                    ident, cmd.exchange, cmd.routing_key, bodies[0], cmd.priority, cmd.ttl, cmd.persistent
+                )
                 if not cmd.confirm:
+                    return
+                if tasks.stored:  # confirmed once on disk: when the store commits the next batch
+                    self.awaiting_store.append((self.store_seq + 1, ident, cmd.req, value))
                     return
             case p.Ack(session, tags, multiple):
                 tasks.ack(ident, session, tags, multiple=multiple)
@@ -607,9 +621,37 @@ class Broker:
                 tasks.close_session(ident, session)
             case p.Open(_, vhost):
                 tasks.open(ident, vhost)
+            case p.Sync(req):
+                target = self.store_seq + (1 if tasks.journal else 0)
+                if target > self.committed_seq:
+                    self.awaiting_store.append((target, ident, req, None))
+                    return
             case _:  # pragma: no cover - every TaskCommand is matched above
                 raise ProtocolError(f"unknown command {type(cmd).__name__}")
         self._reply(ident, p.Reply(cmd.req, 0, "", value))  # type: ignore[attr-defined]
+
+    # -- the durable store (the shell runs it) ------------------------------------
+    def take_journal(self) -> Optional[tuple[int, list[tuple]]]:
+        """The durable changes decided since the last call, numbered, for
+        ``Store.submit``; None if there are none."""
+        if not self.tasks.journal:
+            return None
+        self.store_seq += 1
+        return self.store_seq, self.tasks.take_journal()
+
+    def committed(self, seq: int, error: Optional[str] = None) -> None:
+        """The store committed (or, with ``error``, failed) every batch up to
+        ``seq``: answer the confirms that waited for them."""
+        self.committed_seq = max(self.committed_seq, seq)
+        waiting = self.awaiting_store
+        while waiting and waiting[0][0] <= seq:
+            _, ident, req, value = waiting.popleft()
+            if ident not in self.clients:
+                continue
+            if error is None:
+                self._reply(ident, p.Reply(req, 0, "", value))
+            else:
+                self._error(ident, req, QueueFull("", 0, error))
 
     # -- connections that close (the shell watches the socket) -----------------
     def record_fd(self, ident: bytes, fd: int) -> None:

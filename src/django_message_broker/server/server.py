@@ -50,8 +50,9 @@ from zmq.utils.monitor import recv_monitor_message
 from ..keys import server_curve
 from ..options import DEFAULT_ADDRESS, is_local_address  # DEFAULT_ADDRESS re-exported: its home was here
 from .broker import BUSY, DEFAULT_MAX_BODY, GONE, Broker
+from .store import FSYNC_MODES, Store
 
-__all__ = ["DEFAULT_ADDRESS", "BrokerServer", "check_bind", "run_until_stopped", "serve"]
+__all__ = ["DEFAULT_ADDRESS", "STORE_FILE", "BrokerServer", "check_bind", "run_until_stopped", "serve"]
 
 logger = logging.getLogger("django_message_broker.server")
 
@@ -62,6 +63,8 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)
 _FAILED: dict[Any, int] = {zmq.EAGAIN: BUSY, zmq.EHOSTUNREACH: GONE}
 _SRCFD = int(zmq.SRCFD)
+#: The durable store's database, in the data directory.
+STORE_FILE = "tasks.sqlite3"
 #: ZeroMQ's own heartbeats on every connection (ms): a peer whose host
 #: vanished is disconnected after the timeout, while a live process answers
 #: from libzmq's I/O thread however busy its Python code is.
@@ -128,6 +131,9 @@ class BrokerServer:
     ``authorized_keys``: a directory of the clients' public certificates.
     ``insecure``: allow a non-loopback address without ``secret_key``.
     ``ipc_mode``: chmod an ``ipc://`` socket file to this mode after binding.
+    ``data_dir``: keep durable task queues there (``store.py``); ``None``:
+    in memory only. ``fsync``: ``"always"`` (a confirmed publish is on
+    disk), ``"everysec"`` or ``"off"``.
     """
 
     def __init__(
@@ -143,8 +149,15 @@ class BrokerServer:
         authorized_keys: Optional[str] = None,
         insecure: bool = False,
         ipc_mode: Optional[int] = None,
+        data_dir: Optional[str] = None,
+        fsync: str = "always",
     ) -> None:
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
         self.requested_address = address
+        self.data_dir = data_dir
+        self.fsync = fsync
+        self.store: Optional[Store] = None
         self.address = address
         self.max_body = max_body
         self.max_queue_length = max_queue_length
@@ -232,7 +245,11 @@ class BrokerServer:
             max_body=self.max_body,
             max_queue_length=self.max_queue_length,
             max_memory=self.max_memory,
+            durable=self.data_dir is not None,
+            wall_clock=time.time,
         )
+        if self.data_dir is not None:
+            self._open_store(self.data_dir)
         self._closed = asyncio.Event()
         self._start_thread(sock)
         logger.info(
@@ -240,6 +257,29 @@ class BrokerServer:
             self.broker.instance,
             self.address,
             "CURVE" if curve else "plain text",
+        )
+
+    def _open_store(self, data_dir: str) -> None:
+        """Read the durable queues back (before serving anything)."""
+        assert self.broker is not None
+        store = Store(os.path.join(data_dir, STORE_FILE), fsync=self.fsync)
+        began = time.monotonic()
+        try:
+            state = store.load()
+        except Exception:
+            if self._socket is not None:
+                self._socket.close(0)
+                self._socket = None
+            raise
+        restored = self.broker.tasks.restore(state)
+        self.store = store
+        logger.info(
+            "durable store %s (fsync %s): %d queue(s), %d message(s) restored in %.2fs",
+            store.path,
+            self.fsync,
+            len(state.queues),
+            restored,
+            time.monotonic() - began,
         )
 
     def _start_authenticator(self, ctx: zmq.asyncio.Context) -> None:
@@ -313,24 +353,52 @@ class BrokerServer:
         # Closed connections: whoever held task messages on one is asked at
         # once whether it is gone (Broker.connection_closed). A plain PAIR:
         # sock.get_monitor_socket() would make one of the asyncio context.
+        ctx: zmq.Context = zmq.Context.shadow(sock.context.underlying)
         address = f"inproc://dmb-monitor-{id(self):x}-{os.getpid()}"
         sock.monitor(address, zmq.EVENT_DISCONNECTED)
-        monitor: zmq.Socket = zmq.Context.shadow(sock.context.underlying).socket(zmq.PAIR)
+        monitor: zmq.Socket = ctx.socket(zmq.PAIR)
         monitor.connect(address)
-        items = [(sock, int(zmq.POLLIN)), (wake, int(zmq.POLLIN)), (monitor, int(zmq.POLLIN))]
+        # The store's thread says here which batches it committed.
+        commits: zmq.Socket = ctx.socket(zmq.PAIR)
+        commits_address = f"inproc://dmb-commits-{id(self):x}-{os.getpid()}"
+        commits.bind(commits_address)
+        notify: zmq.Socket = ctx.socket(zmq.PAIR)
+        notify.connect(commits_address)
+        if self.store is not None:
+
+            def on_commit(seq: int, error: Optional[str]) -> None:  # on the store's thread: its own socket
+                notify.send_string(f"{seq} {error or ''}")
+
+            self.store.start(on_commit)
+        items = [
+            (sock, int(zmq.POLLIN)),
+            (wake, int(zmq.POLLIN)),
+            (monitor, int(zmq.POLLIN)),
+            (commits, int(zmq.POLLIN)),
+        ]
         try:
-            self._serve_loop(sock, wake, monitor, items)
+            self._serve_loop(sock, wake, monitor, commits, items)
         finally:
             sock.disable_monitor()
             monitor.close(0)
+            if self.store is not None:  # what was decided last goes to disk too
+                batch = self.broker.take_journal() if self.broker is not None else None
+                if batch is not None:
+                    self.store.submit(*batch)
+                self.store.close()
+            notify.close(0)
+            commits.close(0)
 
-    def _serve_loop(self, sock: zmq.Socket, wake: zmq.Socket, monitor: zmq.Socket, items: list) -> None:
+    def _serve_loop(
+        self, sock: zmq.Socket, wake: zmq.Socket, monitor: zmq.Socket, commits: zmq.Socket, items: list
+    ) -> None:
         assert self.broker is not None
         broker = self.broker
         handle = broker.handle
         recv = sock.recv_multipart
         noblock = _NOBLOCK
         outbox = broker.outbox
+        store = self.store
         poll = zmq.zmq_poll
         monotonic = time.monotonic
         now = last_sweep = idle_since = monotonic()
@@ -363,6 +431,16 @@ class BrokerServer:
                     except zmq.Again:
                         break
                     broker.connection_closed(event["value"], now)
+                while True:
+                    try:
+                        seq, _, error = commits.recv_string(_NOBLOCK).partition(" ")
+                    except zmq.Again:
+                        break
+                    broker.committed(int(seq), error or None)
+                if store is not None:
+                    batch = broker.take_journal()
+                    if batch is not None:
+                        store.submit(*batch)
                 if outbox:
                     _send_all(sock, broker)
             if broker.probes:
@@ -376,6 +454,10 @@ class BrokerServer:
                 if now - last_sweep >= 1.0:
                     last_sweep = now
                     broker.sweep(now)
+                    if store is not None:  # expiry may have ended stored messages
+                        batch = broker.take_journal()
+                        if batch is not None:
+                            store.submit(*batch)
                 if broker.outbox:
                     _send_all(sock, broker)
                 if self.idle_timeout is not None:

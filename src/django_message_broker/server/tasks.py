@@ -30,10 +30,20 @@ its deadline is dropped when it reaches the head of its level, or in
 deleted), ``auto_delete`` (deleted when its last consumer goes) and
 ``exclusive`` (only its declaring connection may use it, and it goes with
 that connection). All messages count in the broker's ``MemoryMeter``.
+
+Durability. With ``durable=True`` (the broker has a store: ``store.py``),
+every change to durable state is appended to ``journal`` as an operation
+for the store: a persistent message put on a durable queue (``put``), its
+first delivery (``dlv``), its end by ack, drop, purge or expiry (``del``),
+and durable queues, exchanges and bindings. The core never waits for the
+disk; the broker holds back the confirms of publishes until the store has
+committed their batch. ``restore`` rebuilds the state from what the store
+read back at start.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import deque
@@ -62,13 +72,17 @@ class TaskMessage:
     kombu message), its priority, deadline and whether it was delivered
     before. ``size`` is what it counts against the memory limit."""
 
-    __slots__ = ("body", "deadline", "priority", "redelivered", "size")
+    __slots__ = ("body", "deadline", "priority", "redelivered", "sid", "size")
 
-    def __init__(self, body: Any, priority: int = 0, deadline: float = math.inf, redelivered: bool = False) -> None:
+    def __init__(
+        self, body: Any, priority: int = 0, deadline: float = math.inf, redelivered: bool = False, sid: int = 0
+    ) -> None:
         self.body = body
         self.priority = priority
         self.deadline = deadline
         self.redelivered = redelivered
+        #: Its id in the durable store; 0: not stored.
+        self.sid = sid
         self.size = (len(body.buffer) if hasattr(body, "buffer") else len(body)) + MESSAGE_OVERHEAD
 
     def __repr__(self) -> str:
@@ -180,9 +194,9 @@ class TaskQueue:
         self.levels[message.priority].appendleft(message)
         self.ready += 1
 
-    def pop(self, now: float, meter: MemoryMeter) -> Optional[TaskMessage]:
+    def pop(self, now: float, meter: MemoryMeter, dropped: Optional[list] = None) -> Optional[TaskMessage]:
         """The next live message, highest priority first; expired ones met
-        on the way are dropped."""
+        on the way are dropped (and added to ``dropped``)."""
         for level in reversed(self.levels):
             while level:
                 message = level.popleft()
@@ -191,18 +205,24 @@ class TaskQueue:
                 if message.deadline > now:
                     return message
                 self.expired += 1
+                if dropped is not None:
+                    dropped.append(message)
         return None
 
-    def expire(self, now: float, meter: MemoryMeter) -> int:
-        """Drop expired messages at the head of each level."""
-        dropped = 0
+    def expire(self, now: float, meter: MemoryMeter, dropped: Optional[list] = None) -> int:
+        """Drop expired messages at the head of each level (adding them to
+        ``dropped``)."""
+        count = 0
         for level in self.levels:
             while level and level[0].deadline <= now:
-                meter.used -= level.popleft().size
-                dropped += 1
-        self.ready -= dropped
-        self.expired += dropped
-        return dropped
+                message = level.popleft()
+                meter.used -= message.size
+                count += 1
+                if dropped is not None:
+                    dropped.append(message)
+        self.ready -= count
+        self.expired += count
+        return count
 
     def purge(self, meter: MemoryMeter) -> int:
         count = self.ready
@@ -317,10 +337,21 @@ class Tasks:
         clock: Callable[[], float],
         sink: Callable[[bytes, Delivery], None],
         meter: Optional[MemoryMeter] = None,
+        durable: bool = False,
+        wall_clock: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.clock = clock
+        #: Wall-clock time, for deadlines kept on disk (they cross restarts).
+        self.wall_clock = wall_clock
         self.sink = sink
         self.meter = meter or MemoryMeter()
+        #: Durable state goes to ``journal`` for the store (see the module docstring).
+        self.durable = durable
+        self.journal: list[tuple] = []
+        self.next_sid = 1
+        #: Whether the last ``publish`` journaled a message (its confirm waits for the store).
+        self.stored = False
+        self._warned_in_memory = False
         self.vhosts: dict[str, VHost] = {}
         self.clients: dict[bytes, TaskClient] = {}
         self.unroutable = 0
@@ -386,6 +417,8 @@ class Tasks:
             raise PreconditionFailed(f"exchange type {type!r} is not one of {', '.join(EXCHANGE_TYPES)}")
         if existing is None:
             exchanges[name] = Exchange(name, type, durable=durable, auto_delete=auto_delete)
+            if durable and self.durable:
+                self.journal.append(("x+", client.vhost, name, type, int(auto_delete)))
         elif existing.type != type:
             raise PreconditionFailed(f"exchange {name!r} exists with type {existing.type!r}, not {type!r}")
 
@@ -398,6 +431,10 @@ class Tasks:
         if if_unused and exchange.bindings:
             raise PreconditionFailed(f"exchange {name!r} is in use")
         del exchanges[name]
+        if exchange.durable and self.durable:
+            self.journal.append(("x-", client.vhost, name))
+            for routing_key, queue in exchange.bindings:
+                self.journal.append(("b-", client.vhost, name, queue, routing_key))
 
     # -- queues ---------------------------------------------------------------
     def declare_queue(
@@ -446,19 +483,34 @@ class Tasks:
         queues[name] = queue
         if exclusive:
             client.exclusive.add(name)
+        elif durable:
+            if self.durable:
+                self.journal.append(("q+", client.vhost, name, json.dumps(arguments), int(auto_delete)))
+            elif not self._warned_in_memory:
+                self._warned_in_memory = True
+                logger.info(
+                    "durable queue %r: kept in memory only (the broker has no --data-dir); this is said once", name
+                )
         return name, 0, 0
 
     def bind(self, ident: bytes, queue: str, exchange: str, routing_key: str) -> None:
         client = self._client(ident)
-        self._queue(client, queue)
+        target_queue = self._queue(client, queue)
         target = self._exchange(client, exchange)
+        if (routing_key, queue) not in target.bindings and self._stored_binding(target, target_queue):
+            self.journal.append(("b+", client.vhost, exchange, queue, routing_key))
         target.bind(queue, routing_key)
 
     def unbind(self, ident: bytes, queue: str, exchange: str, routing_key: str) -> None:
         client = self._client(ident)
         target = self._vhost(client).exchanges.get(exchange)
         if target is not None:
+            if (routing_key, queue) in target.bindings and self.durable:
+                self.journal.append(("b-", client.vhost, exchange, queue, routing_key))
             target.unbind(queue, routing_key)
+
+    def _stored_binding(self, exchange: Exchange, queue: TaskQueue) -> bool:
+        return self.durable and queue.durable and (exchange.durable or exchange.name in _PREDECLARED)
 
     def _exchange(self, client: TaskClient, name: str) -> Exchange:
         exchange = self._vhost(client).exchanges.get(name)
@@ -468,7 +520,9 @@ class Tasks:
 
     def purge(self, ident: bytes, name: str) -> int:
         """Drop the queue's ready messages (not the unacknowledged ones)."""
-        return self._queue(self._client(ident), name).purge(self.meter)
+        queue = self._queue(self._client(ident), name)
+        self._forget_stored(m for level in queue.levels for m in level)
+        return queue.purge(self.meter)
 
     def delete_queue(self, ident: bytes, name: str, *, if_unused: bool = False, if_empty: bool = False) -> int:
         client = self._client(ident)
@@ -482,6 +536,8 @@ class Tasks:
         return self._delete(self._vhost(client), queue)
 
     def _delete(self, vhost: VHost, queue: TaskQueue) -> int:
+        if queue.durable and self.durable and vhost.queues.get(queue.name) is queue:
+            self.journal.append(("q-", vhost.name, queue.name))  # with its messages and bindings
         count = queue.purge(self.meter)
         for consumer in queue.consumers:
             consumer.session.consumers.pop(consumer.tag, None)
@@ -500,10 +556,22 @@ class Tasks:
         return self._queue(self._client(ident), name).ready
 
     # -- publishing -----------------------------------------------------------
-    def publish(self, ident: bytes, exchange: str, routing_key: str, body: Any, priority: int, ttl: float) -> int:
+    def publish(
+        self,
+        ident: bytes,
+        exchange: str,
+        routing_key: str,
+        body: Any,
+        priority: int,
+        ttl: float,
+        persistent: bool = False,
+    ) -> int:
         """Route ``body`` and queue it on every matching queue; returns how
         many queues took it (0: unroutable, dropped and counted, as AMQP
-        does without ``mandatory``). ``ttl``: seconds, 0 for none."""
+        does without ``mandatory``). ``ttl``: seconds, 0 for none. A
+        ``persistent`` message on a durable queue is journaled for the store
+        (``stored`` tells the caller whether this publish was)."""
+        self.stored = False
         client = self._client(ident)
         if type(priority) is not int:
             raise ProtocolError(f"priority must be an integer, not {priority!r}")
@@ -532,6 +600,8 @@ class Tasks:
         if not self.meter.fits(sum(m.size for m in messages)):
             raise QueueFull(routing_key, 0, "broker memory limit reached")
         for queue, message in zip(targets, messages, strict=True):
+            if persistent and queue.durable and self.durable:
+                self._store(client.vhost, queue, message, now)
             queue.push(message)
             self.meter.used += message.size
             queue.published += 1
@@ -539,6 +609,19 @@ class Tasks:
                 self._dispatch(queue)
         routed = len(targets)
         return routed
+
+    def _store(self, vhost: str, queue: TaskQueue, message: TaskMessage, now: float) -> None:
+        message.sid = self.next_sid
+        self.next_sid += 1
+        body = message.body
+        data = body if type(body) is bytes else bytes(memoryview(body))
+        expires = None if message.deadline == math.inf else self.wall_clock() + (message.deadline - now)
+        self.journal.append(("put", message.sid, vhost, queue.name, message.priority, expires, data))
+        self.stored = True
+
+    def _forget_stored(self, messages: Iterable[TaskMessage]) -> None:
+        if self.durable:
+            self.journal.extend(("del", m.sid) for m in messages if m.sid)
 
     # -- consuming ------------------------------------------------------------
     def consume(self, ident: bytes, session_id: int, queue_name: str, tag: str, *, no_ack: bool = False) -> None:
@@ -588,7 +671,9 @@ class Tasks:
         session = self._session(client, session_id)
         queue = self._queue(client, queue_name)
         queue.last_used = self.clock()
-        message = queue.pop(self.clock(), self.meter)
+        expired: list[TaskMessage] = []
+        message = queue.pop(self.clock(), self.meter, expired)
+        self._forget_stored(expired)
         if message is None:
             return None
         return self._delivery(session, "", queue, message, no_ack)
@@ -602,20 +687,27 @@ class Tasks:
         if not no_ack:
             session.unacked[tag] = (queue, message)
             queue.unacked += 1
+            if message.sid and not message.redelivered:
+                self.journal.append(("dlv", message.sid))  # after a restart it comes back redelivered
+        elif message.sid:
+            self.journal.append(("del", message.sid))
         return Delivery(session, tag, consumer, queue, message, not no_ack)
 
     def _dispatch(self, queue: TaskQueue) -> None:
         """Hand ready messages to consumers with room, in turn."""
         now = self.clock()
+        expired: list[TaskMessage] = []
         while queue.ready:
             consumer = queue.next_consumer()
             if consumer is None:
-                return
-            message = queue.pop(now, self.meter)
+                break
+            message = queue.pop(now, self.meter, expired)
             if message is None:
-                return
+                break
             session = consumer.session
             self.sink(session.client.ident, self._delivery(session, consumer.tag, queue, message, consumer.no_ack))
+        if expired:
+            self._forget_stored(expired)
 
     def _wake(self, session: Session) -> None:
         """The session has room again: its queues may deliver."""
@@ -629,9 +721,11 @@ class Tasks:
         for tag in self._tags(session, tags, multiple):
             entry = session.unacked.pop(tag, None)
             if entry is not None:
-                queue = entry[0]
+                queue, message = entry
                 queue.unacked -= 1
                 queue.acked += 1
+                if message.sid:
+                    self.journal.append(("del", message.sid))
         self._wake(session)
 
     def reject(
@@ -667,6 +761,8 @@ class Tasks:
         for _, (queue, message) in reversed(entries):
             queue.unacked -= 1
             if drop or self._queue_gone(session.client.vhost, queue):
+                if message.sid:
+                    self.journal.append(("del", message.sid))
                 continue
             message.redelivered = message.redelivered or redelivered
             queue.push_front(message)
@@ -753,10 +849,55 @@ class Tasks:
         for vhost in self.vhosts.values():
             for queue in list(vhost.queues.values()):
                 if queue.ready:
-                    self.expired += queue.expire(now, self.meter)
+                    expired: list[TaskMessage] = []
+                    self.expired += queue.expire(now, self.meter, expired)
+                    self._forget_stored(expired)
                 if queue.expires is not None and not queue.consumers and now - queue.last_used >= queue.expires:
                     logger.debug("queue %r unused for %gs: deleted", queue.name, queue.expires)
                     self._delete(vhost, queue)
+
+    # -- the store's side -----------------------------------------------------
+    def take_journal(self) -> list[tuple]:
+        journal, self.journal = self.journal, []
+        return journal
+
+    def restore(self, state: Any) -> int:
+        """Rebuild durable queues, exchanges, bindings and messages from a
+        ``store.StoredState``; returns how many messages came back. Messages
+        past their deadline are dropped (and forgotten by the store)."""
+        now, wall = self.clock(), self.wall_clock()
+        for vhost_name, name, arguments, auto_delete in state.queues:
+            vhost = self.vhosts.setdefault(vhost_name, VHost(vhost_name))
+            vhost.queues[name] = TaskQueue(
+                name,
+                durable=True,
+                auto_delete=auto_delete,
+                expires=_seconds(arguments, "x-expires"),
+                message_ttl=_seconds(arguments, "x-message-ttl"),
+                max_length=arguments.get("x-max-length"),
+                now=now,
+            )
+        for vhost_name, name, kind, auto_delete in state.exchanges:
+            vhost = self.vhosts.setdefault(vhost_name, VHost(vhost_name))
+            vhost.exchanges[name] = Exchange(name, kind, durable=True, auto_delete=auto_delete)
+        for vhost_name, exchange, queue, routing_key in state.bindings:
+            target = self.vhosts.get(vhost_name)
+            if target is not None and exchange in target.exchanges and queue in target.queues:
+                target.exchanges[exchange].bind(queue, routing_key)
+        restored = 0
+        for sid, vhost_name, queue_name, priority, expires, delivered, body in state.messages:
+            self.next_sid = max(self.next_sid, sid + 1)
+            target = self.vhosts.get(vhost_name)
+            queue = target.queues.get(queue_name) if target is not None else None
+            if queue is None or (expires is not None and expires <= wall):
+                self.journal.append(("del", sid))
+                continue
+            deadline = math.inf if expires is None else now + (expires - wall)
+            message = TaskMessage(body, min(max(priority, 0), PRIORITIES - 1), deadline, delivered, sid)
+            queue.push(message)
+            self.meter.used += message.size
+            restored += 1
+        return restored
 
     # -- introspection --------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -10,6 +10,8 @@ flags override it)::
         "authorized_keys": "/etc/dmb/clients",   # re-read on SIGHUP
         "ipc_mode": 0o660,                       # ipc:// socket file mode
         "insecure": False,                       # plain text off loopback
+        "data_dir": "/var/lib/dmb",              # durable task queues (docs/durability.md)
+        "fsync": "always",                       # or "everysec", "off"
     }
 
 See docs/security.md.
@@ -32,8 +34,9 @@ from ..._memory import parse_size
 from ...embedded import address_in_use_hint
 from ...options import LayerOptions
 from ...server.server import check_bind, serve
+from ...server.store import FSYNC_MODES
 
-SERVER_SETTINGS = {"bind", "secret_key", "authorized_keys", "ipc_mode", "insecure"}
+SERVER_SETTINGS = {"bind", "secret_key", "authorized_keys", "ipc_mode", "insecure", "data_dir", "fsync"}
 
 
 def server_settings() -> dict[str, Any]:
@@ -107,6 +110,18 @@ class Command(BaseCommand):
         )
         parser.add_argument("--ipc-mode", type=_octal, default=None, help="file mode of an ipc:// socket, e.g. 0660")
         parser.add_argument(
+            "--data-dir",
+            default=None,
+            help="keep durable task queues (Celery's) in this directory, so they survive a restart "
+            "(default: MESSAGE_BROKER_SERVER's data_dir, else in memory only)",
+        )
+        parser.add_argument(
+            "--fsync",
+            default=None,
+            choices=FSYNC_MODES,
+            help="with --data-dir: always (the default), everysec or off",
+        )
+        parser.add_argument(
             "--log-level",
             default=None,
             type=str.upper,
@@ -153,6 +168,8 @@ class Command(BaseCommand):
                     max_queue_length=options["max_queue_length"],
                     max_memory=max_memory,
                     idle_timeout=options["idle_timeout"],
+                    data_dir=options["data_dir"] or conf.get("data_dir"),
+                    fsync=options["fsync"] or conf.get("fsync") or "always",
                     **security,
                 )
             )

@@ -1,0 +1,252 @@
+"""The durable store: durable task queues and their persistent messages on
+disk, in SQLite (standard library), on a thread of its own.
+
+How it works. The broker core (``tasks.py``) decides and journals: every
+change to durable state (a persistent message put on a durable queue, its
+delivery, its ack, a purge, a durable queue, exchange or binding declared or
+deleted) is an operation in ``Tasks.journal``. After each batch of input the
+shell hands the journal to ``Store.submit`` with a sequence number. The
+store's thread takes every batch waiting, runs them in one transaction and
+commits: with ``fsync="always"`` (SQLite's ``synchronous=FULL`` in WAL mode)
+the commit returns once the data is on disk, and many publishers share one
+sync (group commit). Then it reports the highest sequence committed through
+``on_commit``; the broker answers the confirmed publishes of those batches
+only then, so a confirmed message is on disk. ``everysec`` commits without
+syncing (``synchronous=NORMAL``) and syncs once a second (a checkpoint): a
+crash of the machine loses up to a second, a crash of the broker nothing.
+``off`` leaves syncing to the operating system.
+
+On start, ``load`` reads everything back: queues, exchanges, bindings, and
+messages in the order they were put. A message delivered and not acked
+when the broker stopped comes back marked redelivered. A damaged database
+is reported (``StoreDamaged``) with what SQLite says, and moved aside
+rather than overwritten, so nothing is lost to a second mistake.
+
+A store that fails to write (a full disk) reports the failed sequence
+numbers with the error; the broker refuses those confirms with
+``QueueFull`` (its reason says why) and keeps serving everything in memory.
+The next batch tries again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue as queue_module
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+__all__ = ["FSYNC_MODES", "Store", "StoreDamaged", "StoredState"]
+
+logger = logging.getLogger("django_message_broker.server")
+
+FSYNC_MODES = ("always", "everysec", "off")
+_SYNCHRONOUS = {"always": "FULL", "everysec": "NORMAL", "off": "OFF"}
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS queues (
+    vhost TEXT NOT NULL, name TEXT NOT NULL, arguments TEXT NOT NULL, auto_delete INTEGER NOT NULL,
+    PRIMARY KEY (vhost, name));
+CREATE TABLE IF NOT EXISTS exchanges (
+    vhost TEXT NOT NULL, name TEXT NOT NULL, type TEXT NOT NULL, auto_delete INTEGER NOT NULL,
+    PRIMARY KEY (vhost, name));
+CREATE TABLE IF NOT EXISTS bindings (
+    vhost TEXT NOT NULL, exchange TEXT NOT NULL, queue TEXT NOT NULL, routing_key TEXT NOT NULL,
+    PRIMARY KEY (vhost, exchange, queue, routing_key));
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY, vhost TEXT NOT NULL, queue TEXT NOT NULL, priority INTEGER NOT NULL,
+    expires REAL, delivered INTEGER NOT NULL DEFAULT 0, body BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS messages_by_queue ON messages (vhost, queue);
+"""
+_SQL = {
+    "put": "INSERT OR REPLACE INTO messages (id, vhost, queue, priority, expires, body) VALUES (?, ?, ?, ?, ?, ?)",
+    "del": "DELETE FROM messages WHERE id = ?",
+    "dlv": "UPDATE messages SET delivered = 1 WHERE id = ?",
+    "q+": "INSERT OR REPLACE INTO queues (vhost, name, arguments, auto_delete) VALUES (?, ?, ?, ?)",
+    "x+": "INSERT OR REPLACE INTO exchanges (vhost, name, type, auto_delete) VALUES (?, ?, ?, ?)",
+    "x-": "DELETE FROM exchanges WHERE vhost = ? AND name = ?",
+    "b+": "INSERT OR IGNORE INTO bindings (vhost, exchange, queue, routing_key) VALUES (?, ?, ?, ?)",
+    "b-": "DELETE FROM bindings WHERE vhost = ? AND exchange = ? AND queue = ? AND routing_key = ?",
+}
+
+
+class StoreDamaged(Exception):
+    """The database could not be read: what SQLite said, and where the
+    damaged file was moved."""
+
+
+@dataclass
+class StoredState:
+    """What ``load`` read back."""
+
+    queues: list[tuple[str, str, dict, bool]] = field(default_factory=list)
+    exchanges: list[tuple[str, str, str, bool]] = field(default_factory=list)
+    bindings: list[tuple[str, str, str, str]] = field(default_factory=list)
+    #: (id, vhost, queue, priority, expires (wall clock) or None, delivered, body), in order
+    messages: list[tuple[int, str, str, int, Optional[float], bool, bytes]] = field(default_factory=list)
+    #: What was wrong, if the database was damaged and set aside.
+    damage: Optional[str] = None
+
+
+class Store:
+    """``Store(path, fsync=...)``; ``load()`` once, then ``start(on_commit)``,
+    ``submit(seq, ops)`` from the broker's thread, ``close()`` at the end."""
+
+    def __init__(self, path: str, *, fsync: str = "always") -> None:
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
+        self.path = path
+        self.fsync = fsync
+        self._queue: queue_module.SimpleQueue[Any] = queue_module.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._conn: Optional[sqlite3.Connection] = None
+        self.commits = 0
+        self.synced_batches = 0
+
+    # -- opening ------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.fsync]}")
+        conn.execute("PRAGMA wal_autocheckpoint=10000")
+        conn.executescript(_SCHEMA)
+        return conn
+
+    def load(self) -> StoredState:
+        """Open (or create) the database and read it back. A database SQLite
+        cannot read is moved aside (``<path>.damaged-<time>``) and a new one
+        started; ``StoredState.damage`` says what happened."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        damage = None
+        try:
+            self._conn = self._connect()
+            state = self._read(self._conn)
+            check = self._conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {check}")
+            return state
+        except sqlite3.DatabaseError as exc:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            aside = f"{self.path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(self.path + suffix):
+                    os.replace(self.path + suffix, aside + suffix)
+            damage = f"{self.path} could not be read ({exc}); moved to {aside} and started afresh"
+            logger.error("durable store: %s", damage)
+        self._conn = self._connect()
+        state = self._read(self._conn)
+        state.damage = damage
+        return state
+
+    @staticmethod
+    def _read(conn: sqlite3.Connection) -> StoredState:
+        state = StoredState()
+        for vhost, name, arguments, auto_delete in conn.execute(
+            "SELECT vhost, name, arguments, auto_delete FROM queues"
+        ):
+            state.queues.append((vhost, name, json.loads(arguments), bool(auto_delete)))
+        for vhost, name, kind, auto_delete in conn.execute("SELECT vhost, name, type, auto_delete FROM exchanges"):
+            state.exchanges.append((vhost, name, kind, bool(auto_delete)))
+        state.bindings = list(conn.execute("SELECT vhost, exchange, queue, routing_key FROM bindings"))
+        rows = conn.execute("SELECT id, vhost, queue, priority, expires, delivered, body FROM messages ORDER BY id")
+        state.messages = [(i, v, q, pr, ex, bool(d), bytes(b)) for i, v, q, pr, ex, d, b in rows]
+        return state
+
+    # -- the writer thread ------------------------------------------------------
+    def start(self, on_commit: Callable[[int, Optional[str]], None]) -> None:
+        """Start writing. ``on_commit(seq, error)`` is called on the store's
+        thread after each transaction: every batch up to ``seq`` is
+        committed (``error`` None) or failed (``error`` says why)."""
+        assert self._conn is not None, "load() first"
+        self._thread = threading.Thread(target=self._run, args=(on_commit,), name="dmb-store", daemon=True)
+        self._thread.start()
+
+    def submit(self, seq: int, ops: list[tuple]) -> None:
+        """Hand a batch of operations to the writer (never blocks)."""
+        self._queue.put((seq, ops))
+
+    def _run(self, on_commit: Callable[[int, Optional[str]], None]) -> None:
+        conn = self._conn
+        assert conn is not None
+        get = self._queue.get
+        next_sync = time.monotonic() + 1.0
+        while True:
+            timeout = max(0.0, next_sync - time.monotonic()) if self.fsync == "everysec" else None
+            batches: list[Any] = []
+            try:
+                batches.append(get(timeout=timeout))
+            except queue_module.Empty:
+                pass
+            while True:  # group commit: everything waiting goes in one transaction
+                try:
+                    batches.append(self._queue.get_nowait())
+                except queue_module.Empty:
+                    break
+            stop = any(b is None for b in batches)  # close(): write what came before, then end
+            batches = [b for b in batches if b is not None]
+            if batches:
+                seq = batches[-1][0]
+                try:
+                    self._write(conn, [op for _, ops in batches for op in ops])
+                    self.commits += 1
+                    self.synced_batches += len(batches)
+                    on_commit(seq, None)
+                except sqlite3.Error as exc:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                    logger.error("durable store: a write failed: %s", exc)
+                    on_commit(seq, f"durable store: {exc}")
+            if self.fsync == "everysec" and time.monotonic() >= next_sync:
+                next_sync = time.monotonic() + 1.0
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:
+                    logger.warning("durable store: checkpoint failed: %s", exc)
+            if stop:
+                return
+
+    @staticmethod
+    def _write(conn: sqlite3.Connection, ops: list[tuple]) -> None:
+        conn.execute("BEGIN")
+        run: list[tuple] = []
+        kind = ""
+        for op in ops:
+            if op[0] != kind:
+                _flush(conn, kind, run)
+                kind, run = op[0], []
+            run.append(op[1:])
+        _flush(conn, kind, run)
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Write what was submitted, then stop and close."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+        if self._conn is not None:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._conn.close()
+            self._conn = None
+
+
+def _flush(conn: sqlite3.Connection, kind: str, rows: list[tuple]) -> None:
+    if not rows:
+        return
+    if kind == "q-":  # a durable queue goes with its messages and bindings
+        conn.executemany("DELETE FROM messages WHERE vhost = ? AND queue = ?", rows)
+        conn.executemany("DELETE FROM bindings WHERE vhost = ? AND queue = ?", rows)
+        conn.executemany("DELETE FROM queues WHERE vhost = ? AND name = ?", rows)
+    else:
+        conn.executemany(_SQL[kind], rows)
