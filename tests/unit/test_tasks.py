@@ -11,7 +11,7 @@ import pytest
 from django_message_broker import exceptions as ex
 from django_message_broker._memory import MESSAGE_OVERHEAD
 from django_message_broker.server.server_queue import MemoryMeter
-from django_message_broker.server.tasks import MAX_NAME, Delivery, TaskMessage, TaskQueue, Tasks
+from django_message_broker.server.tasks import MAX_NAME, Delivery, TaskMessage, TaskQueue, Tasks, topic_matches
 from helpers import FakeClock
 
 A, B, C = b"conn-a", b"conn-b", b"conn-c"
@@ -183,6 +183,35 @@ def test_topic_exchange_matches_as_amqp(pattern, key, matches):
     rig.tasks.bind(A, "q", "tx", pattern)
     assert rig.publish(key, b"m", exchange="tx") == int(matches)
     assert rig.tasks.unroutable == int(not matches)
+
+
+@pytest.mark.timeout(10)
+def test_topic_matching_takes_linear_time_whatever_the_pattern():
+    # Backtracking over each # took exponential time: 10 "#." and 20 words, 20 s.
+    rig = Rig(A)
+    rig.tasks.declare_exchange(A, "tx", "topic")
+    rig.declare("q")
+    rig.tasks.bind(A, "q", "tx", "#." * 60 + "b")
+    rig.tasks.bind(A, "q", "tx", "#.a." * 30 + "#.c")
+    many_a = ".".join(["a"] * 120)
+    assert rig.publish(many_a, b"m", exchange="tx") == 0
+    assert rig.publish(many_a + ".b", b"m", exchange="tx") == 1
+    assert rig.publish(many_a + ".c", b"m", exchange="tx") == 1
+    assert not topic_matches(("#",) * 100 + ("b",), ["a"] * 200)
+
+
+def test_routing_keys_are_amqp_short_strings():
+    rig = Rig(A)
+    rig.tasks.declare_exchange(A, "tx", "topic")
+    rig.declare("q")
+    rig.tasks.bind(A, "q", "tx", "k" * MAX_NAME)
+    with pytest.raises(ex.ProtocolError):
+        rig.tasks.bind(A, "q", "tx", "k" * (MAX_NAME + 1))
+    with pytest.raises(ex.ProtocolError):
+        rig.tasks.publish(A, "tx", "a." * 200, b"m", 0, 0)
+    with pytest.raises(ex.ProtocolError):
+        rig.tasks.publish(A, "", None, b"m", 0, 0)
+    assert rig.publish("k" * MAX_NAME, b"m", exchange="tx") == 1
 
 
 def test_topic_exchange_delivers_once_per_queue_whatever_matches():

@@ -265,20 +265,38 @@ class Exchange:
         return list(dict.fromkeys(found))  # once per queue, in binding order
 
 
-def topic_matches(pattern: tuple[str, ...] | list[str], words: list[str], i: int = 0, j: int = 0) -> bool:
+def topic_matches(pattern: tuple[str, ...] | list[str], words: list[str]) -> bool:
     """AMQP topic matching on dot-separated words: ``*`` is exactly one
-    word, ``#`` zero or more."""
-    while i < len(pattern):
-        word = pattern[i]
-        if word == "#":
-            if i == len(pattern) - 1:
-                return True
-            return any(topic_matches(pattern, words, i + 1, k) for k in range(j, len(words) + 1))
-        if j >= len(words) or (word != "*" and word != words[j]):
+    word, ``#`` zero or more. One pass over the words, carrying the set of
+    pattern positions reached so far: time linear in each length. (Trying
+    every split of the words at each ``#`` takes exponential time on a
+    binding such as ``#.#.#.#.#.#.#.#.#.#.b``: one publish froze the broker.)"""
+    end = len(pattern)
+    reached = _past_hashes(pattern, {0})
+    for word in words:
+        following = set()
+        for i in reached:
+            if i < end:
+                part = pattern[i]
+                if part == "#":
+                    following.add(i)  # one more word for this #
+                elif part == "*" or part == word:
+                    following.add(i + 1)
+        if not following:
             return False
-        i += 1
-        j += 1
-    return j == len(words)
+        reached = _past_hashes(pattern, following)
+    return end in reached
+
+
+def _past_hashes(pattern: tuple[str, ...] | list[str], reached: set[int]) -> set[int]:
+    """``reached`` and the positions after each ``#`` in it (a ``#`` may match no word)."""
+    todo = list(reached)
+    while todo:
+        i = todo.pop()
+        if i < len(pattern) and pattern[i] == "#" and i + 1 not in reached:
+            reached.add(i + 1)
+            todo.append(i + 1)
+    return reached
 
 
 class VHost:
@@ -292,6 +310,14 @@ def _check_name(name: Any, what: str) -> str:
     if not isinstance(name, str) or len(name) > MAX_NAME or "\x00" in name:
         raise ProtocolError(f"invalid {what} name {name!r}")
     return name
+
+
+def _check_routing_key(key: Any) -> str:
+    """A routing or binding key is an AMQP short string too (at most 255
+    characters): topic matching costs the product of two keys' lengths."""
+    if not isinstance(key, str) or len(key) > MAX_NAME:
+        raise ProtocolError(f"invalid routing key {key!r:.80}: a string of at most {MAX_NAME} characters")
+    return key
 
 
 def _seconds(arguments: dict, key: str) -> Optional[float]:
@@ -450,6 +476,7 @@ class Tasks:
 
     def bind(self, ident: bytes, queue: str, exchange: str, routing_key: str) -> None:
         client = self._client(ident)
+        _check_routing_key(routing_key)
         self._queue(client, queue)
         target = self._exchange(client, exchange)
         target.bind(queue, routing_key)
@@ -505,6 +532,7 @@ class Tasks:
         many queues took it (0: unroutable, dropped and counted, as AMQP
         does without ``mandatory``). ``ttl``: seconds, 0 for none."""
         client = self._client(ident)
+        _check_routing_key(routing_key)
         if type(priority) is not int:
             raise ProtocolError(f"priority must be an integer, not {priority!r}")
         priority = min(max(priority, 0), PRIORITIES - 1)
