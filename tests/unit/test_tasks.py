@@ -166,6 +166,11 @@ TOPIC_CASES = [
     ("*.a", ".a", True),
     ("*.*", ".", True),
     ("*", ".", False),
+    ("*", "", False),  # "" is zero words (AMQP; RabbitMQ's split_topic_key)
+    ("#.*", "", False),
+    ("*.#", "", False),
+    ("#.#.*", "", False),
+    ("a.#", "", False),
     ("", "", True),
     ("", "a", False),
     ("a", "", False),

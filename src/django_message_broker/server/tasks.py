@@ -241,7 +241,7 @@ class Exchange:
         key = (routing_key, queue)
         if key in self.bindings:
             return
-        self.bindings[key] = tuple(routing_key.split("."))
+        self.bindings[key] = _words(routing_key)
         self._direct.setdefault(routing_key, []).append(queue)
 
     def unbind(self, queue: str, routing_key: str) -> None:
@@ -260,9 +260,15 @@ class Exchange:
             return self._direct.get(routing_key, [])
         if self.type == "fanout":
             return list(dict.fromkeys(name for _, name in self.bindings))
-        words = routing_key.split(".")
+        words = list(_words(routing_key))
         found = (name for (_, name), pattern in self.bindings.items() if topic_matches(pattern, words))
         return list(dict.fromkeys(found))  # once per queue, in binding order
+
+
+def _words(key: str) -> tuple[str, ...]:
+    """A topic key's words: AMQP's "zero or more words delimited by dots",
+    so ``""`` has none (``*`` does not match it) and ``"a..b"`` has three."""
+    return tuple(key.split(".")) if key else ()
 
 
 def topic_matches(pattern: tuple[str, ...] | list[str], words: list[str]) -> bool:
