@@ -7,6 +7,9 @@ import math
 from typing import Any, Optional
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from django_message_broker import exceptions as ex
 from django_message_broker._memory import MESSAGE_OVERHEAD
@@ -686,6 +689,44 @@ def test_drop_client_gives_back_in_original_order_and_others_get_them():
     assert rig.tasks.drop_client(A) == 0  # gone already
 
 
+def test_drop_client_gives_back_from_all_its_sessions_in_delivery_order_and_nothing_to_itself():
+    rig = Rig(A, B)
+    rig.declare("q")
+    rig.tasks.qos(A, 1, 0)
+    rig.tasks.qos(A, 2, 0)
+    rig.tasks.consume(A, 1, "q", "c")
+    rig.tasks.consume(A, 2, "q", "c")
+    rig.publish("q", *[b"%d" % i for i in range(6)])
+    assert [(d.session.id, d.message.body) for d in rig.take(A)] == [
+        (1, b"0"),
+        (2, b"1"),
+        (1, b"2"),
+        (2, b"3"),
+        (1, b"4"),
+        (2, b"5"),
+    ]
+    assert rig.tasks.drop_client(A) == 6
+    assert rig.take() == []  # session 2 of the dying connection got none of session 1's messages
+    assert rig.ready("q") == [b"%d" % i for i in range(6)]
+    assert [m.redelivered for m in rig.queue("q").levels[0]] == [True] * 6
+    assert (rig.queue("q").delivered, rig.queue("q").redelivered, rig.queue("q").unacked) == (6, 6, 0)
+    rig.tasks.consume(B, 1, "q", "c")
+    assert rig.bodies(B) == [b"%d" % i for i in range(6)]
+
+
+def test_reopening_gives_back_from_all_sessions_without_delivering_to_the_old_ones():
+    rig = Rig(A)
+    rig.declare("q")
+    rig.tasks.qos(A, 1, 1)
+    rig.tasks.consume(A, 1, "q", "c")
+    rig.tasks.consume(A, 2, "q", "c")  # no limit: it would take everything given back
+    rig.publish("q", b"1", b"2")
+    rig.take(A)
+    rig.tasks.open(A, "/")
+    assert rig.take() == []
+    assert rig.ready("q") == [b"1", b"2"]
+
+
 def test_drop_client_removes_its_exclusive_queues_and_their_bindings():
     rig = Rig(A, B)
     rig.tasks.declare_exchange(A, "fx", "fanout")
@@ -1284,3 +1325,264 @@ def test_stats_and_queue_stats():
         "expired": 0,
     }
     assert "q" in repr(rig.queue("q")) and "bytes" in repr(rig.queue("q").levels[0] or TaskMessage(b"abc"))
+
+
+# -- random operations: invariants ------------------------------------------------------
+IDENTS = (A, B, C)
+QUEUES = ("q0", "q1", "q2")
+SESSIONS = (1, 2)
+
+
+class TasksMachine(RuleBasedStateMachine):
+    """Three connections, two sessions each, three queues, a fanout and a
+    topic exchange, and a shell that sends, or fails to send, what the model
+    decided. After every step: the meter counts exactly the ready messages,
+    every message is in one place only, a message that left (acked,
+    consumed without ack, dropped, expired, purged, deleted) never comes
+    back, the queues' counters match, no session holds more than its
+    prefetch, and no queue keeps a ready message from a consumer with room."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = FakeClock()
+        self.meter = MemoryMeter(20_000)
+        self.pending: list[tuple[bytes, Delivery]] = []  # decided, not yet sent
+        self.tasks = Tasks(clock=self.clock, sink=self._sink, meter=self.meter)
+        #: (ident, session id) -> tags the client received and has not settled
+        self.held: dict[tuple[bytes, int], list[int]] = {}
+        self.seen: dict[int, TaskMessage] = {}  # every message ever present (kept alive: ids stay unique)
+        self.gone: set[int] = set()
+        self.bodies = 0
+        for ident in IDENTS:
+            self.tasks.open(ident, "/")
+        self.tasks.declare_exchange(A, "fx", "fanout")
+        self.tasks.declare_exchange(A, "tx", "topic")
+
+    def _sink(self, ident: bytes, delivery: Delivery) -> None:
+        session = delivery.session
+        if delivery.tracked and session.prefetch and delivery.consumer:
+            assert len(session.unacked) <= session.prefetch, "delivered past the prefetch limit"
+        assert session.client is self.tasks.clients.get(ident), "delivered to a connection that is gone"
+        self.pending.append((ident, delivery))
+
+    # -- where each message is ----------------------------------------------------
+    def _places(self) -> list[TaskMessage]:
+        places: list[TaskMessage] = []
+        for vhost in self.tasks.vhosts.values():
+            for queue in vhost.queues.values():
+                for level in queue.levels:
+                    places.extend(level)
+        for client in self.tasks.clients.values():
+            for session in client.sessions.values():
+                places.extend(message for _, message in session.unacked.values())
+        places.extend(d.message for _, d in self.pending if not d.tracked)
+        return places
+
+    def _queues(self) -> list[TaskQueue]:
+        return list(self.tasks.vhosts["/"].queues.values())
+
+    # -- rules ------------------------------------------------------------------------
+    @rule(
+        name=st.sampled_from(QUEUES),
+        ident=st.sampled_from(IDENTS),
+        ttl=st.sampled_from([None, 1000, 3000]),
+        expires=st.sampled_from([None, 2000]),
+        max_length=st.sampled_from([None, 3]),
+        auto_delete=st.booleans(),
+        exclusive=st.booleans(),
+        bind=st.sampled_from(["", "fx", "tx"]),
+    )
+    def declare(self, name, ident, ttl, expires, max_length, auto_delete, exclusive, bind):
+        arguments = {k: v for k, v in (("x-message-ttl", ttl), ("x-expires", expires), ("x-max-length", max_length))}
+        arguments = {k: v for k, v in arguments.items() if v is not None}
+        try:
+            self.tasks.declare_queue(ident, name, exclusive=exclusive, auto_delete=auto_delete, arguments=arguments)
+            if bind:
+                self.tasks.bind(ident, name, bind, "a.#" if bind == "tx" else "")
+        except ex.ResourceLocked:
+            pass
+
+    @rule(
+        to=st.sampled_from((*QUEUES, "fx", "tx")),
+        priority=st.integers(-1, 10),
+        ttl=st.sampled_from([0.0, 0.0, 1.0, 5.0]),
+        count=st.integers(1, 4),
+    )
+    def publish(self, to, priority, ttl, count):
+        exchange, key = (to, "a.b") if to in ("fx", "tx") else ("", to)
+        for _ in range(count):
+            self.bodies += 1
+            try:
+                self.tasks.publish(B, exchange, key, b"m%d" % self.bodies, priority, ttl)
+            except ex.QueueFull:
+                pass
+
+    @rule(
+        ident=st.sampled_from(IDENTS),
+        session=st.sampled_from(SESSIONS),
+        name=st.sampled_from(QUEUES),
+        tag=st.sampled_from(["t1", "t2"]),
+        no_ack=st.booleans(),
+    )
+    def consume(self, ident, session, name, tag, no_ack):
+        try:
+            self.tasks.consume(ident, session, name, tag, no_ack=no_ack)
+        except (ex.NotFound, ex.ResourceLocked, ex.PreconditionFailed):
+            pass
+
+    @rule(ident=st.sampled_from(IDENTS), session=st.sampled_from(SESSIONS), tag=st.sampled_from(["t1", "t2"]))
+    def cancel(self, ident, session, tag):
+        self.tasks.cancel(ident, session, tag)
+
+    @rule(ident=st.sampled_from(IDENTS), session=st.sampled_from(SESSIONS), prefetch=st.integers(0, 3))
+    def qos(self, ident, session, prefetch):
+        self.tasks.qos(ident, session, prefetch)
+
+    @rule(
+        ident=st.sampled_from(IDENTS),
+        session=st.sampled_from(SESSIONS),
+        name=st.sampled_from(QUEUES),
+        no_ack=st.booleans(),
+    )
+    def get(self, ident, session, name, no_ack):
+        try:
+            delivery = self.tasks.get(ident, session, name, no_ack=no_ack)
+        except (ex.NotFound, ex.ResourceLocked):
+            return
+        if delivery is not None:  # a reply in the outbox, like the consumers' deliveries
+            self.pending.append((ident, delivery))
+
+    @rule(outcome=st.lists(st.sampled_from(["sent", "sent", "busy", "gone"]), min_size=3, max_size=3))
+    def send(self, outcome):
+        """The shell sends what is pending, peer by peer; a peer fails
+        (busy or gone) from some message on, as with ROUTER_MANDATORY."""
+        pending, self.pending = self.pending, []
+        for ident, mode in zip(IDENTS, outcome, strict=True):
+            mine = [d for who, d in pending if who == ident]
+            if not mine:
+                continue
+            if mode == "sent":
+                for delivery in mine:
+                    session = self.tasks.clients[ident].sessions.get(delivery.session.id)
+                    if delivery.tracked and session is delivery.session and delivery.tag in session.unacked:
+                        self.held.setdefault((ident, session.id), []).append(delivery.tag)
+                continue
+            if mode == "gone":  # as Broker.send_failed: the connection is dropped first
+                self._forget(ident)
+                self.tasks.drop_client(ident)
+            self.tasks.undeliver(mine)
+            self.tasks.retry()  # the broker's next tick (tasks_stalled)
+            if mode == "gone":
+                self.tasks.open(ident, "/")  # it comes back, afresh
+
+    def _forget(self, ident: bytes, session: Optional[int] = None) -> None:
+        for key in [k for k in self.held if k[0] == ident and session in (None, k[1])]:
+            del self.held[key]
+
+    @rule(
+        ident=st.sampled_from(IDENTS),
+        session=st.sampled_from(SESSIONS),
+        how=st.sampled_from(["ack", "ack-multiple", "requeue", "drop", "requeue-multiple", "unknown"]),
+        pick=st.integers(0, 5),
+    )
+    def settle(self, ident, session, how, pick):
+        tags = self.held.get((ident, session), [])
+        if how == "unknown":
+            self.tasks.ack(ident, session, [1000 + pick])
+            return
+        if not tags:
+            return
+        tag = tags[pick % len(tags)]
+        multiple = how.endswith("multiple")
+        settled = [t for t in tags if t <= tag] if multiple else [tag]
+        if how.startswith("ack"):
+            self.tasks.ack(ident, session, [tag], multiple=multiple)
+        else:
+            self.tasks.reject(ident, session, [tag], requeue=how != "drop", multiple=multiple)
+        self.held[(ident, session)] = [t for t in tags if t not in settled]
+
+    @rule(ident=st.sampled_from(IDENTS), session=st.sampled_from(SESSIONS))
+    def recover(self, ident, session):
+        self.tasks.recover(ident, session)
+        self._forget(ident, session)
+
+    @rule(ident=st.sampled_from(IDENTS), session=st.sampled_from(SESSIONS))
+    def close_session(self, ident, session):
+        self.tasks.close_session(ident, session)
+        self._forget(ident, session)
+
+    @rule(ident=st.sampled_from(IDENTS))
+    def reconnect(self, ident):
+        """The connection is dropped (or reconnects afresh with Open)."""
+        self._forget(ident)
+        self.tasks.open(ident, "/")
+
+    @rule(ident=st.sampled_from(IDENTS), name=st.sampled_from(QUEUES))
+    def purge(self, ident, name):
+        try:
+            self.tasks.purge(ident, name)
+        except (ex.NotFound, ex.ResourceLocked):
+            pass
+
+    @rule(ident=st.sampled_from(IDENTS), name=st.sampled_from(QUEUES), if_unused=st.booleans())
+    def delete(self, ident, name, if_unused):
+        try:
+            self.tasks.delete_queue(ident, name, if_unused=if_unused)
+        except (ex.ResourceLocked, ex.PreconditionFailed):
+            pass
+
+    @rule(seconds=st.sampled_from([0.5, 1.0, 2.5]))
+    def sweep(self, seconds):
+        self.clock.advance(seconds)
+        self.tasks.sweep(self.clock())
+
+    # -- invariants ----------------------------------------------------------------------
+    @invariant()
+    def meter_counts_the_ready_messages(self):
+        ready = [m for q in self._queues() for level in q.levels for m in level]
+        assert self.meter.used == sum(m.size for m in ready)
+
+    @invariant()
+    def every_message_is_in_one_place_and_what_left_never_comes_back(self):
+        places = self._places()
+        present = {id(m): m for m in places}
+        assert len(present) == len(places), "a message is in two places"
+        assert not present.keys() & self.gone, "a message came back after it left"
+        self.seen.update(present)
+        self.gone.update(self.seen.keys() - present.keys())
+
+    @invariant()
+    def queue_counters_match(self):
+        held: dict[int, int] = {}
+        for client in self.tasks.clients.values():
+            for session in client.sessions.values():
+                for queue, _ in session.unacked.values():
+                    held[id(queue)] = held.get(id(queue), 0) + 1
+        for queue in self._queues():
+            assert queue.ready == sum(len(level) for level in queue.levels)
+            assert queue.unacked == held.get(id(queue), 0)
+            assert all(consumer.queue is queue for consumer in queue.consumers)
+            assert all(c.session.consumers.get(c.tag) is c for c in queue.consumers)
+
+    @invariant()
+    def no_ready_message_waits_for_a_consumer_with_room(self):
+        now = self.clock()
+        for queue in self._queues():
+            live = any(m.deadline > now for level in queue.levels for m in level)
+            if live:
+                assert not any(c.no_ack or c.session.room() > 0 for c in queue.consumers), queue
+
+    def teardown(self):
+        """Everyone leaves, what was in flight fails, the queues go: nothing is left counted."""
+        for ident in IDENTS:
+            self.tasks.drop_client(ident)
+        self.tasks.undeliver(d for _, d in self.pending)
+        for queue in self._queues():
+            self.tasks.open(A, "/")
+            self.tasks.delete_queue(A, queue.name)
+        assert self.meter.used == 0
+        assert self.tasks.stats()["task_queues"] == 0
+
+
+TestTasksMachine = TasksMachine.TestCase
+TestTasksMachine.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)

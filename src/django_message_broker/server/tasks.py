@@ -62,13 +62,16 @@ class TaskMessage:
     kombu message), its priority, deadline and whether it was delivered
     before. ``size`` is what it counts against the memory limit."""
 
-    __slots__ = ("body", "deadline", "priority", "redelivered", "size")
+    __slots__ = ("body", "deadline", "delivery", "priority", "redelivered", "size")
 
     def __init__(self, body: Any, priority: int = 0, deadline: float = math.inf, redelivered: bool = False) -> None:
         self.body = body
         self.priority = priority
         self.deadline = deadline
         self.redelivered = redelivered
+        #: When it was last delivered (``Tasks``' count of deliveries): what
+        #: goes back to a queue goes back in the order it left.
+        self.delivery = 0
         self.size = (len(body.buffer) if hasattr(body, "buffer") else len(body)) + MESSAGE_OVERHEAD
 
     def __repr__(self) -> str:
@@ -357,6 +360,7 @@ class Tasks:
         self.clients: dict[bytes, TaskClient] = {}
         self.unroutable = 0
         self.expired = 0
+        self._deliveries = 0
 
     # -- connections and sessions --------------------------------------------
     def open(self, ident: bytes, vhost: str) -> None:
@@ -633,6 +637,8 @@ class Tasks:
         tag = session.next_tag
         session.next_tag += 1
         queue.delivered += 1
+        self._deliveries += 1
+        message.delivery = self._deliveries
         if not no_ack:
             session.unacked[tag] = (queue, message)
             queue.unacked += 1
@@ -694,13 +700,26 @@ class Tasks:
         return tags
 
     def _give_back(self, session: Session, tags: list[int], *, drop: bool = False, redelivered: bool = True) -> None:
-        """Unacknowledged messages go back to the head of their queues, the
-        oldest first in front (or are dropped)."""
-        entries = [(tag, session.unacked.pop(tag)) for tag in sorted(tags) if tag in session.unacked]
+        """Unacknowledged messages go back to the head of their queues (or
+        are dropped)."""
+        vhost = session.client.vhost
+        self._put_back(
+            [(vhost, *session.unacked.pop(tag), True) for tag in tags if tag in session.unacked], drop, redelivered
+        )
+
+    def _put_back(
+        self, entries: list[tuple[str, TaskQueue, TaskMessage, bool]], drop: bool = False, redelivered: bool = True
+    ) -> None:
+        """Put (vhost, queue, message, tracked) back at the head of each
+        queue, in the order they were delivered (the earliest in front),
+        whatever session held them; ``tracked`` ones leave the queue's
+        unacknowledged count. Then the queues deliver again."""
+        entries.sort(key=lambda entry: entry[2].delivery)
         touched: dict[int, TaskQueue] = {}
-        for _, (queue, message) in reversed(entries):
-            queue.unacked -= 1
-            if drop or self._queue_gone(session.client.vhost, queue):
+        for vhost, queue, message, tracked in reversed(entries):
+            if tracked:
+                queue.unacked -= 1
+            if drop or self._queue_gone(vhost, queue):
                 continue
             message.redelivered = message.redelivered or redelivered
             queue.push_front(message)
@@ -726,10 +745,13 @@ class Tasks:
             self._end_session(session)
 
     def _end_session(self, session: Session) -> None:
+        self._end_consumers(session)
+        self._give_back(session, list(session.unacked))
+
+    def _end_consumers(self, session: Session) -> None:
         consumers, session.consumers = list(session.consumers.values()), {}
         for consumer in consumers:
             self._remove_consumer(consumer)
-        self._give_back(session, list(session.unacked))
 
     def drop_client(self, ident: bytes) -> int:
         """The connection is gone (closed, dead, or reconnecting afresh):
@@ -739,10 +761,17 @@ class Tasks:
         client = self.clients.pop(ident, None)
         if client is None:
             return 0
-        held = sum(len(s.unacked) for s in client.sessions.values())
-        for session in list(client.sessions.values()):
-            self._end_session(session)
+        sessions = list(client.sessions.values())
         client.sessions.clear()
+        # Every consumer first, so that nothing given back is delivered to
+        # another session of this same connection; then everything back at
+        # once, in the order it was delivered across its sessions.
+        for session in sessions:
+            self._end_consumers(session)
+        held = [(client.vhost, *entry, True) for session in sessions for entry in session.unacked.values()]
+        for session in sessions:
+            session.unacked.clear()
+        self._put_back(held)
         vhost = self.vhosts.get(client.vhost)
         if vhost is not None:
             for name in list(client.exclusive):
@@ -750,8 +779,8 @@ class Tasks:
                 if queue is not None:
                     self._delete(vhost, queue)
         if held:
-            logger.info("connection %r is gone: %d unacknowledged message(s) go back to their queues", ident, held)
-        return held
+            logger.info("connection %r is gone: %d unacknowledged message(s) go back to their queues", ident, len(held))
+        return len(held)
 
     def holds(self, ident: bytes) -> bool:
         """Whether the connection has consumers or unacknowledged messages
