@@ -1243,6 +1243,26 @@ def test_undeliver_returns_no_ack_deliveries_too():
     assert rig.meter.used == rig.ready_bytes()
 
 
+def test_undeliver_keeps_the_order_of_tracked_and_no_ack_deliveries_of_one_queue():
+    rig = Rig(A)
+    rig.declare("q")
+    rig.tasks.consume(A, 1, "q", "auto", no_ack=True)
+    rig.tasks.consume(A, 2, "q", "acked")
+    rig.publish("q", b"1", b"2", b"3", b"4")
+    deliveries = rig.take(A)
+    assert [(d.tracked, d.message.body) for d in deliveries] == [
+        (False, b"1"),
+        (True, b"2"),
+        (False, b"3"),
+        (True, b"4"),
+    ]
+    rig.tasks.cancel(A, 1, "auto")
+    rig.tasks.cancel(A, 2, "acked")
+    rig.tasks.undeliver(deliveries)
+    assert rig.ready("q") == [b"1", b"2", b"3", b"4"]
+    assert rig.queue("q").unacked == 0 and rig.meter.used == rig.ready_bytes()
+
+
 def test_undelivered_messages_go_to_the_next_consumer_at_once():
     rig = Rig(A, B)
     deliveries = consumed(rig, b"1", b"2")

@@ -791,18 +791,18 @@ class Tasks:
     # -- the shell's side -----------------------------------------------------
     def undeliver(self, deliveries: Iterable[Delivery]) -> None:
         """Deliveries the shell could not send go back to the head of their
-        queues, not marked redelivered (they never arrived)."""
-        by_session: dict[int, tuple[Session, list[int]]] = {}
-        for delivery in reversed(list(deliveries)):
-            session = delivery.session
+        queues, not marked redelivered (they never arrived), in the order
+        they were delivered."""
+        entries = []
+        for delivery in deliveries:
+            session, message = delivery.session, delivery.message
             if delivery.tracked:  # unless acked or given back already (its client is gone)
-                if delivery.tag in session.unacked:
-                    by_session.setdefault(id(session), (session, []))[1].append(delivery.tag)
-            elif not self._queue_gone(session.client.vhost, delivery.queue):
-                delivery.queue.push_front(delivery.message)
-                self.meter.used += delivery.message.size
-        for session, tags in by_session.values():
-            self._give_back(session, tags, redelivered=False)
+                if session.unacked.get(delivery.tag, (None, None))[1] is message:
+                    del session.unacked[delivery.tag]
+                    entries.append((session.client.vhost, delivery.queue, message, True))
+            else:
+                entries.append((session.client.vhost, delivery.queue, message, False))
+        self._put_back(entries, redelivered=False)
 
     def retry(self) -> None:
         """Deliver again wherever a consumer has room (after sends failed)."""
