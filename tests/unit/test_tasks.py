@@ -504,6 +504,20 @@ def test_round_robin_across_sessions_and_consumers_of_one_connection():
     assert [(d.session.id, d.consumer) for d in rig.take(A)] == [(1, "x"), (1, "y"), (2, "z")] * 2
 
 
+@pytest.mark.parametrize("leaving", [A, B, C])
+def test_a_consumer_leaving_does_not_make_another_lose_its_turn(leaving):
+    rig = Rig(A, B, C)
+    rig.declare("q")
+    for ident in (A, B, C):
+        rig.tasks.consume(ident, 1, "q", "c")
+    rig.publish("q", b"1", b"2")  # to A and B: C is next
+    rig.out.clear()
+    rig.tasks.cancel(leaving, 1, "c")
+    rig.publish("q", b"3", b"4", b"5")
+    expected = {A: [C, B, C], B: [C, A, C], C: [A, B, A]}[leaving]  # C left: A is next
+    assert [bytes(ident) for ident, _ in rig.out] == expected
+
+
 def test_a_full_consumer_is_skipped_and_takes_its_turn_again_when_it_has_room():
     rig = Rig(A, B)
     rig.declare("q")

@@ -215,6 +215,18 @@ class TaskQueue:
         self.ready = 0
         return count
 
+    def remove_consumer(self, consumer: Consumer) -> bool:
+        """Take ``consumer`` out of the turn order (``False``: it was not in
+        it); whoever was next stays next."""
+        try:
+            index = self.consumers.index(consumer)
+        except ValueError:
+            return False
+        del self.consumers[index]
+        if index < self._next:
+            self._next -= 1
+        return True
+
     def next_consumer(self) -> Optional[Consumer]:
         """The next consumer in turn whose session has room."""
         consumers = self.consumers
@@ -603,9 +615,7 @@ class Tasks:
 
     def _remove_consumer(self, consumer: Consumer) -> None:
         queue = consumer.queue
-        try:
-            queue.consumers.remove(consumer)
-        except ValueError:
+        if not queue.remove_consumer(consumer):
             return
         queue.last_used = self.clock()
         if queue.auto_delete and not queue.consumers and queue.had_consumer:
