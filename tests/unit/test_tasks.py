@@ -588,6 +588,19 @@ def test_ack_multiple_covers_every_tag_up_to_the_one_given_in_its_session_only()
     assert rig.queue("q").acked == 3
 
 
+def test_multiple_with_tag_zero_settles_every_outstanding_delivery_as_amqp():
+    rig = Rig(A)
+    consumed(rig, b"1", b"2", b"3")
+    rig.tasks.ack(A, 1, [0])  # alone, tag 0 is no delivery
+    rig.tasks.ack(A, 1, [], multiple=True)  # and no tag at all is nothing
+    assert rig.queue("q").unacked == 3
+    rig.tasks.reject(A, 1, [0], requeue=True, multiple=True)
+    assert rig.queue("q").unacked == 3  # all back, and at once delivered again
+    assert [d.message.redelivered for d in rig.take(A)] == [True] * 3
+    rig.tasks.ack(A, 1, [0], multiple=True)
+    assert rig.queue("q").unacked == 0 and rig.queue("q").acked == 3
+
+
 def test_reject_requeue_puts_it_back_first_and_marked_redelivered():
     rig = Rig(A)
     rig.declare("q")

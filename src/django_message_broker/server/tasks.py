@@ -706,6 +706,8 @@ class Tasks:
             raise ProtocolError("delivery tags are integers")
         if multiple:  # every tag up to the largest given, as AMQP's multiple flag
             top = max(tags, default=0)
+            if tags and top == 0:  # AMQP: multiple with tag 0 is every outstanding one
+                return list(session.unacked)
             return [t for t in session.unacked if t <= top]
         return tags
 
