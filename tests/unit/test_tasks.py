@@ -989,6 +989,16 @@ def test_x_max_length_refuses_with_queue_full():
     assert rig.ready("q") == [b"2", b"3"]
 
 
+def test_expired_messages_do_not_count_against_x_max_length():
+    rig = Rig(A)
+    rig.declare("q", arguments={"x-max-length": 2, "x-message-ttl": 1000})
+    rig.publish("q", b"1", b"2")
+    rig.clock.advance(1)  # both expired; no sweep yet
+    rig.publish("q", b"3")
+    assert rig.ready("q") == [b"3"] and rig.queue("q").expired == 2
+    assert rig.meter.used == size(b"3")
+
+
 def test_a_full_queue_refuses_the_whole_fanout_publish():
     rig = Rig(A)
     rig.tasks.declare_exchange(A, "fx", "fanout")

@@ -574,7 +574,9 @@ class Tasks:
         messages = []
         for queue in targets:
             if queue.max_length is not None and queue.ready >= queue.max_length:
-                raise QueueFull(queue.name, queue.max_length)
+                self.expired += queue.expire(now, self.meter)  # expired messages make room first
+                if queue.ready >= queue.max_length:
+                    raise QueueFull(queue.name, queue.max_length)
             deadline = now + ttl if ttl else math.inf
             if queue.message_ttl is not None:
                 deadline = min(deadline, now + queue.message_ttl)
