@@ -415,3 +415,18 @@ def test_sweep_expires_task_messages_and_queues(rig):
     rig.now += 1
     rig.broker.sweep(rig.now)
     assert "gone-soon" not in rig.broker.tasks.vhosts["/"].queues
+
+
+def test_a_busy_peer_gets_deliveries_from_several_messages_back_in_order(rig):
+    rig.worker(A)
+    rig.wire.busy.add(A)
+    # Three messages to A in one batch: TaskDeliver, a reply, TaskDeliver.
+    rig.handle(C, p.Publish(0, "", "q"), b"1", pump=False)
+    rig.handle(A, p.QueueDeclare(77, "q"), pump=False)
+    rig.handle(C, p.Publish(0, "", "q"), b"2", pump=False)
+    rig.handle(C, p.Publish(0, "", "q"), b"3", pump=False)
+    rig.wire.pump()
+    rig.wire.busy.clear()
+    rig.broker.retry_stalled()
+    assert [d[4] for d in rig.deliveries(A)] == [b"1", b"2", b"3"]
+    assert rig.broker.stats()["task_unacked"] == 3
