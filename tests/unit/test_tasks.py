@@ -1397,7 +1397,8 @@ class TasksMachine(RuleBasedStateMachine):
     every message is in one place only, a message that left (acked,
     consumed without ack, dropped, expired, purged, deleted) never comes
     back, the queues' counters match, no session holds more than its
-    prefetch, and no queue keeps a ready message from a consumer with room."""
+    prefetch, no queue keeps a ready message from a consumer with room, and
+    a message a client received is marked redelivered when it comes again."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1409,6 +1410,7 @@ class TasksMachine(RuleBasedStateMachine):
         self.held: dict[tuple[bytes, int], list[int]] = {}
         self.seen: dict[int, TaskMessage] = {}  # every message ever present (kept alive: ids stay unique)
         self.gone: set[int] = set()
+        self.arrived: set[int] = set()  # messages a client received
         self.bodies = 0
         for ident in IDENTS:
             self.tasks.open(ident, "/")
@@ -1420,7 +1422,12 @@ class TasksMachine(RuleBasedStateMachine):
         if delivery.tracked and session.prefetch and delivery.consumer:
             assert len(session.unacked) <= session.prefetch, "delivered past the prefetch limit"
         assert session.client is self.tasks.clients.get(ident), "delivered to a connection that is gone"
+        self._check_redelivered(delivery)
         self.pending.append((ident, delivery))
+
+    def _check_redelivered(self, delivery: Delivery) -> None:
+        if id(delivery.message) in self.arrived:
+            assert delivery.message.redelivered, "a message delivered before is not marked redelivered"
 
     # -- where each message is ----------------------------------------------------
     def _places(self) -> list[TaskMessage]:
@@ -1507,6 +1514,7 @@ class TasksMachine(RuleBasedStateMachine):
         except (ex.NotFound, ex.ResourceLocked):
             return
         if delivery is not None:  # a reply in the outbox, like the consumers' deliveries
+            self._check_redelivered(delivery)
             self.pending.append((ident, delivery))
 
     @rule(outcome=st.lists(st.sampled_from(["sent", "sent", "busy", "gone"]), min_size=3, max_size=3))
@@ -1520,6 +1528,7 @@ class TasksMachine(RuleBasedStateMachine):
                 continue
             if mode == "sent":
                 for delivery in mine:
+                    self.arrived.add(id(delivery.message))
                     session = self.tasks.clients[ident].sessions.get(delivery.session.id)
                     if delivery.tracked and session is delivery.session and delivery.tag in session.unacked:
                         self.held.setdefault((ident, session.id), []).append(delivery.tag)
