@@ -430,3 +430,24 @@ def test_a_busy_peer_gets_deliveries_from_several_messages_back_in_order(rig):
     rig.broker.retry_stalled()
     assert [d[4] for d in rig.deliveries(A)] == [b"1", b"2", b"3"]
     assert rig.broker.stats()["task_unacked"] == 3
+
+
+def test_deliveries_decided_by_consume_precede_its_reply_and_go_with_replies(rig):
+    rig.ok(A, p.QueueDeclare(0, "q"))
+    rig.publish("q", b"1", b"2")
+    rig.broker.handle([A, p.encode(p.Consume(5, 1, "q", "c"))], rig.now)
+    [messages] = rig.broker.data_to_send(replies_only=True)  # the shell sends replies at once
+    decoded = [(p.decode_to_client(out.frames[0]), out.frames[1:]) for out in messages]
+    assert decoded == [(p.TaskDeliver([1, 1], ["c", "c"], [1, 2], [False, False]), [b"1", b"2"]), (p.Reply(5), [])]
+    assert rig.broker.data_to_send() == []
+
+
+def test_a_task_deliver_carries_at_most_max_batch_bodies(rig):
+    rig.worker(A)
+    for i in range(p.MAX_BATCH + 1):
+        rig.handle(C, p.Publish(0, "", "q"), b"%d" % i, pump=False)
+    sent = rig.take(A)
+    assert [len(bodies) for _, bodies in sent] == [p.MAX_BATCH, 1]
+    tags = [tag for msg, _ in sent for tag in msg.tags]
+    assert tags == list(range(1, p.MAX_BATCH + 2))
+    assert rig.broker.counters["delivered"] == p.MAX_BATCH + 1
