@@ -1030,6 +1030,7 @@ def test_the_memory_limit_refuses_with_queue_full_and_a_reason():
         {"x-max-length": 1.5},
         {"x-max-length": True},
         {"x-expires": -5},
+        {"x-expires": 0},  # RabbitMQ refuses it too
         {"x-expires": "10"},
         {"x-expires": True},
         {"x-message-ttl": math.nan},

@@ -481,12 +481,15 @@ class Tasks:
         max_length = arguments.get("x-max-length")
         if max_length is not None and (type(max_length) is not int or max_length < 0):
             raise PreconditionFailed(f"invalid x-max-length {max_length!r}")
+        expires = _seconds(arguments, "x-expires")
+        if expires == 0:  # as RabbitMQ: the queue would go at the next sweep, however used
+            raise PreconditionFailed("invalid x-expires 0: a positive number of milliseconds")
         queue = TaskQueue(
             name,
             durable=durable,
             auto_delete=auto_delete,
             owner=ident if exclusive else None,
-            expires=_seconds(arguments, "x-expires"),
+            expires=expires,
             message_ttl=_seconds(arguments, "x-message-ttl"),
             max_length=max_length,
             now=now,
