@@ -7,14 +7,22 @@ import math
 from typing import Any, Optional
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from django_message_broker import exceptions as ex
 from django_message_broker._memory import MESSAGE_OVERHEAD
 from django_message_broker.server.server_queue import MemoryMeter
-from django_message_broker.server.tasks import MAX_NAME, Delivery, TaskMessage, TaskQueue, Tasks, topic_matches
+from django_message_broker.server.tasks import (
+    MAX_NAME,
+    Delivery,
+    Exchange,
+    TaskMessage,
+    TaskQueue,
+    Tasks,
+    topic_matches,
+)
 from helpers import FakeClock
 
 A, B, C = b"conn-a", b"conn-b", b"conn-c"
@@ -191,6 +199,32 @@ def test_topic_exchange_matches_as_amqp(pattern, key, matches):
     rig.tasks.bind(A, "q", "tx", pattern)
     assert rig.publish(key, b"m", exchange="tx") == int(matches)
     assert rig.tasks.unroutable == int(not matches)
+
+
+def _reference_match(pattern: list[str], words: list[str]) -> bool:
+    """AMQP topic matching by its definition (backtracking: small inputs only)."""
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_reference_match(rest, words[k:]) for k in range(len(words) + 1))
+    return bool(words) and head in ("*", words[0]) and _reference_match(rest, words[1:])
+
+
+def _split(key: str) -> list[str]:
+    return key.split(".") if key else []  # "" is zero words
+
+
+_topic_keys = st.lists(st.sampled_from(["a", "b", ""]), max_size=5).map(".".join)
+_topic_patterns = st.lists(st.sampled_from(["a", "b", "", "*", "#"]), max_size=5).map(".".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(pattern=_topic_patterns, key=_topic_keys)
+def test_topic_routing_agrees_with_the_definition(pattern, key):
+    exchange = Exchange("tx", "topic")
+    exchange.bind("q", pattern)
+    assert exchange.route(key) == (["q"] if _reference_match(_split(pattern), _split(key)) else [])
 
 
 @pytest.mark.timeout(10)
