@@ -374,6 +374,19 @@ def test_nine_first_and_fifo_within_a_level():
     assert rig.tasks.get(A, 1, "q") is None
 
 
+def test_prefetch_hides_a_higher_priority_message_behind_no_more_than_prefetch_others():
+    rig = Rig(A)
+    rig.declare("q")
+    rig.tasks.qos(A, 1, 2)
+    rig.tasks.consume(A, 1, "q", "c")
+    rig.publish("q", *[b"low%d" % i for i in range(5)])
+    held = rig.take(A)
+    assert [d.message.body for d in held] == [b"low0", b"low1"]
+    rig.publish("q", b"urgent", priority=9)
+    rig.tasks.ack(A, 1, [held[0].tag])
+    assert rig.bodies(A) == [b"urgent"]  # ahead of the three low ones still ready
+
+
 def test_priorities_out_of_range_are_clamped():
     rig = Rig(A)
     rig.declare("q")
