@@ -288,7 +288,8 @@ class Qos(TaskCommand, tag=41):
 
 
 class Ack(TaskCommand, tag=42):
-    """Never answered. ``multiple``: every tag up to the largest given."""
+    """Never answered. ``multiple``: every tag up to the largest given (tag
+    0: every unacknowledged one, as AMQP)."""
 
     session: int
     tags: list[int]

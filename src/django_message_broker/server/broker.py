@@ -216,11 +216,15 @@ class Broker:
                 self.drop_client(ident)
             elif ident in self.tasks.clients:
                 self.tasks.drop_client(ident)
+        # Task deliveries go back in one call: they return in the order they
+        # were made, and are dispatched again only once all are back.
+        deliveries = [d for out in unsent for d in out.tasks]
+        if deliveries:
+            self.counters["delivered"] -= len(deliveries)
+            self.tasks.undeliver(deliveries)
+            self.tasks_stalled = True
         for out in reversed(unsent):  # the last first: each run goes back to the head
             if out.tasks:
-                self.counters["delivered"] -= len(out.tasks)
-                self.tasks.undeliver(out.tasks)
-                self.tasks_stalled = True
                 continue
             if not out.runs:
                 logger.debug("message to %r dropped: errno %d", out.ident, errno)

@@ -72,7 +72,7 @@ class TaskMessage:
     kombu message), its priority, deadline and whether it was delivered
     before. ``size`` is what it counts against the memory limit."""
 
-    __slots__ = ("body", "deadline", "priority", "redelivered", "sid", "size")
+    __slots__ = ("body", "deadline", "delivery", "priority", "redelivered", "sid", "size")
 
     def __init__(
         self, body: Any, priority: int = 0, deadline: float = math.inf, redelivered: bool = False, sid: int = 0
@@ -83,6 +83,9 @@ class TaskMessage:
         self.redelivered = redelivered
         #: Its id in the durable store; 0: not stored.
         self.sid = sid
+        #: When it was last delivered (``Tasks``' count of deliveries): what
+        #: goes back to a queue goes back in the order it left.
+        self.delivery = 0
         self.size = (len(body.buffer) if hasattr(body, "buffer") else len(body)) + MESSAGE_OVERHEAD
 
     def __repr__(self) -> str:
@@ -232,6 +235,18 @@ class TaskQueue:
         self.ready = 0
         return count
 
+    def remove_consumer(self, consumer: Consumer) -> bool:
+        """Take ``consumer`` out of the turn order (``False``: it was not in
+        it); whoever was next stays next."""
+        try:
+            index = self.consumers.index(consumer)
+        except ValueError:
+            return False
+        del self.consumers[index]
+        if index < self._next:
+            self._next -= 1
+        return True
+
     def next_consumer(self) -> Optional[Consumer]:
         """The next consumer in turn whose session has room."""
         consumers = self.consumers
@@ -261,7 +276,7 @@ class Exchange:
         key = (routing_key, queue)
         if key in self.bindings:
             return
-        self.bindings[key] = tuple(routing_key.split("."))
+        self.bindings[key] = _words(routing_key)
         self._direct.setdefault(routing_key, []).append(queue)
 
     def unbind(self, queue: str, routing_key: str) -> None:
@@ -280,25 +295,49 @@ class Exchange:
             return self._direct.get(routing_key, [])
         if self.type == "fanout":
             return list(dict.fromkeys(name for _, name in self.bindings))
-        words = routing_key.split(".")
+        words = list(_words(routing_key))
         found = (name for (_, name), pattern in self.bindings.items() if topic_matches(pattern, words))
         return list(dict.fromkeys(found))  # once per queue, in binding order
 
 
-def topic_matches(pattern: tuple[str, ...] | list[str], words: list[str], i: int = 0, j: int = 0) -> bool:
+def _words(key: str) -> tuple[str, ...]:
+    """A topic key's words: AMQP's "zero or more words delimited by dots",
+    so ``""`` has none (``*`` does not match it) and ``"a..b"`` has three."""
+    return tuple(key.split(".")) if key else ()
+
+
+def topic_matches(pattern: tuple[str, ...] | list[str], words: list[str]) -> bool:
     """AMQP topic matching on dot-separated words: ``*`` is exactly one
-    word, ``#`` zero or more."""
-    while i < len(pattern):
-        word = pattern[i]
-        if word == "#":
-            if i == len(pattern) - 1:
-                return True
-            return any(topic_matches(pattern, words, i + 1, k) for k in range(j, len(words) + 1))
-        if j >= len(words) or (word != "*" and word != words[j]):
+    word, ``#`` zero or more. One pass over the words, carrying the set of
+    pattern positions reached so far: time linear in each length. (Trying
+    every split of the words at each ``#`` takes exponential time on a
+    binding such as ``#.#.#.#.#.#.#.#.#.#.b``: one publish froze the broker.)"""
+    end = len(pattern)
+    reached = _past_hashes(pattern, {0})
+    for word in words:
+        following = set()
+        for i in reached:
+            if i < end:
+                part = pattern[i]
+                if part == "#":
+                    following.add(i)  # one more word for this #
+                elif part == "*" or part == word:
+                    following.add(i + 1)
+        if not following:
             return False
-        i += 1
-        j += 1
-    return j == len(words)
+        reached = _past_hashes(pattern, following)
+    return end in reached
+
+
+def _past_hashes(pattern: tuple[str, ...] | list[str], reached: set[int]) -> set[int]:
+    """``reached`` and the positions after each ``#`` in it (a ``#`` may match no word)."""
+    todo = list(reached)
+    while todo:
+        i = todo.pop()
+        if i < len(pattern) and pattern[i] == "#" and i + 1 not in reached:
+            reached.add(i + 1)
+            todo.append(i + 1)
+    return reached
 
 
 class VHost:
@@ -312,6 +351,14 @@ def _check_name(name: Any, what: str) -> str:
     if not isinstance(name, str) or len(name) > MAX_NAME or "\x00" in name:
         raise ProtocolError(f"invalid {what} name {name!r}")
     return name
+
+
+def _check_routing_key(key: Any) -> str:
+    """A routing or binding key is an AMQP short string too (at most 255
+    characters): topic matching costs the product of two keys' lengths."""
+    if not isinstance(key, str) or len(key) > MAX_NAME:
+        raise ProtocolError(f"invalid routing key {key!r:.80}: a string of at most {MAX_NAME} characters")
+    return key
 
 
 def _seconds(arguments: dict, key: str) -> Optional[float]:
@@ -356,6 +403,7 @@ class Tasks:
         self.clients: dict[bytes, TaskClient] = {}
         self.unroutable = 0
         self.expired = 0
+        self._deliveries = 0
 
     # -- connections and sessions --------------------------------------------
     def open(self, ident: bytes, vhost: str) -> None:
@@ -470,12 +518,15 @@ class Tasks:
         max_length = arguments.get("x-max-length")
         if max_length is not None and (type(max_length) is not int or max_length < 0):
             raise PreconditionFailed(f"invalid x-max-length {max_length!r}")
+        expires = _seconds(arguments, "x-expires")
+        if expires == 0:  # as RabbitMQ: the queue would go at the next sweep, however used
+            raise PreconditionFailed("invalid x-expires 0: a positive number of milliseconds")
         queue = TaskQueue(
             name,
             durable=durable,
             auto_delete=auto_delete,
             owner=ident if exclusive else None,
-            expires=_seconds(arguments, "x-expires"),
+            expires=expires,
             message_ttl=_seconds(arguments, "x-message-ttl"),
             max_length=max_length,
             now=now,
@@ -495,6 +546,7 @@ class Tasks:
 
     def bind(self, ident: bytes, queue: str, exchange: str, routing_key: str) -> None:
         client = self._client(ident)
+        _check_routing_key(routing_key)
         target_queue = self._queue(client, queue)
         target = self._exchange(client, exchange)
         if (routing_key, queue) not in target.bindings and self._stored_binding(target, target_queue):
@@ -573,6 +625,7 @@ class Tasks:
         (``stored`` tells the caller whether this publish was)."""
         self.stored = False
         client = self._client(ident)
+        _check_routing_key(routing_key)
         if type(priority) is not int:
             raise ProtocolError(f"priority must be an integer, not {priority!r}")
         priority = min(max(priority, 0), PRIORITIES - 1)
@@ -592,7 +645,9 @@ class Tasks:
         messages = []
         for queue in targets:
             if queue.max_length is not None and queue.ready >= queue.max_length:
-                raise QueueFull(queue.name, queue.max_length)
+                self.expired += queue.expire(now, self.meter)  # expired messages make room first
+                if queue.ready >= queue.max_length:
+                    raise QueueFull(queue.name, queue.max_length)
             deadline = now + ttl if ttl else math.inf
             if queue.message_ttl is not None:
                 deadline = min(deadline, now + queue.message_ttl)
@@ -648,9 +703,7 @@ class Tasks:
 
     def _remove_consumer(self, consumer: Consumer) -> None:
         queue = consumer.queue
-        try:
-            queue.consumers.remove(consumer)
-        except ValueError:
+        if not queue.remove_consumer(consumer):
             return
         queue.last_used = self.clock()
         if queue.auto_delete and not queue.consumers and queue.had_consumer:
@@ -684,6 +737,8 @@ class Tasks:
         tag = session.next_tag
         session.next_tag += 1
         queue.delivered += 1
+        self._deliveries += 1
+        message.delivery = self._deliveries
         if not no_ack:
             session.unacked[tag] = (queue, message)
             queue.unacked += 1
@@ -750,17 +805,32 @@ class Tasks:
             raise ProtocolError("delivery tags are integers")
         if multiple:  # every tag up to the largest given, as AMQP's multiple flag
             top = max(tags, default=0)
+            if tags and top == 0:  # AMQP: multiple with tag 0 is every outstanding one
+                return list(session.unacked)
             return [t for t in session.unacked if t <= top]
         return tags
 
     def _give_back(self, session: Session, tags: list[int], *, drop: bool = False, redelivered: bool = True) -> None:
-        """Unacknowledged messages go back to the head of their queues, the
-        oldest first in front (or are dropped)."""
-        entries = [(tag, session.unacked.pop(tag)) for tag in sorted(tags) if tag in session.unacked]
+        """Unacknowledged messages go back to the head of their queues (or
+        are dropped)."""
+        vhost = session.client.vhost
+        self._put_back(
+            [(vhost, *session.unacked.pop(tag), True) for tag in tags if tag in session.unacked], drop, redelivered
+        )
+
+    def _put_back(
+        self, entries: list[tuple[str, TaskQueue, TaskMessage, bool]], drop: bool = False, redelivered: bool = True
+    ) -> None:
+        """Put (vhost, queue, message, tracked) back at the head of each
+        queue, in the order they were delivered (the earliest in front),
+        whatever session held them; ``tracked`` ones leave the queue's
+        unacknowledged count. Then the queues deliver again."""
+        entries.sort(key=lambda entry: entry[2].delivery)
         touched: dict[int, TaskQueue] = {}
-        for _, (queue, message) in reversed(entries):
-            queue.unacked -= 1
-            if drop or self._queue_gone(session.client.vhost, queue):
+        for vhost, queue, message, tracked in reversed(entries):
+            if tracked:
+                queue.unacked -= 1
+            if drop or self._queue_gone(vhost, queue):
                 if message.sid:
                     self.journal.append(("del", message.sid))
                 continue
@@ -788,10 +858,13 @@ class Tasks:
             self._end_session(session)
 
     def _end_session(self, session: Session) -> None:
+        self._end_consumers(session)
+        self._give_back(session, list(session.unacked))
+
+    def _end_consumers(self, session: Session) -> None:
         consumers, session.consumers = list(session.consumers.values()), {}
         for consumer in consumers:
             self._remove_consumer(consumer)
-        self._give_back(session, list(session.unacked))
 
     def drop_client(self, ident: bytes) -> int:
         """The connection is gone (closed, dead, or reconnecting afresh):
@@ -801,10 +874,17 @@ class Tasks:
         client = self.clients.pop(ident, None)
         if client is None:
             return 0
-        held = sum(len(s.unacked) for s in client.sessions.values())
-        for session in list(client.sessions.values()):
-            self._end_session(session)
+        sessions = list(client.sessions.values())
         client.sessions.clear()
+        # Every consumer first, so that nothing given back is delivered to
+        # another session of this same connection; then everything back at
+        # once, in the order it was delivered across its sessions.
+        for session in sessions:
+            self._end_consumers(session)
+        held = [(client.vhost, *entry, True) for session in sessions for entry in session.unacked.values()]
+        for session in sessions:
+            session.unacked.clear()
+        self._put_back(held)
         vhost = self.vhosts.get(client.vhost)
         if vhost is not None:
             for name in list(client.exclusive):
@@ -812,8 +892,8 @@ class Tasks:
                 if queue is not None:
                     self._delete(vhost, queue)
         if held:
-            logger.info("connection %r is gone: %d unacknowledged message(s) go back to their queues", ident, held)
-        return held
+            logger.info("connection %r is gone: %d unacknowledged message(s) go back to their queues", ident, len(held))
+        return len(held)
 
     def holds(self, ident: bytes) -> bool:
         """Whether the connection has consumers or unacknowledged messages
@@ -824,18 +904,18 @@ class Tasks:
     # -- the shell's side -----------------------------------------------------
     def undeliver(self, deliveries: Iterable[Delivery]) -> None:
         """Deliveries the shell could not send go back to the head of their
-        queues, not marked redelivered (they never arrived)."""
-        by_session: dict[int, tuple[Session, list[int]]] = {}
-        for delivery in reversed(list(deliveries)):
-            session = delivery.session
+        queues, not marked redelivered (they never arrived), in the order
+        they were delivered."""
+        entries = []
+        for delivery in deliveries:
+            session, message = delivery.session, delivery.message
             if delivery.tracked:  # unless acked or given back already (its client is gone)
-                if delivery.tag in session.unacked:
-                    by_session.setdefault(id(session), (session, []))[1].append(delivery.tag)
-            elif not self._queue_gone(session.client.vhost, delivery.queue):
-                delivery.queue.push_front(delivery.message)
-                self.meter.used += delivery.message.size
-        for session, tags in by_session.values():
-            self._give_back(session, tags, redelivered=False)
+                if session.unacked.get(delivery.tag, (None, None))[1] is message:
+                    del session.unacked[delivery.tag]
+                    entries.append((session.client.vhost, delivery.queue, message, True))
+            else:
+                entries.append((session.client.vhost, delivery.queue, message, False))
+        self._put_back(entries, redelivered=False)
 
     def retry(self) -> None:
         """Deliver again wherever a consumer has room (after sends failed)."""
