@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo test test-fast test-peers test-matrix test-matrix-ci dist smoke docs lint bench bench-core soak clean
+.PHONY: help install demo test test-fast test-peers test-matrix test-matrix-ci dist smoke docs lint bench bench-core bench-celery soak clean
 
 help:
 	@echo "make demo   - set up and run the demo chat site on the embedded broker"
@@ -14,7 +14,8 @@ help:
 	@echo "make dist   - build the sdist and the wheel into dist/"
 	@echo "make smoke  - make dist, then install the wheel in a fresh venv and try it outside the checkout"
 	@echo "make docs   - build the documentation site from docs/ into site/ (mkdocs --strict: a warning fails)"
-	@echo "make bench  - run the benchmarks (writes benchmarks/results/)"
+	@echo "make bench  - run the benchmarks, then bench-celery (writes benchmarks/results/)"
+	@echo "make bench-celery - Celery on our broker, Redis and RabbitMQ, about 2-5 minutes (ARGS=--quick: under a minute)"
 	@echo "make bench-core - micro-benchmarks of the pure broker core, a few seconds (writes benchmarks/results/core-latest.md)"
 	@echo "make soak   - run the long reliability tests"
 	@echo "make lint   - ruff and mypy"
@@ -71,6 +72,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/celery_bench.py
+
+# Celery: dmb:// against the Redis transport and RabbitMQ (started if Debian's
+# rabbitmq-server is installed; else the report says why it was left out).
+bench-celery: $(STAMP)
+	$(PY) benchmarks/celery_bench.py $(ARGS)
 
 bench-core: $(STAMP)
 	$(PY) benchmarks/core.py

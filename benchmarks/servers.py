@@ -1,5 +1,5 @@
 """The server processes a benchmark run owns: redis-server, our broker, the
-bare pyzmq relay. Each is started on a free loopback port, waited for until
+bare pyzmq relay, and RabbitMQ for the Celery benchmark. Each is started on a free loopback port, waited for until
 it answers, and stopped (SIGTERM, then SIGKILL) at the end. They are also
 started under ``setpriv --pdeathsig`` where available, so that they die with
 the harness even if it is killed outright.
@@ -66,11 +66,20 @@ def stop_all(keep_logs: bool = False) -> list[str]:
 class ServerProcess:
     """One long-running subprocess with a log file and a readiness check."""
 
-    def __init__(self, name: str, command: list[str], ready: Callable[[], bool], *, timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        ready: Callable[[], bool],
+        *,
+        timeout: float = 15.0,
+        env: Optional[dict[str, str]] = None,
+    ) -> None:
         self.name = name
         self.command = command
         self.ready = ready
         self.timeout = timeout
+        self.env = env
         self.process: Optional[subprocess.Popen] = None
         handle, path = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")
         os.close(handle)
@@ -87,7 +96,12 @@ class ServerProcess:
             command = [_SETPRIV, "--pdeathsig", "TERM", "--", *command]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=str(ROOT)
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env or child_env(),
+                cwd=str(ROOT),
             )
         _RUNNING.append(self)
         try:
@@ -134,11 +148,15 @@ class ServerProcess:
             pass
 
 
-def redis_server(binary: str = "redis-server") -> tuple[ServerProcess, int]:
+def redis_server(binary: str = "redis-server", directory: Optional[str] = None) -> tuple[ServerProcess, int]:
+    """``directory``: redis-server's working directory (it writes nothing
+    there with these options; the default is the repository)."""
     import redis
 
     port = free_port()
     command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    if directory:
+        command += ["--dir", directory]
 
     def ready() -> bool:
         try:
@@ -167,3 +185,139 @@ def relay_server() -> tuple[ServerProcess, str]:
     address = f"tcp://127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "benchmarks.zmq_floor", address]
     return ServerProcess("zmq-relay", command, lambda: relay_probe(address, 0.3)).start(), address
+
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # Debian's; /usr/sbin's wrapper su's to rabbitmq
+RABBITMQ_BIN = Path(RABBITMQ_SERVER).parent
+EPMD = shutil.which("epmd") or "/usr/bin/epmd"
+#: The Erlang VM busy-waits for work by default, which burns the CPU that the
+#: worker and the producer need on a small shared machine and counts as broker
+#: CPU. RabbitMQ's docs advise turning it off there ("Runtime: CPU utilisation").
+RABBITMQ_ERL_ARGS = "+sbwt none +sbwtdcpu none +sbwtdio none"
+
+
+def rabbitmq_missing() -> Optional[str]:
+    """Why RabbitMQ cannot be started here, or ``None``."""
+    if not os.path.exists(RABBITMQ_SERVER):
+        return f"{RABBITMQ_SERVER} not found (apt-get install -y rabbitmq-server)"
+    if not shutil.which("erl") and not os.path.exists("/usr/bin/erl"):
+        return "erl not found"
+    return None
+
+
+class RabbitMQProcess(ServerProcess):
+    """A throwaway RabbitMQ node: every port free and on loopback (AMQP, Erlang
+    distribution, its own epmd, the CLI's), every file in a temporary
+    directory, no plugins. Stopped with ``rabbitmqctl stop``, then killed; its
+    epmd is stopped too and the directory removed."""
+
+    def __init__(self, directory: str, node: str, amqp_port: int, epmd_port: int, env: dict[str, str]) -> None:
+        self.directory = directory
+        self.node = node
+        self.amqp_port = amqp_port
+        self.epmd_port = epmd_port
+
+        def ready() -> bool:
+            import amqp  # py-amqp, kombu's AMQP client: a full handshake and login
+
+            conn = amqp.Connection(f"127.0.0.1:{amqp_port}", connect_timeout=1.0)
+            try:
+                conn.connect()
+                return True
+            except Exception:
+                return False
+            finally:
+                try:
+                    conn.collect()
+                except Exception:
+                    pass
+
+        super().__init__("rabbitmq", [RABBITMQ_SERVER], ready, timeout=60.0, env=env)
+
+    def cpu_pids(self) -> list[int]:
+        """The server's processes: the shell wrapper exec's into beam.smp,
+        which has helpers (erl_child_setup, inet_gethost)."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            return [root.pid, *(child.pid for child in root.children(recursive=True))]
+        except psutil.Error:
+            return []
+
+    def ctl(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+        assert self.env is not None
+        return subprocess.run(
+            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                self.ctl("stop", timeout=30.0)
+                self.process.wait(15)
+            except (subprocess.TimeoutExpired, OSError):
+                pass
+        super().stop()
+        try:
+            subprocess.run(
+                [EPMD, "-port", str(self.epmd_port), "-kill"],
+                capture_output=True,
+                timeout=10,
+                check=False,
+                env=self.env,
+            )
+        except (subprocess.TimeoutExpired, OSError):
+            pass
+
+    def remove_log(self) -> None:
+        super().remove_log()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def rabbitmq_server() -> tuple[RabbitMQProcess, int]:
+    """Start RabbitMQ on loopback; returns it and its AMQP port."""
+    directory = tempfile.mkdtemp(prefix="bench-rabbitmq-")
+    amqp_port, dist_port, epmd_port, ctl_port = (free_port() for _ in range(4))
+    node = f"bench-{os.getpid()}@localhost"
+    conf = Path(directory, "rabbitmq.conf")
+    conf.write_text(
+        f"listeners.tcp.default = 127.0.0.1:{amqp_port}\n"
+        "log.console = false\n"
+        "log.file.level = warning\n"
+        "vm_memory_high_watermark.relative = 0.4\n"
+        "disk_free_limit.absolute = 50MB\n"
+    )
+    Path(directory, "enabled_plugins").write_text("[].\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+    env.update(
+        HOME=directory,  # the Erlang cookie goes there, for the server and rabbitmqctl alike
+        RABBITMQ_NODENAME=node,
+        RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+        RABBITMQ_NODE_PORT=str(amqp_port),
+        RABBITMQ_DIST_PORT=str(dist_port),
+        RABBITMQ_CTL_DIST_PORT_MIN=str(ctl_port),
+        RABBITMQ_CTL_DIST_PORT_MAX=str(ctl_port),
+        ERL_EPMD_PORT=str(epmd_port),
+        ERL_EPMD_ADDRESS="127.0.0.1",
+        RABBITMQ_CONFIG_FILE=str(conf),
+        RABBITMQ_CONF_ENV_FILE=str(Path(directory, "rabbitmq-env.conf")),  # absent: /etc's is not read
+        RABBITMQ_ADVANCED_CONFIG_FILE=str(Path(directory, "advanced.config")),
+        RABBITMQ_ENABLED_PLUGINS_FILE=str(Path(directory, "enabled_plugins")),
+        RABBITMQ_MNESIA_BASE=str(Path(directory, "mnesia")),
+        RABBITMQ_LOG_BASE=str(Path(directory, "log")),
+        RABBITMQ_PID_FILE=str(Path(directory, "rabbitmq.pid")),
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=RABBITMQ_ERL_ARGS,
+    )
+    server = RabbitMQProcess(directory, node, amqp_port, epmd_port, env)
+    try:
+        server.start()
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return server, amqp_port
