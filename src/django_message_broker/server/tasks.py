@@ -896,8 +896,7 @@ class Tasks:
         return len(held)
 
     def holds(self, ident: bytes) -> bool:
-        """Whether the connection has consumers or unacknowledged messages
-        (the broker checks such connections at once when one drops)."""
+        """Whether the connection has consumers or unacknowledged messages."""
         client = self.clients.get(ident)
         return client is not None and any(s.unacked or s.consumers for s in client.sessions.values())
 
