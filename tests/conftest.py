@@ -12,6 +12,21 @@ import pytest
 from helpers import BrokerThread, Keys, make_keys
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Embedded brokers started by the tests keep their durable queues in a
+    temporary directory, not in the home directory."""
+    import os
+
+    previous = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("data-home"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_DATA_HOME", None)
+    else:
+        os.environ["XDG_DATA_HOME"] = previous
+
+
 @pytest.fixture
 def broker() -> Iterator[BrokerThread]:
     """A fresh broker on a free port; ``broker.address`` to connect."""

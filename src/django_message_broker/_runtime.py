@@ -135,14 +135,30 @@ class EmbeddedFiles:
         return iter((self.lock, self.log, self.pid))
 
 
-def files_for(address: str, directory: Optional[str] = None) -> EmbeddedFiles:
-    """The files for ``address``: a readable stem (``tcp-127.0.0.1-5556``)
-    plus a digest of the exact address, so that two addresses never share."""
-    directory = runtime_dir() if directory is None else directory
+def _stem(address: str) -> str:
+    """A readable stem (``tcp-127.0.0.1-5556``) plus a digest of the exact
+    address, so that two addresses never share."""
     readable = re.sub(r"[^A-Za-z0-9.]+", "-", address).strip("-")[:60]
     digest = hashlib.sha1(address.encode()).hexdigest()[:8]
-    base = os.path.join(directory, f"{readable}-{digest}")
+    return f"{readable}-{digest}"
+
+
+def files_for(address: str, directory: Optional[str] = None) -> EmbeddedFiles:
+    """The lock, log and pid file for ``address`` in the runtime directory."""
+    directory = runtime_dir() if directory is None else directory
+    base = os.path.join(directory, _stem(address))
     return EmbeddedFiles(base + ".lock", base + ".log", base + ".pid")
+
+
+def data_dir_for(address: str, environ: Optional[Mapping[str, str]] = None) -> str:
+    """Where the embedded broker at ``address`` keeps its durable task
+    queues: ``$XDG_DATA_HOME/django-message-broker/<address>`` (by default
+    ``~/.local/share/...``). Not the runtime directory: that one may be a
+    tmpfs, emptied at every boot. Every project that shares the embedded
+    broker at one address shares this directory, as it shares the broker."""
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "django-message-broker", _stem(address))
 
 
 class HostLock:

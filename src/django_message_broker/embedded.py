@@ -39,6 +39,7 @@ from . import protocol as p
 from ._runtime import (
     HostLock,
     RunningBroker,
+    data_dir_for,
     files_for,
     host_lock,
     read_pid_file,
@@ -127,6 +128,7 @@ def ensure_broker(
         if probe(address):
             return False
         command = [sys.executable, "-m", "django_message_broker", "serve", "--embedded", "--bind", address]
+        command += ["--data-dir", data_dir_for(address)]  # durable task queues (Celery's) survive a restart
         command += ["--max-body", str(max_body)]
         if max_memory is not None:
             command += ["--max-memory", str(max_memory)]
@@ -161,6 +163,13 @@ async def serve_embedded(address: str, **options: Any) -> None:
     from .server.server import BrokerServer, run_until_stopped
 
     files = files_for(address)  # a bad runtime directory fails before binding
+    data_dir = options.get("data_dir")
+    if data_dir is not None:
+        try:
+            os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:  # no home directory to write in: still serve, in memory
+            logger.warning("cannot use %s for durable queues (%s): they are kept in memory only", data_dir, exc)
+            options["data_dir"] = None
     server = BrokerServer(address, **options)
     await server.start()
     failed = True

@@ -206,3 +206,45 @@ def test_everysec_and_off_keep_what_a_clean_stop_wrote(tmp_path: Path) -> None:
             broker.stop()
         with sqlite3.connect(broker.data_dir / STORE_FILE) as db:
             assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MiB filesystem (tmpfs) made for the test; root only."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_fails_confirms_with_a_typed_error_and_recovers(small_disk: Path) -> None:
+    from django_message_broker import SyncClient, exceptions
+
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (1 << 20))  # the space we give back later
+    broker = BrokerProcess(small_disk / "data").start()
+    try:
+        with Connection(broker.url, transport_options={"confirm_publish": True}) as conn:
+            producer = Producer(conn.channel())
+            producer.publish({"n": 0}, routing_key=QUEUE.routing_key, declare=[QUEUE])
+            with pytest.raises(exceptions.QueueFull) as full:
+                for n in range(1, 10_000):
+                    producer.publish({"n": n, "pad": "x" * 1024}, routing_key=QUEUE.routing_key)
+            assert "full" in str(full.value), full.value
+            # The broker goes on serving everything in memory.
+            with SyncClient(broker.address) as channels:
+                channels.send("still-serving", b"yes")
+                assert channels.receive("still-serving", timeout=5) == b"yes"
+            filler.unlink()  # space comes back
+            producer.publish({"n": "after"}, routing_key=QUEUE.routing_key)
+        assert broker.process.poll() is None
+    finally:
+        broker.stop()
+    assert "a write failed" in broker.log.read_text()

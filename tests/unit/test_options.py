@@ -248,3 +248,14 @@ def test_the_dataclasses_check_themselves_when_built_directly():
         LayerOptions(capacity=0)
     with pytest.raises(AttributeError):
         ClientOptions().timeout = 1.0  # type: ignore[misc]
+
+
+def test_the_embedded_broker_keeps_durable_queues_in_the_data_home(embedded_starts, monkeypatch, tmp_path):
+    from django_message_broker import embedded
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "share"))
+    with pytest.raises(RuntimeError, match="exited"):
+        embedded.ensure_broker("tcp://127.0.0.1:1", timeout=1)
+    (command,) = embedded_starts
+    data_dir = command[command.index("--data-dir") + 1]
+    assert data_dir.startswith(str(tmp_path / "share" / "django-message-broker" / "tcp-127.0.0.1-1-"))

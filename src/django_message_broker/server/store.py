@@ -25,7 +25,9 @@ rather than overwritten, so nothing is lost to a second mistake.
 A store that fails to write (a full disk) reports the failed sequence
 numbers with the error; the broker refuses those confirms with
 ``QueueFull`` (its reason says why) and keeps serving everything in memory.
-The next batch tries again.
+The failed operations are written again, first, with the next batch: an
+ack is never forgotten, and a message whose confirm failed may still reach
+the disk (the publisher, told it failed, may send it again: at least once).
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class Store:
         self._conn: Optional[sqlite3.Connection] = None
         self.commits = 0
         self.synced_batches = 0
+        self.failures = 0
 
     # -- opening ------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -176,6 +179,9 @@ class Store:
         assert conn is not None
         get = self._queue.get
         next_sync = time.monotonic() + 1.0
+        #: Operations of transactions that failed (a full disk): written
+        #: again, first, with the next batch, so that acks are not forgotten.
+        retry: list[tuple] = []
         while True:
             timeout = max(0.0, next_sync - time.monotonic()) if self.fsync == "everysec" else None
             batches: list[Any] = []
@@ -192,17 +198,23 @@ class Store:
             batches = [b for b in batches if b is not None]
             if batches:
                 seq = batches[-1][0]
+                ops = retry + [op for _, batch in batches for op in batch]
                 try:
-                    self._write(conn, [op for _, ops in batches for op in ops])
+                    self._write(conn, ops)
                     self.commits += 1
                     self.synced_batches += len(batches)
+                    if retry:
+                        logger.warning("durable store: writing again after %d failed operation(s)", len(retry))
+                    retry = []
                     on_commit(seq, None)
                 except sqlite3.Error as exc:
                     try:
                         conn.execute("ROLLBACK")
                     except sqlite3.Error:
                         pass
-                    logger.error("durable store: a write failed: %s", exc)
+                    retry = ops
+                    self.failures += 1
+                    logger.error("durable store: a write failed (%d operation(s) kept to retry): %s", len(ops), exc)
                     on_commit(seq, f"durable store: {exc}")
             if self.fsync == "everysec" and time.monotonic() >= next_sync:
                 next_sync = time.monotonic() + 1.0
