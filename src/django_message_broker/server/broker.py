@@ -116,6 +116,7 @@ class Broker:
         missed_heartbeats: int = 3,
         durable: bool = False,
         wall_clock: Callable[[], float] = lambda: 0.0,
+        load_body: Callable[[int], Optional[bytes]] = lambda sid: None,
     ) -> None:
         #: Replies and deliveries wait here until ``data_to_send``.
         self.outbox = Outbox()
@@ -146,6 +147,8 @@ class Broker:
         #: and the confirms that wait for theirs to commit: (seq, ident, req).
         self.store_seq = 0
         self.committed_seq = 0
+        #: seq -> the messages its batch put, to ``cool`` once committed.
+        self._puts: dict[int, list] = {}
         self.awaiting_store: deque[tuple[int, bytes, int, Any]] = deque()
         #: Clients whose socket the shell should tell us (``record_fd``).
         self.fd_wanted: list[bytes] = []
@@ -591,7 +594,7 @@ class Broker:
                 delivery = tasks.get(ident, session, queue, no_ack=no_ack)
                 if delivery is not None:
                     header = p.encode(p.Reply(req, 0, "", [delivery.tag, delivery.message.redelivered]))
-                    self.outbox.reply_frames(ident, [header, delivery.message.body], [delivery])
+                    self.outbox.reply_frames(ident, [header, delivery.body], [delivery])
                     return
             case p.QueueDeclare():
                 value = list(
@@ -641,12 +644,19 @@ class Broker:
         if not self.tasks.journal:
             return None
         self.store_seq += 1
-        return self.store_seq, self.tasks.take_journal()
+        ops, puts = self.tasks.take_journal()
+        if puts:
+            self._puts[self.store_seq] = puts
+        return self.store_seq, ops
 
     def committed(self, seq: int, error: Optional[str] = None) -> None:
         """The store committed (or, with ``error``, failed) every batch up to
         ``seq``: answer the confirms that waited for them."""
         self.committed_seq = max(self.committed_seq, seq)
+        for done in [n for n in self._puts if n <= seq]:
+            puts = self._puts.pop(done)
+            if error is None:  # on disk: deep in a long queue, they need not stay in memory
+                self.tasks.cool(puts)
         waiting = self.awaiting_store
         while waiting and waiting[0][0] <= seq:
             _, ident, req, value = waiting.popleft()

@@ -158,7 +158,7 @@ def _task_deliver(ident: bytes, tasks: list[Delivery]) -> Outgoing:
         [d.tag for d in tasks],
         [d.message.redelivered for d in tasks],
     )
-    return Outgoing(ident, [p.encode(header), *[d.message.body for d in tasks]], (), tasks)
+    return Outgoing(ident, [p.encode(header), *[d.body for d in tasks]], (), tasks)
 
 
 def _deliver(ident: bytes, runs: list[_Run], now: float) -> Outgoing:

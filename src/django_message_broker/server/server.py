@@ -271,6 +271,7 @@ class BrokerServer:
                 self._socket.close(0)
                 self._socket = None
             raise
+        self.broker.tasks.load_body = store.read_body
         restored = self.broker.tasks.restore(state)
         self.store = store
         logger.info(

@@ -39,6 +39,7 @@ import queue as queue_module
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -88,8 +89,10 @@ class StoredState:
     queues: list[tuple[str, str, dict, bool]] = field(default_factory=list)
     exchanges: list[tuple[str, str, str, bool]] = field(default_factory=list)
     bindings: list[tuple[str, str, str, str]] = field(default_factory=list)
-    #: (id, vhost, queue, priority, expires (wall clock) or None, delivered, body), in order
-    messages: list[tuple[int, str, str, int, Optional[float], bool, bytes]] = field(default_factory=list)
+    #: (id, vhost, queue, priority, expires (wall clock) or None, delivered,
+    #: body), in order, read as they are consumed. The body is ``None``: it
+    #: stays on disk until a delivery needs it (``read_body``).
+    messages: Iterable[tuple[int, str, str, int, Optional[float], bool, Optional[bytes]]] = ()
     #: What was wrong, if the database was damaged and set aside.
     damage: Optional[str] = None
 
@@ -106,6 +109,7 @@ class Store:
         self._queue: queue_module.SimpleQueue[Any] = queue_module.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
         self._conn: Optional[sqlite3.Connection] = None
+        self._reader: Optional[sqlite3.Connection] = None
         self.commits = 0
         self.synced_batches = 0
         self.failures = 0
@@ -157,9 +161,17 @@ class Store:
         for vhost, name, kind, auto_delete in conn.execute("SELECT vhost, name, type, auto_delete FROM exchanges"):
             state.exchanges.append((vhost, name, kind, bool(auto_delete)))
         state.bindings = list(conn.execute("SELECT vhost, exchange, queue, routing_key FROM bindings"))
-        rows = conn.execute("SELECT id, vhost, queue, priority, expires, delivered, body FROM messages ORDER BY id")
-        state.messages = [(i, v, q, pr, ex, bool(d), bytes(b)) for i, v, q, pr, ex, d, b in rows]
+        rows = conn.execute("SELECT id, vhost, queue, priority, expires, delivered FROM messages ORDER BY id")
+        state.messages = ((i, v, q, pr, ex, bool(d), None) for i, v, q, pr, ex, d in rows)
         return state
+
+    def read_body(self, sid: int) -> Optional[bytes]:
+        """A stored message's body (``None`` if it is not there), for the
+        broker's thread: its own connection, which sees what was committed."""
+        if self._reader is None:
+            self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        row = self._reader.execute("SELECT body FROM messages WHERE id = ?", (sid,)).fetchone()
+        return None if row is None else bytes(row[0])
 
     # -- the writer thread ------------------------------------------------------
     def start(self, on_commit: Callable[[int, Optional[str]], None]) -> None:
@@ -244,6 +256,9 @@ class Store:
         if thread is not None:
             self._queue.put(None)
             thread.join()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._conn is not None:
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

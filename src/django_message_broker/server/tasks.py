@@ -72,11 +72,13 @@ class TaskMessage:
     kombu message), its priority, deadline and whether it was delivered
     before. ``size`` is what it counts against the memory limit."""
 
-    __slots__ = ("body", "deadline", "delivery", "priority", "redelivered", "sid", "size")
+    __slots__ = ("body", "deadline", "delivery", "priority", "ready", "redelivered", "sid", "size")
 
     def __init__(
         self, body: Any, priority: int = 0, deadline: float = math.inf, redelivered: bool = False, sid: int = 0
     ) -> None:
+        #: ``None``: *cold*, its body only on disk (a stored message deep in a
+        #: long queue, or read back at start); loaded when it is delivered.
         self.body = body
         self.priority = priority
         self.deadline = deadline
@@ -86,7 +88,12 @@ class TaskMessage:
         #: When it was last delivered (``Tasks``' count of deliveries): what
         #: goes back to a queue goes back in the order it left.
         self.delivery = 0
-        self.size = (len(body.buffer) if hasattr(body, "buffer") else len(body)) + MESSAGE_OVERHEAD
+        #: In a queue's ready levels (what the memory meter counts).
+        self.ready = False
+        #: Bytes it holds in memory: its body (none when cold) and the overhead.
+        self.size = MESSAGE_OVERHEAD
+        if body is not None:
+            self.size += len(body.buffer) if hasattr(body, "buffer") else len(body)
 
     def __repr__(self) -> str:
         return f"TaskMessage({self.size - MESSAGE_OVERHEAD} bytes, priority={self.priority})"
@@ -96,12 +103,21 @@ class Delivery:
     """A message on its way to a session: what the outbox sends (``tag`` and
     ``consumer`` ``""`` for a ``get``) and what ``undeliver`` puts back."""
 
-    __slots__ = ("consumer", "message", "queue", "session", "tag", "tracked")
+    __slots__ = ("body", "consumer", "message", "queue", "session", "tag", "tracked")
 
     def __init__(
-        self, session: Session, tag: int, consumer: str, queue: TaskQueue, message: TaskMessage, tracked: bool
+        self,
+        session: Session,
+        tag: int,
+        consumer: str,
+        queue: TaskQueue,
+        message: TaskMessage,
+        tracked: bool,
+        body: Any = None,
     ) -> None:
         self.session = session
+        #: What goes on the wire (read from disk if the message was cold).
+        self.body = message.body if body is None else body
         self.tag = tag
         self.consumer = consumer
         self.queue = queue
@@ -191,10 +207,12 @@ class TaskQueue:
 
     def push(self, message: TaskMessage) -> None:
         self.levels[message.priority].append(message)
+        message.ready = True
         self.ready += 1
 
     def push_front(self, message: TaskMessage) -> None:
         self.levels[message.priority].appendleft(message)
+        message.ready = True
         self.ready += 1
 
     def pop(self, now: float, meter: MemoryMeter, dropped: Optional[list] = None) -> Optional[TaskMessage]:
@@ -203,6 +221,7 @@ class TaskQueue:
         for level in reversed(self.levels):
             while level:
                 message = level.popleft()
+                message.ready = False
                 self.ready -= 1
                 meter.used -= message.size
                 if message.deadline > now:
@@ -219,6 +238,7 @@ class TaskQueue:
         for level in self.levels:
             while level and level[0].deadline <= now:
                 message = level.popleft()
+                message.ready = False
                 meter.used -= message.size
                 count += 1
                 if dropped is not None:
@@ -230,7 +250,9 @@ class TaskQueue:
     def purge(self, meter: MemoryMeter) -> int:
         count = self.ready
         for level in self.levels:
-            meter.used -= sum(m.size for m in level)
+            for message in level:
+                message.ready = False
+                meter.used -= message.size
             level.clear()
         self.ready = 0
         return count
@@ -386,8 +408,18 @@ class Tasks:
         meter: Optional[MemoryMeter] = None,
         durable: bool = False,
         wall_clock: Callable[[], float] = lambda: 0.0,
+        load_body: Callable[[int], Optional[bytes]] = lambda sid: None,
+        hot_limit: int = 1000,
     ) -> None:
         self.clock = clock
+        #: Reads a cold message's body from the store (by its id).
+        self.load_body = load_body
+        #: Stored messages past this many ready ones in their queue go cold
+        #: once on disk (``cool``): a backlog larger than memory.
+        self.hot_limit = hot_limit
+        #: (queue, message) of the ``put`` operations in ``journal``.
+        self.puts: list[tuple[TaskQueue, TaskMessage]] = []
+        self.lost_bodies = 0
         #: Wall-clock time, for deadlines kept on disk (they cross restarts).
         self.wall_clock = wall_clock
         self.sink = sink
@@ -672,6 +704,7 @@ class Tasks:
         data = body if type(body) is bytes else bytes(memoryview(body))
         expires = None if message.deadline == math.inf else self.wall_clock() + (message.deadline - now)
         self.journal.append(("put", message.sid, vhost, queue.name, message.priority, expires, data))
+        self.puts.append((queue, message))
         self.stored = True
 
     def _forget_stored(self, messages: Iterable[TaskMessage]) -> None:
@@ -725,14 +758,30 @@ class Tasks:
         queue = self._queue(client, queue_name)
         queue.last_used = self.clock()
         expired: list[TaskMessage] = []
-        message = queue.pop(self.clock(), self.meter, expired)
+        while True:
+            message = queue.pop(self.clock(), self.meter, expired)
+            if message is None:
+                self._forget_stored(expired)
+                return None
+            body = self._body_of(message)
+            if body is not None:
+                break
         self._forget_stored(expired)
-        if message is None:
-            return None
-        return self._delivery(session, "", queue, message, no_ack)
+        return self._delivery(session, "", queue, message, no_ack, body)
+
+    def _body_of(self, message: TaskMessage) -> Any:
+        """The message's body, read from the store if it is cold (``None``:
+        the store no longer has it, which only a damaged store explains)."""
+        if message.body is not None:
+            return message.body
+        body = self.load_body(message.sid)
+        if body is None:
+            self.lost_bodies += 1
+            logger.error("durable store: message %d is not on disk any more: dropped", message.sid)
+        return body
 
     def _delivery(
-        self, session: Session, consumer: str, queue: TaskQueue, message: TaskMessage, no_ack: bool
+        self, session: Session, consumer: str, queue: TaskQueue, message: TaskMessage, no_ack: bool, body: Any = None
     ) -> Delivery:
         tag = session.next_tag
         session.next_tag += 1
@@ -746,7 +795,7 @@ class Tasks:
                 self.journal.append(("dlv", message.sid))  # after a restart it comes back redelivered
         elif message.sid:
             self.journal.append(("del", message.sid))
-        return Delivery(session, tag, consumer, queue, message, not no_ack)
+        return Delivery(session, tag, consumer, queue, message, not no_ack, body)
 
     def _dispatch(self, queue: TaskQueue) -> None:
         """Hand ready messages to consumers with room, in turn."""
@@ -759,8 +808,12 @@ class Tasks:
             message = queue.pop(now, self.meter, expired)
             if message is None:
                 break
+            body = self._body_of(message)
+            if body is None:
+                continue
             session = consumer.session
-            self.sink(session.client.ident, self._delivery(session, consumer.tag, queue, message, consumer.no_ack))
+            delivery = self._delivery(session, consumer.tag, queue, message, consumer.no_ack, body)
+            self.sink(session.client.ident, delivery)
         if expired:
             self._forget_stored(expired)
 
@@ -936,9 +989,31 @@ class Tasks:
                     self._delete(vhost, queue)
 
     # -- the store's side -----------------------------------------------------
-    def take_journal(self) -> list[tuple]:
+    def take_journal(self) -> tuple[list[tuple], list[tuple[TaskQueue, TaskMessage]]]:
+        """The operations for the store, and the messages they put (for
+        ``cool`` once the store has them)."""
         journal, self.journal = self.journal, []
-        return journal
+        puts, self.puts = self.puts, []
+        return journal, puts
+
+    def cool(self, puts: Iterable[tuple[TaskQueue, TaskMessage]]) -> int:
+        """These messages are on disk now: those still waiting behind more
+        than ``hot_limit`` others in their queue let go of their body (read
+        back when delivered). Returns how many went cold."""
+        count = 0
+        behind: dict[int, int] = {}  # queue -> messages of these puts behind this one
+        for queue, message in reversed(list(puts)):
+            if not message.ready:
+                continue  # delivered (or gone) already
+            later = behind.get(id(queue), 0)
+            behind[id(queue)] = later + 1
+            # Its place from the head, at most (later batches may be behind it too).
+            if message.body is not None and queue.ready - 1 - later >= self.hot_limit:
+                self.meter.used -= message.size - MESSAGE_OVERHEAD
+                message.size = MESSAGE_OVERHEAD
+                message.body = None
+                count += 1
+        return count
 
     def restore(self, state: Any) -> int:
         """Rebuild durable queues, exchanges, bindings and messages from a
@@ -972,6 +1047,7 @@ class Tasks:
                 self.journal.append(("del", sid))
                 continue
             deadline = math.inf if expires is None else now + (expires - wall)
+            # Read back cold: the body stays on disk until a delivery needs it.
             message = TaskMessage(body, min(max(priority, 0), PRIORITIES - 1), deadline, delivered, sid)
             queue.push(message)
             self.meter.used += message.size
