@@ -83,7 +83,7 @@ bench-core: $(STAMP)
 	$(PY) benchmarks/core.py
 
 soak: $(STAMP)
-	DMB_SOAK=1 $(PY) -m pytest -q tests/reliability -m soak --timeout=3600
+	DMB_SOAK=1 $(PY) -m pytest -q tests/reliability tests/durability -m soak --timeout=3600 -s
 
 clean:
 	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .cache/peers .nox

@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -248,3 +249,73 @@ def test_a_full_disk_fails_confirms_with_a_typed_error_and_recovers(small_disk: 
     finally:
         broker.stop()
     assert "a write failed" in broker.log.read_text()
+
+
+SOAK = os.environ.get("DMB_SOAK") == "1"
+
+
+def _backlog(broker: BrokerProcess, count: int) -> dict[str, float]:
+    """Queue ``count`` persistent 1 KB messages (the last one confirmed, so
+    all are on disk), SIGKILL the broker, start it again, and consume them
+    all; returns the figures."""
+    import psutil
+
+    def rss() -> float:
+        return float(psutil.Process(broker.process.pid).memory_info().rss)
+
+    baseline = rss()
+    body = {"pad": "x" * 1000}
+    began = time.monotonic()
+    with Connection(broker.url) as conn:
+        producer = Producer(conn.channel())
+        producer.publish(body, routing_key=QUEUE.routing_key, declare=[QUEUE])
+        for _ in range(count - 2):
+            producer.publish(body, routing_key=QUEUE.routing_key)
+    with Connection(broker.url, transport_options={"confirm_publish": True}) as conn:
+        Producer(conn.channel()).publish(body, routing_key=QUEUE.routing_key)
+    published = time.monotonic() - began
+    broker.kill()
+    began = time.monotonic()
+    broker.start()
+    restart = time.monotonic() - began
+    after_restart = rss()
+    got = 0
+    began = time.monotonic()
+    with Connection(broker.url) as conn:
+
+        def on_message(body: Any, message: Any) -> None:
+            nonlocal got
+            got += 1
+            message.ack()
+
+        with Consumer(conn, [QUEUE], callbacks=[on_message], prefetch_count=100):
+            while got < count:
+                conn.drain_events(timeout=10)
+    return {
+        "messages": count,
+        "publish_per_s": count / published,
+        "restart_s": restart,
+        "rss_baseline_mib": baseline / 2**20,
+        "rss_after_restart_mib": after_restart / 2**20,
+        "consume_per_s": count / (time.monotonic() - began),
+    }
+
+
+def test_a_backlog_read_back_stays_on_disk(durable_broker: BrokerProcess) -> None:
+    """After a restart the bodies stay on disk until delivered: 20,000 KB
+    messages add well under their 20 MB to the broker's memory."""
+    durable_broker.start()
+    figures = _backlog(durable_broker, 20_000)
+    print("backlog figures:", {k: round(v, 2) for k, v in figures.items()})
+    grown = (figures["rss_after_restart_mib"] - figures["rss_baseline_mib"]) * 2**20
+    assert grown < 20_000 * 400, f"{grown / 2**20:.1f} MiB more after the restart"
+
+
+@pytest.mark.skipif(not SOAK, reason="soak test: runs only with DMB_SOAK=1 (make soak)")
+@pytest.mark.soak
+@pytest.mark.timeout(1800)
+def test_soak_a_million_message_backlog(durable_broker: BrokerProcess) -> None:
+    durable_broker.start()
+    figures = _backlog(durable_broker, 1_000_000)
+    print("backlog figures:", {k: round(v, 2) for k, v in figures.items()})
+    assert figures["rss_after_restart_mib"] < 200

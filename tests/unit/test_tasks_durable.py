@@ -75,7 +75,7 @@ def test_deep_messages_go_cold_once_on_disk_and_are_read_back_when_delivered() -
 
 def test_restored_messages_are_cold_and_a_missing_body_is_dropped_and_counted() -> None:
     disk = {7: b"seven", 8: b"eight"}
-    tasks, sent = durable_tasks(disk)
+    sent: list[Delivery] = []
     state = StoredState(
         queues=[("/", "jobs", {}, False)],
         messages=[
