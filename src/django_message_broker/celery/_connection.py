@@ -46,6 +46,8 @@ __all__ = ["ConnectionLost", "TaskConnection"]
 #: ms: the broker is pinged this often and declared lost after the timeout.
 _ZMTP_HEARTBEAT_IVL = 500
 _ZMTP_HEARTBEAT_TIMEOUT = 1500
+#: ms libzmq keeps sending after a close whose Sync was not answered.
+_CLOSE_LINGER_MS = 10_000
 _NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
 _MONITOR_EVENTS = int(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
@@ -98,8 +100,11 @@ class TaskConnection:
         self.closed = False
         self._acks: dict[int, list[int]] = {}
         self._dispatching = False
-        #: Acks were sent since the last ``Sync`` (``close`` makes them durable first).
-        self.acked = False
+        #: Acks or unconfirmed publishes were sent since the last reply:
+        #: ``close`` sends a ``Sync`` first, so that none of them is lost in
+        #: the socket (closed with no linger) and, with a durable store, all
+        #: are on disk.
+        self.unsynced = False
         self._req = 0
         #: errors of requests nobody waits for (unconfirmed publishes), raised by the next call
         self._deferred: deque[BrokerError] = deque()
@@ -189,6 +194,7 @@ class TaskConnection:
         self.raise_deferred()
         self.flush()
         self.send(cmd, body)
+        self.unsynced = True
         return None
 
     def ack(self, session: int, tag: int) -> None:
@@ -209,7 +215,7 @@ class TaskConnection:
         acks, self._acks = self._acks, {}
         for session, tags in acks.items():
             self._send([p.encode(p.Ack(session, tags))])
-        self.acked = True
+        self.unsynced = True
 
     def raise_deferred(self) -> None:
         if self.lost is not None:
@@ -335,11 +341,13 @@ class TaskConnection:
         if self.lost is None:
             try:
                 self.flush()
-                if self.acked:  # a broker with a durable store: acks on disk before we go
-                    self.request(p.Sync(self._next_req()), timeout=min(self.timeout, 2.0))
+                if self.unsynced:  # what we sent has arrived (and, with a durable store, is on disk)
+                    self.request(p.Sync(self._next_req()))
                 self.sock.send(p.encode(p.Bye()), _NOBLOCK)
             except (BrokerError, zmq.ZMQError):
-                pass
+                # Not confirmed in time: let libzmq go on sending what is
+                # queued for a while after the close, rather than drop it.
+                self.sock.setsockopt(zmq.LINGER, _CLOSE_LINGER_MS)
         try:
             self.sock.disable_monitor()
         except zmq.ZMQError:
