@@ -65,6 +65,30 @@ _FAILED: dict[Any, int] = {zmq.EAGAIN: BUSY, zmq.EHOSTUNREACH: GONE}
 _SRCFD = int(zmq.SRCFD)
 #: The durable store's database, in the data directory.
 STORE_FILE = "tasks.sqlite3"
+#: Bytes of message bodies let go (cold) before freed memory is handed back.
+_TRIM_AFTER = 16 << 20
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the operating system (glibc's
+    ``malloc_trim``). Bodies of a backlog that went cold are freed in many
+    small pieces among live objects, and the allocator keeps such memory:
+    1,000,000 queued 1 KB messages kept the broker's RSS above 1 GiB after
+    they had left memory, and 166 MiB became 50 MiB with one trim. Elsewhere
+    than glibc this does nothing."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 #: ZeroMQ's own heartbeats on every connection (ms): a peer whose host
 #: vanished is disconnected after the timeout, while a live process answers
 #: from libzmq's I/O thread however busy its Python code is.
@@ -459,6 +483,9 @@ class BrokerServer:
                         batch = broker.take_journal()
                         if batch is not None:
                             store.submit(*batch)
+                        if broker.tasks.cooled_bytes >= _TRIM_AFTER:
+                            broker.tasks.cooled_bytes = 0
+                            _release_freed_memory()
                 if broker.outbox:
                     _send_all(sock, broker)
                 if self.idle_timeout is not None:

@@ -420,6 +420,9 @@ class Tasks:
         #: (queue, message) of the ``put`` operations in ``journal``.
         self.puts: list[tuple[TaskQueue, TaskMessage]] = []
         self.lost_bodies = 0
+        #: Bytes of bodies let go by ``cool`` (the shell returns them to the
+        #: operating system now and then, and resets this).
+        self.cooled_bytes = 0
         #: Wall-clock time, for deadlines kept on disk (they cross restarts).
         self.wall_clock = wall_clock
         self.sink = sink
@@ -1009,6 +1012,7 @@ class Tasks:
             behind[id(queue)] = later + 1
             # Its place from the head, at most (later batches may be behind it too).
             if message.body is not None and queue.ready - 1 - later >= self.hot_limit:
+                self.cooled_bytes += message.size - MESSAGE_OVERHEAD
                 self.meter.used -= message.size - MESSAGE_OVERHEAD
                 message.size = MESSAGE_OVERHEAD
                 message.body = None
