@@ -84,6 +84,14 @@ LAYERS = {
     "group": ("ours", "redis", "pubsub", "inmemory"),
     "backlog": ("ours", "redis", "inmemory"),
 }
+#: Points a layer cannot reach in reasonable time, and why: (series, layer) -> (largest N, reason).
+LIMITS: dict[tuple[str, str], tuple[int, str]] = {
+    ("group", "inmemory"): (
+        1000,
+        "its receive() scans every channel it has (`_clean_expired`), so one receive costs O(channels): "
+        "10,000 members would take minutes",
+    ),
+}
 NOT_APPLICABLE = {
     "inmemory": "one process only: no cross-process clients",
     "pubsub": "no server-side queue: nothing is ever queued",
@@ -251,6 +259,7 @@ def run_group(env: Env, pool: Pool, layer: str, members: int, p: dict) -> dict:
             worker.tell("go")
             got = worker.expect("result", rnd.deadline)
         results, first, times = [got], got["first"], got["times"]
+        cpu0 = cpu1 = None
     else:
         per = members // p["consumers"]
         params = dict(p, group=group, channels=per, sends=sends)
@@ -258,9 +267,11 @@ def run_group(env: Env, pool: Pool, layer: str, members: int, p: dict) -> dict:
             workers = rnd.start([("group_member", spec, params)] * p["consumers"] + [("group_sender", spec, params)])
             for worker in workers:
                 worker.expect("ready", rnd.deadline)
+            cpu0 = env.server_cpu(BY_NAME[layer])
             workers[-1].tell("go")
             sent = workers[-1].expect("result", rnd.deadline)
             results = [w.expect("result", rnd.deadline) for w in workers[:-1]]
+            cpu1 = env.server_cpu(BY_NAME[layer])
         first, times = sent["first"], sent["times"]
     failures = [r["failure"] for r in results if r["failure"]]
     if failures:
@@ -271,12 +282,16 @@ def run_group(env: Env, pool: Pool, layer: str, members: int, p: dict) -> dict:
         raise RunFailed(f"sequence check failed: {bad}")
     deliveries = check["expected"]
     elapsed = max(r["last"] for r in results) - first
-    return {
+    metrics = {
         "deliveries_per_s": deliveries / elapsed,
         "us_per_delivery": elapsed * 1e6 / deliveries,
         "ms_per_group_send": statistics.median(times) * 1e3,
+        "receiver_cpu_us": sum(r["cpu"] for r in results) * 1e6 / deliveries,
         "sends": sends,
     }
+    if cpu0 is not None and cpu1 is not None:
+        metrics["server_cpu_us"] = (cpu1 - cpu0) * 1e6 / deliveries
+    return metrics
 
 
 def run_backlog(env: Env, pool: Pool, layer: str, queued: int, p: dict) -> dict:
@@ -351,6 +366,26 @@ CURVES: list[Curve] = [
         False,
         0.0,
         "each member costs the same whatever the group's size",
+        100,
+    ),
+    Curve(
+        "group",
+        "server_cpu_us",
+        "(b) server CPU per delivery vs group size",
+        "µs CPU",
+        False,
+        0.0,
+        "each member costs the server the same whatever the group's size",
+        100,
+    ),
+    Curve(
+        "group",
+        "receiver_cpu_us",
+        "(b) receiving processes' CPU per delivery vs group size",
+        "µs CPU",
+        False,
+        0.0,
+        "each member costs its process the same whatever the group's size",
         100,
     ),
     Curve(
@@ -479,6 +514,7 @@ def markdown(meta: dict, summary: dict, records: list[dict]) -> str:
         "group": (
             "group_send of a 100 B text to N members (`new_channel()`s) spread over "
             f"{sizes.get('group', {}).get('consumers', 2)} consumer processes, from a third process; "
+            "each member has received once before the timed part (receives waiting, credit granted); "
             "the number of group_sends per point is in the table. deliveries/s runs from the first group_send "
             "to the last delivery. `inmemory` runs members and producer in one process (it cannot do otherwise)."
         ),
@@ -567,6 +603,7 @@ def chart(meta: dict, summary: dict, path: Path) -> bool:
         [c for c in CURVES if c.series == "clients" and c.key in ("p50_ms", "p99_ms")],
         [c for c in CURVES if c.series == "clients" and c.key == "server_us_per_msg"],
         [c for c in CURVES if c.series == "group" and c.key == "deliveries_per_s"],
+        [c for c in CURVES if c.series == "group" and c.key in ("server_cpu_us", "receiver_cpu_us")],
         [c for c in CURVES if c.series == "group" and c.key == "ms_per_group_send"],
         [c for c in CURVES if c.series == "backlog"],
     ]
@@ -593,11 +630,13 @@ def chart(meta: dict, summary: dict, path: Path) -> bool:
                 label = f"{layer}{suffix}" + (f" (slope {s:+.2f})" if s is not None else "")
                 ax.plot(*zip(*pts, strict=True), style, marker="o", color=COLORS.get(layer), label=label)
         first = curves[0]
-        title = (
-            first.title
-            if len(curves) == 1
-            else first.title.replace(" p50", " p50/p99").replace("send throughput", "send (solid) / receive (dashed)")
-        )
+        title = first.title
+        if len(curves) > 1:
+            title = {
+                "p50_ms": "(a) round trip p50 (solid) / p99 (dashed) vs client processes",
+                "server_cpu_us": "(b) CPU per delivery: server (solid) / receivers (dashed)",
+                "send_per_s": "(c) send (solid) / receive (dashed) throughput vs queued backlog",
+            }.get(first.key, first.title)
         ax.set_title(title, fontsize=9)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -645,6 +684,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--repeat", type=int, default=2, help="repetitions per point (default 2; backlog: always 1)")
     parser.add_argument("--only", default="", help="comma-separated series: clients, group, backlog")
     parser.add_argument("--layers", default="", help="comma-separated layers: ours, redis, pubsub, inmemory")
+    parser.add_argument("--points", default="", help="comma-separated N: only these points of the series run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="output directory")
     parser.add_argument("--redis-server", default="redis-server", help="the redis-server binary")
     parser.add_argument("--report", type=Path, metavar="JSON", help="only render the .md and .png again from a JSON")
@@ -680,6 +720,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
     sizes = {s: sizes[s] for s in series}
+    if args.points:
+        wanted_points = {int(x) for x in args.points.split(",") if x.strip()}
+        sizes = {s: {**v, "points": [x for x in v["points"] if x in wanted_points]} for s, v in sizes.items()}
 
     def stop_on_signal(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
@@ -727,6 +770,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                     order = layers[name][rep % len(layers[name]) :] + layers[name][: rep % len(layers[name])]
                     for layer in order:
                         prefix = f"{name:<8} N={x:<9,} rep {rep + 1}/{repeat} {layer:<9}"
+                        limit = LIMITS.get((name, layer))
+                        if limit is not None and x > limit[0]:
+                            if rep == 0:
+                                note = f"`{layer}` at {x:,}: skipped, {limit[1]}"
+                                meta["skipped_points"].setdefault(name, []).append(note)
+                            print(f"{prefix} skipped (limit)", flush=True)
+                            continue
                         if name == "backlog" and layer in fill_rate and x / fill_rate[layer] > p["fill_budget"]:
                             note = (
                                 f"`{layer}` at {x:,} queued: skipped, filling it would take about "
@@ -767,7 +817,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"server log kept: {path}", file=sys.stderr)
     meta["duration_s"] = round(time.monotonic() - started, 1)
     meta["loadavg_end"] = os.getloadavg()
-    meta["complete"] = not interrupted and not args.only and not args.layers
+    meta["complete"] = not interrupted and not args.only and not args.layers and not args.points
     if not records:
         print("nothing was run", file=sys.stderr)
         return 1
