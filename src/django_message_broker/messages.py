@@ -18,9 +18,11 @@ scalar types cost one set lookup each.
 Decoding once per process. A group_send reaches a process once, however
 many of its channels are members (``client._state.Shared``);
 ``decode_shared`` decodes that body once for them all. Every receiver still
-gets a dict of its own, as with channels_redis (which unpacks a separate
-copy for each receive) and the in-memory layer (which deep-copies on send):
-a receiver may change its message without the others seeing it. A message
+gets a dict of its own, as with the in-memory layer (which deep-copies on
+send), so a receiver may change its message without the others seeing it.
+(channels_redis also sends a group message once per process, but hands the
+very same dict to every member there: docs/channels-redis-deviations.md,
+row 11.) A message
 whose values are all immutable (str, bytes, int, float, bool, None: most
 Channels events) is decoded once and each receiver gets a shallow copy,
 which is then as independent as a fresh decode and costs a fraction of it.
