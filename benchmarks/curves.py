@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:  # so that ``benchmarks`` imports, here and in spa
 
 import argparse  # noqa: E402
 import datetime as dt  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -444,6 +445,19 @@ def slope(points: list[tuple[float, float]]) -> Optional[float]:
     return sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else None
 
 
+def steepest_step(
+    values: dict[int, Optional[float]], expected: float, since: int = 0
+) -> Optional[tuple[int, int, float]]:
+    """The pair of neighbouring points whose local log-log slope is furthest
+    from ``expected``: a curve flat overall may still bend at one end."""
+    pts = [(x, y) for x, y in sorted(values.items()) if y and x >= since]
+    steps = [(a[0], b[0], slope([a, b])) for a, b in itertools.pairwise(pts)]
+    steps = [(a, b, s) for a, b, s in steps if s is not None]
+    if not steps:
+        return None
+    return max(steps, key=lambda step: abs(step[2] - expected))
+
+
 def summarize(meta: dict, records: list[dict]) -> dict:
     """Medians per curve, layer and point, and each curve's slope."""
     out: dict[str, Any] = {}
@@ -569,11 +583,16 @@ def markdown(meta: dict, summary: dict, records: list[dict]) -> str:
             value = data["slopes"].get(layer)
             cells.append("-" if value is None else f"{value:+.2f}")
         verdict = _verdict(curve, data["slopes"].get(OURS))
+        step = steepest_step(data["table"].get(OURS, {}), curve.expected, curve.fit_from)
+        if step is not None and abs(step[2] - curve.expected) > 2 * TOLERANCE:
+            bend = f"from {step[0]:,} to {step[1]:,} the slope is {step[2]:+.2f}"
+            verdict = f"**bends**: {bend} (overall {verdict})" if verdict == "as expected" else f"{verdict}; {bend}"
         lines.append(f"| {curve.title} | {curve.expected:+.0f} | " + " | ".join(cells) + f" | {verdict} |")
     lines += [
         "",
         f'A slope within ±{TOLERANCE} of the expected one reads "as expected". The slope is a least-squares fit '
-        "over the points named above; a curve that bends shows it in its table.",
+        "over the points named above; where two neighbouring points of ours are further than "
+        f"{2 * TOLERANCE:.1f} from it, the last column names them (the curve bends there).",
         "",
     ]
     failures = [r for r in records if not r["ok"]]
@@ -647,7 +666,7 @@ def chart(meta: dict, summary: dict, path: Path) -> bool:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"Cost curves {meta['date']}{' (quick)' if meta['quick'] else ''}, log-log", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
