@@ -124,12 +124,12 @@ class Outbox:
         shared = self.shared
         if replies_only:
             pop = self._peers.pop
-            return [_messages(ident, pop(ident), now, ident in shared) for ident in replied]
+            return [_messages(ident, pop(ident), now, shared) for ident in replied]
         peers, self._peers = self._peers, {}
-        return [_messages(ident, items, now, ident in shared) for ident, items in peers.items()]
+        return [_messages(ident, items, now, shared) for ident, items in peers.items()]
 
 
-def _messages(ident: bytes, items: list[Any], now: float, shared: bool) -> list[Outgoing]:
+def _messages(ident: bytes, items: list[Any], now: float, shared: set[bytes]) -> list[Outgoing]:
     out: list[Outgoing] = []
     runs: list[_Run] = []
     tasks: list[Delivery] = []
@@ -175,15 +175,15 @@ def _task_deliver(ident: bytes, tasks: list[Delivery]) -> Outgoing:
     return Outgoing(ident, [p.encode(header), *[d.body for d in tasks]], (), tasks)
 
 
-def _deliver(ident: bytes, runs: list[_Run], now: float, shared: bool) -> Outgoing:
+def _deliver(ident: bytes, runs: list[_Run], now: float, shared: set[bytes]) -> Outgoing:
     """One Deliver for ``runs``: the compact form for one channel; for many,
-    each distinct body once if the peer takes ``body_of`` (``shared``)."""
+    each distinct body once if the peer takes ``body_of`` (it is in ``shared``)."""
     if len(runs) == 1:
         queue, _, messages = runs[0]
         header = p.Deliver(queue.name, [m.deadline - now for m in messages])
         frames: list[Any] = [p.encode(header)]
         frames.extend([m.body for m in messages])
-        return Outgoing(ident, frames, runs, count=len(messages))
+        return Outgoing(ident, frames, runs, (), len(messages))
     channels, ttls, bodies = [], [], []
     for queue, _, messages in runs:
         name = queue.name
@@ -191,7 +191,7 @@ def _deliver(ident: bytes, runs: list[_Run], now: float, shared: bool) -> Outgoi
             channels.append(name)
             ttls.append(message.deadline - now)
             bodies.append(message.body)
-    if shared:
+    if ident in shared:
         # One frame per distinct body object: a group_send's members share
         # one, and come one after the other (hence the cheap ``is`` first).
         unique: list[Any] = []
@@ -208,5 +208,5 @@ def _deliver(ident: bytes, runs: list[_Run], now: float, shared: bool) -> Outgoi
             body_of.append(at)
         if len(unique) < len(bodies):
             shared_header = p.encode(p.Deliver("", ttls, channels, body_of))
-            return Outgoing(ident, [shared_header, *unique], runs, count=len(bodies))
-    return Outgoing(ident, [p.encode(p.Deliver("", ttls, channels)), *bodies], runs, count=len(bodies))
+            return Outgoing(ident, [shared_header, *unique], runs, (), len(bodies))
+    return Outgoing(ident, [p.encode(p.Deliver("", ttls, channels)), *bodies], runs, (), len(bodies))
