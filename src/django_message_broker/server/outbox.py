@@ -184,29 +184,37 @@ def _deliver(ident: bytes, runs: list[_Run], now: float, shared: set[bytes]) -> 
         frames: list[Any] = [p.encode(header)]
         frames.extend([m.body for m in messages])
         return Outgoing(ident, frames, runs, (), len(messages))
-    channels, ttls, bodies = [], [], []
+    channels: list[str] = []
+    ttls: list[float] = []
+    if ident not in shared:
+        bodies = []
+        for queue, _, messages in runs:
+            name = queue.name
+            for message in messages:
+                channels.append(name)
+                ttls.append(message.deadline - now)
+                bodies.append(message.body)
+        return Outgoing(ident, [p.encode(p.Deliver("", ttls, channels)), *bodies], runs, (), len(bodies))
+    # One frame per distinct body object: a group_send's members share one,
+    # and come one after the other (hence the cheap ``is`` before the dict).
+    unique: list[Any] = []
+    body_of: list[int] = []
+    seen: dict[int, int] = {}
+    last: Any = None
+    at = -1
     for queue, _, messages in runs:
         name = queue.name
         for message in messages:
             channels.append(name)
             ttls.append(message.deadline - now)
-            bodies.append(message.body)
-    if ident in shared:
-        # One frame per distinct body object: a group_send's members share
-        # one, and come one after the other (hence the cheap ``is`` first).
-        unique: list[Any] = []
-        body_of: list[int] = []
-        seen: dict[int, int] = {}
-        last: Any = None
-        at = -1
-        for body in bodies:
+            body = message.body
             if body is not last:
                 last = body
                 at = seen.setdefault(id(body), len(unique))
                 if at == len(unique):
                     unique.append(body)
             body_of.append(at)
-        if len(unique) < len(bodies):
-            shared_header = p.encode(p.Deliver("", ttls, channels, body_of))
-            return Outgoing(ident, [shared_header, *unique], runs, (), len(bodies))
-    return Outgoing(ident, [p.encode(p.Deliver("", ttls, channels)), *bodies], runs, (), len(bodies))
+    if len(unique) == len(body_of):  # nothing shared: the plain form (unique holds every body, in order)
+        return Outgoing(ident, [p.encode(p.Deliver("", ttls, channels)), *unique], runs, (), len(unique))
+    shared_header = p.encode(p.Deliver("", ttls, channels, body_of))
+    return Outgoing(ident, [shared_header, *unique], runs, (), len(body_of))
