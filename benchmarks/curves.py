@@ -744,7 +744,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sizes = {s: {**v, "points": [x for x in v["points"] if x in wanted_points]} for s, v in sizes.items()}
 
     def stop_on_signal(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
+        raise KeyboardInterrupt  # as Ctrl-C: write what was measured, then stop
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop_on_signal)
