@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo test test-fast test-peers test-matrix test-matrix-ci dist smoke docs lint bench bench-core bench-celery soak clean
+.PHONY: help install demo test test-fast test-peers test-matrix test-matrix-ci dist smoke docs lint bench bench-core bench-celery bench-curves soak clean
 
 help:
 	@echo "make demo   - set up and run the demo chat site on the embedded broker"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench  - run the benchmarks, then bench-celery (writes benchmarks/results/)"
 	@echo "make bench-celery - Celery on our broker, Redis and RabbitMQ, about 2-5 minutes (ARGS=--quick: under a minute)"
 	@echo "make bench-core - micro-benchmarks of the pure broker core, a few seconds (writes benchmarks/results/core-latest.md)"
+	@echo "make bench-curves - cost curves against the peers, about 10 minutes (ARGS=--quick: 1 minute; writes benchmarks/results/curves-*)"
 	@echo "make soak   - run the long reliability tests"
 	@echo "make lint   - ruff and mypy"
 
@@ -81,6 +82,10 @@ bench-celery: $(STAMP)
 
 bench-core: $(STAMP)
 	$(PY) benchmarks/core.py
+
+bench-curves: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/curves.py $(ARGS)
 
 soak: $(STAMP)
 	DMB_SOAK=1 $(PY) -m pytest -q tests/reliability tests/durability -m soak --timeout=3600 -s

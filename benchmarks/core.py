@@ -8,7 +8,10 @@ table and writes benchmarks/results/core-latest.md (``--out`` elsewhere).
 The cases: encode and decode of a header; ``Broker.handle`` of a Send with
 1, 100 and 1,000 bodies to a channel with a subscriber (its replies and
 deliveries drained, as the shell would); a GroupSend to 500 members over 2
-peers; ``ChannelQueue.deliver`` of 1,000 queued messages into a sink.
+peers, with and without shared bodies (``Deliver.body_of``); the client
+state taking a group_send's Deliver to 250 members of one process, each
+member's message taken and decoded; ``ChannelQueue.deliver`` of 1,000
+queued messages into a sink.
 """
 
 from __future__ import annotations
@@ -85,10 +88,17 @@ def case_send(n: int) -> Callable[[], None]:
     return run
 
 
-def case_group_send(members: int = 500) -> Callable[[], None]:
+def _hello(ident: bytes, shared: bool) -> bytes:
+    """A Hello; ``shared``: one that takes shared bodies, where the core knows them."""
+    if shared and "shared_bodies" in p.Hello.__struct_fields__:
+        return p.encode(p.Hello(1, ident.decode(), 1.0, True))
+    return p.encode(p.Hello(1, ident.decode(), 1.0))
+
+
+def case_group_send(members: int = 500, shared: bool = False) -> Callable[[], None]:
     broker, drain = _broker()
     for ident in (A, B, C):
-        broker.handle([ident, p.encode(p.Hello(1, ident.decode(), 1.0))], 100.0)
+        broker.handle([ident, _hello(ident, shared)], 100.0)
     endpoints = []
     for i in range(members):
         ident = B if i % 2 else C
@@ -104,6 +114,122 @@ def case_group_send(members: int = 500) -> Callable[[], None]:
         handle(frames, 100.0)
         drain()
         for queue, endpoint in endpoints:
+            queue.release(endpoint, 1)
+            endpoint.credit = p.MAX_CREDIT
+
+    return run
+
+
+def case_client_fanout(members: int = 250) -> Callable[[], None]:
+    """The receiving side of a group_send to ``members`` channels of one
+    process: the client state takes the Deliver, each member's receive takes
+    its message and the layer decodes it. With shared bodies (where the
+    client has them) the Deliver brings one body and it is decoded once."""
+    from django_message_broker.client import _state
+    from django_message_broker.messages import decode_message, encode_message
+
+    body = encode_message({"type": "chat.message", "text": "x" * 100})
+    channels = [f"chat!c.{i}" for i in range(members)]
+    ttls = [60.0] * members
+    state = _state.ClientState(prefetch=8, process_prefetch=8, idle_return=60.0)
+    share = getattr(_state, "share_bodies", None)
+
+    def waiter(_state: Any) -> Any:
+        raise AssertionError("every message is buffered")
+
+    if share is not None:
+        from django_message_broker.messages import decode_shared
+
+        def run() -> None:
+            bodies, slots = share([bytes(memoryview(body))], [0] * members)  # the driver copies each frame
+            state.deliver(channels, bodies, ttls, 100.0, slots)
+            for channel in channels:
+                item, _, _ = state.take(channel, 100.0, waiter, False)
+                decode_shared(item[0], item[2])
+
+    else:
+
+        def run() -> None:
+            state.deliver(channels, [bytes(memoryview(body)) for _ in channels], ttls, 100.0)
+            for channel in channels:
+                item, _, _ = state.take(channel, 100.0, waiter, False)
+                decode_message(item[0])
+
+    return run
+
+
+def case_fanout_over_zmq(members: int = 500) -> Callable[[], None]:
+    """A GroupSend to ``members`` channels of one receiving process, the
+    whole way in one thread: the broker core decides, its shell's send loop
+    (``server._send_all``) writes to a ROUTER, a DEALER reads every frame
+    (as the client's I/O thread does), the client state takes the Deliver,
+    and each member's message is taken and decoded as the layer does. With
+    shared bodies where both sides have them. Over inproc ZeroMQ: no
+    scheduler in the measurement, so a fan-out change shows in seconds."""
+    import zmq
+
+    from django_message_broker import messages as m
+    from django_message_broker.client import _state
+    from django_message_broker.server.server import _send_all
+
+    ctx = zmq.Context.instance()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    for sock in (router, dealer):
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+    address = f"inproc://fanout-{id(router)}"
+    router.bind(address)
+    dealer.setsockopt(zmq.ROUTING_ID, B)
+    dealer.connect(address)
+    broker, _ = _broker()
+    broker.handle([A, _hello(A, False)], 100.0)
+    broker.handle([B, _hello(B, True)], 100.0)
+    channels = [f"chat!{B.decode()}.{i}" for i in range(members)]
+    queues = []
+    for channel in channels:
+        broker.handle([A, p.encode(p.GroupAdd(1, "room", channel, 86400.0))], 100.0)
+        broker.handle([B, p.encode(p.Subscribe(0, channel, p.MAX_CREDIT))], 100.0)
+        queues.append((broker.queues[channel], broker.clients[B].endpoints[channel]))
+    broker.data_to_send()
+    body = m.encode_message({"type": "chat.message", "text": "x" * 100})
+    frames = [A, p.encode(p.GroupSend(2, "room", 60.0, 1 << 20, [])), body]
+    state = _state.ClientState(prefetch=8, process_prefetch=8, idle_return=60.0)
+    share = getattr(_state, "share_bodies", None)
+    decode_shared = getattr(m, "decode_shared", None)
+    recv = dealer.recv
+
+    def waiter(_state: Any) -> Any:
+        raise AssertionError("every message is buffered")
+
+    def run() -> None:
+        broker.handle(frames, 100.0)
+        _send_all(router, broker)
+        got = 0
+        while got < members:
+            frame = recv(copy=False)
+            parts = [frame]
+            while frame.more:
+                frame = recv(copy=False)
+                parts.append(frame)
+            msg = p.decode_to_client(parts[0].buffer)
+            if not isinstance(msg, p.Deliver):
+                continue
+            bodies = [f.bytes for f in parts[1:]]
+            body_of = getattr(msg, "body_of", None)
+            if body_of and share is not None:
+                bodies, slots = share(bodies, body_of)
+                state.deliver(msg.channels or [msg.channel] * len(bodies), bodies, msg.ttls, 100.0, slots)
+            else:
+                state.deliver(msg.channels or [msg.channel] * len(bodies), bodies, msg.ttls, 100.0)
+            got += len(bodies)
+        for channel in channels:
+            item, _, _ = state.take(channel, 100.0, waiter, False)
+            if decode_shared is not None:
+                decode_shared(item[0], item[2])
+            else:
+                m.decode_message(item[0])
+        for queue, endpoint in queues:
             queue.release(endpoint, 1)
             endpoint.credit = p.MAX_CREDIT
 
@@ -145,6 +271,9 @@ CASES: list[tuple[str, Callable[[], Callable[[], None]], int]] = [
     ("handle Send, 100 bodies", lambda: case_send(100), 100),
     ("handle Send, 1,000 bodies", lambda: case_send(1000), 1000),
     ("handle GroupSend, 500 members / 2 peers", case_group_send, 500),
+    ("handle GroupSend, 500 members / 2 peers, shared bodies", lambda: case_group_send(shared=True), 500),
+    ("client: a group_send's Deliver to 250 members, taken and decoded", case_client_fanout, 250),
+    ("fan-out over inproc ZeroMQ: 500 members of one process, end to end", case_fanout_over_zmq, 500),
     ("ChannelQueue.deliver, 1,000 messages", case_deliver, 1000),
 ]
 

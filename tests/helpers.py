@@ -29,7 +29,7 @@ import msgspec
 
 from django_message_broker import exceptions as ex
 from django_message_broker import protocol as p
-from django_message_broker.client._state import ChannelState, ClientState, Item
+from django_message_broker.client._state import ChannelState, ClientState, Item, share_bodies
 from django_message_broker.keys import create_keypair
 from django_message_broker.server.broker import BUSY, GONE, Broker
 from django_message_broker.server.server import BrokerServer
@@ -213,9 +213,14 @@ class PureClient:
     (request numbers, answers, a ``connected`` flag), talking to the pair's
     broker instead of a socket."""
 
-    def __init__(self, pair: BrokerPair, ident: bytes, **options: Any) -> None:
+    def __init__(self, pair: BrokerPair, ident: bytes, *, shared_bodies: bool = True, **options: Any) -> None:
         self.pair = pair
         self.ident = ident
+        #: Says so in its Hello, as the real client does: a body for several
+        #: of its channels may come once (``Deliver.body_of``).
+        self.shared_bodies = shared_bodies
+        #: Every Deliver received: (header, number of body frames).
+        self.delivers: list[tuple[p.Deliver, int]] = []
         self.state = ClientState(**{"prefetch": 4, "process_prefetch": 8, "idle_return": 1.0, **options})
         self.connected = False
         self.instance: Optional[str] = None
@@ -255,7 +260,7 @@ class PureClient:
             self.instance, self.state.epoch, self.connected = instance, epoch, True
             self.send_out(self.state.connected(self.pair.now, restarted))
 
-        self.request(p.Hello(0, self.ident.decode(), 1.0), on_reply=welcomed)
+        self.request(p.Hello(0, self.ident.decode(), 1.0, self.shared_bodies), on_reply=welcomed)
 
     def receive(self, channel: str, settles_later: bool = False) -> Receive | bytes:
         """A receive: the body if one is here, else the waiting ``Receive``."""
@@ -305,8 +310,12 @@ class PureClient:
     # -- from the broker --
     def receive_from_broker(self, msg: Any, bodies: list[bytes]) -> None:
         match msg:
-            case p.Deliver(channel, ttls, channels):
-                self.state.deliver(channels or [channel] * len(ttls), bodies, list(ttls), self.pair.now)
+            case p.Deliver(channel, ttls, channels, body_of):
+                self.delivers.append((msg, len(bodies)))
+                shared = None
+                if body_of:
+                    bodies, shared = share_bodies(bodies, body_of)
+                self.state.deliver(channels or [channel] * len(ttls), bodies, list(ttls), self.pair.now, shared)
             case p.Reply(req, code, _detail, value):
                 callback = self._on_reply.pop(req, None)
                 if callback is not None and not code:

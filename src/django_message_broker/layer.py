@@ -38,7 +38,7 @@ from channels.layers import BaseChannelLayer
 
 from . import exceptions
 from .client import AsyncClient
-from .messages import decode_message, encode_message
+from .messages import decode_message, decode_shared, encode_message
 from .namespace import default_prefix
 from .options import LayerOptions
 from .protocol import NameCache, check_channel_name
@@ -178,7 +178,8 @@ class ChannelsServerLayer(BaseChannelLayer):
         channel."""
         self.require_valid_channel_name(channel)
         check_own_channel(channel, self.client_prefix)
-        return decode_message(await self.client.receive(self._wire + channel))
+        body, _, shared = await self.client.receive_item(self._wire + channel)
+        return decode_shared(body, shared)  # decoded once per process for a group_send
 
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name, unique across processes."""

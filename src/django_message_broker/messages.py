@@ -14,15 +14,33 @@ them: the receiver fails. Here the sender does.)
 
 The check walks the message before msgspec encodes it; values of the common
 scalar types cost one set lookup each.
+
+Decoding once per process. A group_send reaches a process once, however
+many of its channels are members (``client._state.Shared``);
+``decode_shared`` decodes that body once for them all. Every receiver still
+gets a dict of its own, as with the in-memory layer (which deep-copies on
+send), so a receiver may change its message without the others seeing it.
+(channels_redis also sends a group message once per process, but hands the
+very same dict to every member there: docs/channels-redis-deviations.md,
+row 11.) A message
+whose values are all immutable (str, bytes, int, float, bool, None: most
+Channels events) is decoded once and each receiver gets a shallow copy,
+which is then as independent as a fresh decode and costs a fraction of it.
+A message with a nested dict or list is decoded afresh for each receiver
+(a shallow copy would share the nested objects; ``copy.deepcopy`` costs
+more than decoding).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import msgspec
 
-__all__ = ["IntOutOfRange", "decode_message", "encode_message"]
+if TYPE_CHECKING:
+    from .client._state import Shared
+
+__all__ = ["IntOutOfRange", "decode_message", "decode_shared", "encode_message"]
 
 
 class IntOutOfRange(TypeError, OverflowError):
@@ -74,6 +92,29 @@ def encode_message(message: Any) -> bytes:
 
 def decode_message(body: bytes) -> dict[str, Any]:
     return _decoder.decode(body)  # type: ignore[no-any-return]
+
+
+_IMMUTABLE = frozenset({str, bytes, int, float, bool, type(None)})
+_NESTED = object()  # in a Shared slot: the message holds containers; decode each time
+
+
+def decode_shared(body: bytes, shared: Optional[Shared]) -> dict[str, Any]:
+    """``decode_message(body)``, decoded once for every receiver of a shared
+    body (see the module docstring): each caller gets its own dict. The slot
+    keeps a pristine decoded copy that nobody is handed, so readers on other
+    threads may copy it at any time."""
+    if shared is None:
+        return _decoder.decode(body)  # type: ignore[no-any-return]
+    value = shared.value
+    if value is None:
+        value = _decoder.decode(body)
+        if any(type(item) not in _IMMUTABLE for item in value.values()):
+            shared.value = _NESTED
+            return value  # type: ignore[no-any-return]
+        shared.value = value
+    elif value is _NESTED:
+        return _decoder.decode(body)  # type: ignore[no-any-return]
+    return dict(value)
 
 
 def _check_dict(value: dict, depth: int, _scalars: frozenset = _SCALARS, _str: type = str) -> None:

@@ -66,11 +66,15 @@ class _Msg(msgspec.Struct, array_like=True, tag_field="t"):
 
 # --- client -> broker -------------------------------------------------------
 class Hello(_Msg, tag=1):
-    """First message of a connection (and of every reconnection)."""
+    """First message of a connection (and of every reconnection).
+    ``shared_bodies``: this client reads ``Deliver.body_of``, so the broker
+    may send a body once for several of its channels (a client that does not
+    say so, or says nothing, gets one body frame per message)."""
 
     req: int
     client_id: str
     heartbeat: float  # seconds between the client's heartbeats
+    shared_bodies: bool = False
 
 
 class Send(_Msg, tag=2):
@@ -340,14 +344,19 @@ class Sync(TaskCommand, tag=47):
 
 # --- broker -> client -------------------------------------------------------
 class Deliver(_Msg, tag=20):
-    """Messages (one body frame each follows, oldest first); ``ttls``:
-    seconds each has left. All belong to ``channel``, unless ``channels``
-    is given: then body *i* belongs to ``channels[i]`` (one message to a
-    process for many of its channels, e.g. after a group_send)."""
+    """Messages, oldest first; ``ttls``: seconds each has left. All belong
+    to ``channel``, unless ``channels`` is given: then message *i* belongs to
+    ``channels[i]`` (one message to a process for many of its channels,
+    e.g. after a group_send). Message *i*'s body is body frame *i*, unless
+    ``body_of`` is given: then it is frame ``body_of[i]``, and a body that
+    several messages share (a group_send to several channels of one
+    process) travels once. Only sent to a client whose Hello said
+    ``shared_bodies``."""
 
     channel: str
     ttls: list[float]
     channels: list[str] = []
+    body_of: list[int] = []
 
 
 class Reply(_Msg, tag=21):

@@ -28,9 +28,9 @@ from .layer import (
     capacity_rules,
     check_own_channel,
     compile_capacities,
-    decode_message,
     encode_message,
 )
+from .messages import decode_shared
 from .namespace import default_prefix
 from .options import LayerOptions
 
@@ -105,7 +105,8 @@ class ProcessClient:
         """The next message; ``TimeoutError`` after ``timeout`` seconds."""
         self._validator.require_valid_channel_name(channel)
         check_own_channel(channel, self.client_prefix)
-        return decode_message(self._sync.receive(self._wire + channel, timeout))
+        body, _, shared = self._sync.receive_item(self._wire + channel, timeout)
+        return decode_shared(body, shared)
 
     def group_add(self, group: str, channel: str) -> None:
         self._validator.require_valid_group_name(group)
@@ -144,7 +145,8 @@ class ProcessClient:
     async def areceive(self, channel: str) -> dict[str, Any]:
         self._validator.require_valid_channel_name(channel)
         check_own_channel(channel, self.client_prefix)
-        return decode_message(await self._async.receive(self._wire + channel))
+        body, _, shared = await self._async.receive_item(self._wire + channel)
+        return decode_shared(body, shared)
 
     async def agroup_add(self, group: str, channel: str) -> None:
         self._validator.require_valid_group_name(group)

@@ -483,3 +483,32 @@ async def test_garbage_from_a_raw_dealer_gets_errors_and_the_broker_keeps_servin
     assert done > 0
     stats = await tx.stats()
     assert stats["errors"] >= len(_hostile_messages())
+
+
+async def test_a_group_send_reaches_a_process_once_and_is_decoded_once(broker):
+    """Over real ZeroMQ: three members in one process with credit get one
+    Deliver with one body frame; their items share the bytes and the
+    Shared slot, and the layer gives each receiver its own dict."""
+    from django_message_broker.layer import ChannelsServerLayer
+
+    layer = ChannelsServerLayer(address=broker.address, embedded=False, prefix="t")
+    try:
+        channels = [await layer.new_channel() for _ in range(3)]
+        for channel in channels:
+            await layer.group_add("room", channel)
+            await layer.send(channel, {"type": "warm.up"})
+            assert (await asyncio.wait_for(layer.receive(channel), 5))["type"] == "warm.up"
+        delivered = broker.call(lambda: broker.server.broker.counters["delivered"])
+        await layer.group_send("room", {"type": "chat.message", "text": "hi"})
+        state = layer.client.core.state
+        buffers = [state.channels["t." + channel].buffer for channel in channels]
+        await until(lambda: all(buffers))
+        items = [buffer[0] for buffer in buffers]
+        assert items[0][0] is items[1][0] is items[2][0]
+        assert items[0][2] is not None and items[0][2] is items[1][2] is items[2][2]
+        assert broker.call(lambda: broker.server.broker.counters["delivered"]) == delivered + 3
+        got = [await asyncio.wait_for(layer.receive(channel), 5) for channel in channels]
+        assert got == [{"type": "chat.message", "text": "hi"}] * 3
+        assert len({id(message) for message in got}) == 3
+    finally:
+        await layer.close()

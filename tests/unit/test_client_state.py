@@ -322,3 +322,135 @@ def test_the_client_state_does_no_io():
             else:
                 continue
             assert not {n.split(".")[0] for n in names} & forbidden, (name, names)
+
+
+# -- shared bodies: a group_send reaches each process once ---------------------------
+def group_of(pair: BrokerPair, group: str, members: list[str]) -> None:
+    for channel in members:
+        pair[A].request(p.GroupAdd(0, group, channel, 60.0))
+
+
+def held(pair: BrokerPair, ident: bytes, channel: str) -> int:
+    return pair.broker.clients[ident].endpoints[channel].held
+
+
+def test_a_group_send_reaches_a_process_once_with_its_members(pair):
+    group_of(pair, "room", ["m1", "m2", "m3", "m4"])
+    waiting = [pair[B].receive(c) for c in ("m1", "m2", "m3")] + [pair[C].receive("m4")]
+    pair[B].delivers.clear()
+    pair[C].delivers.clear()
+    pair[A].request(p.GroupSend(0, "room", 60.0, 100, []), b"hello")
+    [(deliver, frames)] = pair[B].delivers
+    assert frames == 1 and deliver.channels == ["m1", "m2", "m3"] and deliver.body_of == [0, 0, 0]
+    [(alone, frames)] = pair[C].delivers  # one member there: the plain form
+    assert frames == 1 and alone.channel == "m4" and alone.body_of == []
+    assert [w.body for w in waiting] == [b"hello"] * 4
+    items = [w.value for w in waiting[:3]]
+    assert items[0][0] is items[1][0] is items[2][0]  # one bytes object...
+    assert items[0][2] is not None and items[0][2] is items[1][2] is items[2][2]  # ...and one Shared slot
+    assert waiting[3].value[2] is None  # nothing to share
+    # Held, consumed and reported per member, as before.
+    assert [held(pair, B, c) for c in ("m1", "m2", "m3")] == [1, 1, 1]
+    assert pair.broker.counters["delivered"] == 4  # messages, not frames
+    pair.tick()
+    [report] = [m for m in pair[B].sent if isinstance(m, p.Consumed)]
+    assert sorted(zip(report.channels, report.counts, strict=True)) == [("m1", 1), ("m2", 1), ("m3", 1)]
+    assert [held(pair, B, c) for c in ("m1", "m2", "m3")] == [0, 0, 0]
+
+
+def test_a_client_that_does_not_say_shared_bodies_gets_a_body_per_message():
+    pair = BrokerPair(A, B, client_options={"shared_bodies": False})
+    group_of(pair, "room", ["m1", "m2"])
+    waiting = [pair[B].receive(c) for c in ("m1", "m2")]
+    pair[B].delivers.clear()
+    pair[A].request(p.GroupSend(0, "room", 60.0, 100, []), b"hello")
+    [(deliver, frames)] = pair[B].delivers
+    assert frames == 2 and deliver.body_of == [] and [w.body for w in waiting] == [b"hello"] * 2
+    assert all(w.value[2] is None for w in waiting)
+
+
+def test_a_full_member_is_skipped_and_an_idle_one_returns_its_copy(pair):
+    members = ["m1", "m2", "m3"]
+    group_of(pair, "room", members)
+    for channel in members:
+        pair[B].receive(channel)  # waits: credit 4 each
+    pair[A].request(p.GroupSend(0, "room", 60.0, 2, []), b"g1")  # to the three waiting receives
+    # m2's first message is not yet reported consumed: it holds 1, then 2.
+    pair[A].request(p.GroupSend(0, "room", 60.0, 2, []), b"g2")
+    assert [held(pair, B, c) for c in members] == [2, 2, 2]
+    pair[B].delivers.clear()
+    req = pair[A].request(p.GroupSend(0, "room", 60.0, 2, [("m2", 3)]), b"g3")  # m2 may hold 3
+    assert pair[A].replies.pop(req).value == [1, 2]  # m1 and m3 are full: skipped
+    [(deliver, frames)] = pair[B].delivers
+    assert deliver.channel == "m2" and frames == 1
+    pair.tick()  # reports the three g1s
+    pair[B].delivers.clear()
+    pair[A].request(p.GroupSend(0, "room", 60.0, 2, []), b"g4")  # m2 full (g2, g3); m1, m3 get it
+    [(deliver, frames)] = pair[B].delivers
+    assert deliver.channels == ["m1", "m3"] and deliver.body_of == [0, 0] and frames == 1
+    assert [held(pair, B, c) for c in members] == [2, 2, 2]
+    # m1 reads on; m2 and m3 fall idle and hand back what they hold unread.
+    pair.now += 0.5
+    assert [pair[B].receive("m1"), pair[B].receive("m1")] == [b"g2", b"g4"]
+    pair.tick(0.6)
+    returns = {m.channel: m for m in pair[B].sent if isinstance(m, p.Return)}
+    assert sorted(returns) == ["m2", "m3"] and len(returns["m2"].ttls) == 2 and len(returns["m3"].ttls) == 2
+    pair.tick()
+    assert [held(pair, B, c) for c in ("m1",)] == [0]
+    assert all(c not in pair.broker.clients[B].endpoints for c in ("m2", "m3"))  # nothing held, unsubscribed
+    assert [len(pair.broker.queues[c].queue) for c in ("m2", "m3")] == [2, 2]
+    waiting = pair[C].receive("m2")  # grants credit: back at the head, in order
+    assert waiting.body == b"g2" and pair[C].receive("m2") == b"g3"
+    assert pair[C].receive("m3").body == b"g2"
+
+
+def test_a_busy_process_gets_its_shared_delivery_back_and_again(pair):
+    members = ["m1", "m2", "m3"]
+    group_of(pair, "room", members)
+    waiting = [pair[B].receive(c) for c in members]
+    pair.router.busy.add(B)
+    pair[A].request(p.GroupSend(0, "room", 60.0, 100, []), b"hello")
+    assert [len(pair.broker.queues[c].queue) for c in members] == [1, 1, 1]
+    assert [held(pair, B, c) for c in members] == [0, 0, 0] and pair.broker.counters["delivered"] == 0
+    pair.router.busy.clear()
+    pair[B].delivers.clear()
+    pair.broker.retry_stalled()
+    pair.pump()
+    [(deliver, frames)] = pair[B].delivers
+    assert frames == 1 and deliver.body_of == [0, 0, 0]
+    assert [w.body for w in waiting] == [b"hello"] * 3 and pair.broker.counters["delivered"] == 3
+
+
+def test_members_in_two_namespaces_share_a_body_and_a_flush_drops_one_namespace(pair):
+    members = ["a.m1", "a.m2", "b.m1", "b.m2"]
+    group_of(pair, "room", members)
+    for channel in members:
+        pair[B].receive(channel)
+    pair[A].request(p.GroupSend(0, "room", 60.0, 100, []), b"g1")  # to the waiting receives
+    pair[B].delivers.clear()
+    pair[A].request(p.GroupSend(0, "room", 60.0, 100, []), b"g2")  # into the four buffers
+    [(deliver, frames)] = pair[B].delivers
+    assert deliver.channels == members and deliver.body_of == [0, 0, 0, 0] and frames == 1
+    # The g1s were taken but not yet reported when namespace "a" is flushed:
+    # the late report counts for "b" only.
+    report = pair[B].state.report(connected=True)
+    pair[A].request(p.Flush(0, "a"))
+    pair[B].post(report)
+    state = pair[B].state
+    assert not state.channels["a.m1"].buffer and not state.channels["a.m2"].buffer
+    assert [held(pair, B, c) for c in members] == [0, 0, 1, 1]  # g2 in b.*, unread
+    first, second = state.channels["b.m1"].buffer[0], state.channels["b.m2"].buffer[0]
+    assert first[0] is second[0] and first[2] is second[2] is not None
+    assert [pair[B].receive("b.m1"), pair[B].receive("b.m2")] == [b"g2", b"g2"]
+    pair.tick()
+    assert [held(pair, B, c) for c in members] == [0, 0, 0, 0]
+
+
+def test_share_bodies_maps_frames_to_messages():
+    from django_message_broker.client._state import share_bodies
+
+    bodies, shared = share_bodies([b"x", b"y"], [0, 1, 0])
+    assert bodies == [b"x", b"y", b"x"] and shared[0] is shared[2] is not None and shared[1] is None
+    for bad in ([0, 2], [-1, 0]):
+        with pytest.raises(ValueError):
+            share_bodies([b"x", b"y"], bad)

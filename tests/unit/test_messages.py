@@ -14,7 +14,8 @@ import msgspec
 import pytest
 from django.utils.safestring import SafeString
 
-from django_message_broker.messages import decode_message, encode_message
+from django_message_broker.client._state import Shared
+from django_message_broker.messages import decode_message, decode_shared, encode_message
 
 
 class Color(enum.IntEnum):
@@ -165,3 +166,44 @@ def test_cycles_and_deep_nesting_are_refused():
     for _ in range(400):
         shallow = [shallow]
     assert round_trip({"deep": shallow}) == {"deep": shallow}
+
+
+# -- decoding a group_send's body once per process (decode_shared) ----------------------
+def test_decode_shared_without_a_slot_is_decode_message():
+    body = encode_message({"type": "a", "n": 1})
+    assert decode_shared(body, None) == decode_message(body)
+
+
+def test_a_flat_shared_message_is_decoded_once_and_each_receiver_gets_its_own_dict(monkeypatch):
+    from django_message_broker import messages
+
+    body = encode_message({"type": "chat.message", "text": "hi", "n": 3, "f": 1.5, "b": b"x", "ok": True, "z": None})
+    decoded: list[bytes] = []
+    real = messages._decoder
+
+    class Counting:
+        def decode(self, data: bytes) -> Any:
+            decoded.append(data)
+            return real.decode(data)
+
+    monkeypatch.setattr(messages, "_decoder", Counting())
+    slot = Shared()
+    first, second, third = (decode_shared(body, slot) for _ in range(3))
+    assert len(decoded) == 1  # once for the three receivers
+    assert first == second == third == decode_message(body)
+    assert first is not second and second is not third and first is not third
+    first["text"] = "changed"  # a receiver that changes its message...
+    del second["n"]
+    assert third["text"] == "hi" and third["n"] == 3  # ...changes nobody else's
+    assert decode_shared(body, slot) == decode_message(body)
+
+
+def test_a_nested_shared_message_is_decoded_for_each_receiver():
+    body = encode_message({"type": "a", "data": {"items": [1, 2]}, "tags": ["x"]})
+    slot = Shared()
+    first, second = decode_shared(body, slot), decode_shared(body, slot)
+    assert first == second == decode_message(body)
+    first["data"]["items"].append(3)  # nested objects are not shared either
+    first["tags"].clear()
+    assert second["data"] == {"items": [1, 2]} and second["tags"] == ["x"]
+    assert decode_shared(body, slot) == decode_message(body)

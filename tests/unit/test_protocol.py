@@ -357,3 +357,26 @@ def test_every_error_has_a_distinct_nonzero_code():
     assert 0 not in codes and len(set(codes)) == len(codes)
     assert all(issubclass(c, ex.BrokerError) for c in classes)
     assert issubclass(ex.BrokerUnavailable, TimeoutError)
+
+
+# -- shared bodies: compatible both ways without a new version ----------------------------
+def test_shared_bodies_fields_default_off_and_old_decoders_ignore_them():
+    assert p.decode_command(p.encode(p.Hello(1, "c", 1.0))).shared_bodies is False
+    assert p.decode_to_client(p.encode(p.Deliver("ch", [1.0]))).body_of == []
+
+    class OldHello(msgspec.Struct, array_like=True, tag_field="t", tag=1):  # version 2 before body_of
+        req: int
+        client_id: str
+        heartbeat: float
+
+    class OldDeliver(msgspec.Struct, array_like=True, tag_field="t", tag=20):
+        channel: str
+        ttls: list[float]
+        channels: list[str] = []
+
+    new_hello = p.encode(p.Hello(1, "c", 1.0, shared_bodies=True))
+    assert msgspec.msgpack.decode(new_hello[1:], type=OldHello) == OldHello(1, "c", 1.0)  # an old broker
+    old_hello = V + msgspec.msgpack.encode(OldHello(1, "c", 1.0))
+    assert p.decode_command(old_hello) == p.Hello(1, "c", 1.0, False)  # an old client: no body_of for it
+    old_deliver = V + msgspec.msgpack.encode(OldDeliver("", [1.0, 2.0], ["a", "b"]))
+    assert p.decode_to_client(old_deliver) == p.Deliver("", [1.0, 2.0], ["a", "b"], [])

@@ -35,6 +35,7 @@ from ..options import (
     check_ttl,
     unknown_option,
 )
+from ._state import Item
 from .core import AsyncWaiter, Core, SyncWaiter
 
 __all__ = ["DEFAULT_ADDRESS", "AsyncClient", "SyncClient"]
@@ -298,11 +299,18 @@ class AsyncClient(_ClientBase):
 
     async def receive(self, channel: str) -> bytes:
         """The next message of ``channel``. Cancelling loses nothing."""
+        return (await self.receive_item(channel))[0]
+
+    async def receive_item(self, channel: str) -> Item:
+        """``receive``, with what the layer needs to decode a body once for
+        every channel of this process it was delivered to: ``(body,
+        deadline, shared)``, ``shared`` being the body's ``Shared`` slot
+        (``client._state``) or None."""
         p.check_channel_name(channel)
         core = self.core
         item, waiter = core.take(channel, lambda state: AsyncWaiter(core, state))
         if item is not None:
-            return item[0]
+            return item
         assert waiter is not None
         try:
             item = await waiter.future
@@ -313,7 +321,7 @@ class AsyncClient(_ClientBase):
             else:
                 core.forget_waiter(channel, waiter)
             raise
-        return item[0]  # type: ignore[no-any-return]
+        return item  # type: ignore[no-any-return]
 
     async def group_add(self, group: str, channel: str, *, ttl: float = 86400.0) -> None:
         msg = _group_add(group, channel, ttl)
@@ -382,6 +390,10 @@ class SyncClient(_ClientBase):
     def receive(self, channel: str, timeout: Optional[float] = None) -> bytes:
         """The next message of ``channel``; ``TimeoutError`` after ``timeout``
         seconds (``None``: wait for ever). A timed-out receive loses nothing."""
+        return self.receive_item(channel, timeout)[0]
+
+    def receive_item(self, channel: str, timeout: Optional[float] = None) -> Item:
+        """``receive``, as ``AsyncClient.receive_item`` (body, deadline, shared)."""
         p.check_channel_name(channel)
         if timeout is not None:
             timeout = check_timeout("timeout", timeout)
@@ -394,7 +406,7 @@ class SyncClient(_ClientBase):
             except TimeoutError:
                 core.forget_waiter(channel, waiter)
                 raise
-        return item[0]  # type: ignore[no-any-return]
+        return item  # type: ignore[no-any-return]
 
     def group_add(self, group: str, channel: str, *, ttl: float = 86400.0) -> None:
         msg = _group_add(group, channel, ttl)

@@ -26,6 +26,14 @@ against its channel's capacity at the broker until a ``Consumed`` report
 says so (``report``). A channel nobody asked for in ``idle_return``
 seconds withdraws its credit (``idle``) and, once the broker confirms,
 hands unread messages back (``withdrawn`` returns the ``Return``s).
+
+Shared bodies. The driver says Hello with ``shared_bodies``, so a Deliver
+may carry one body for several channels of this process (a group_send's
+members here): ``share_bodies`` expands it to one message per channel, all
+with the same ``bytes`` object and one ``Shared`` slot, where the first
+receive to decode the body may leave the result for the others
+(``messages.decode_shared``). Each channel still holds, counts, reports
+and returns its own message: only the bytes and their decoding are shared.
 """
 
 from __future__ import annotations
@@ -35,7 +43,17 @@ from typing import Any, Callable, Optional, Protocol, TypeVar
 
 from .. import protocol as p
 
-__all__ = ["MAX_TRACKED_CHANNELS", "MAX_UNACKED", "ChannelState", "ClientState", "Item", "SendWindow", "Waiter"]
+__all__ = [
+    "MAX_TRACKED_CHANNELS",
+    "MAX_UNACKED",
+    "ChannelState",
+    "ClientState",
+    "Item",
+    "SendWindow",
+    "Shared",
+    "Waiter",
+    "share_bodies",
+]
 
 #: Pipelined (unanswered) sends a process may have in flight before one waits.
 MAX_UNACKED = 4096
@@ -43,8 +61,36 @@ MAX_UNACKED = 4096
 MAX_TRACKED_CHANNELS = 10_000
 _FULL = 1 << 62  # a channel's depth once a pipelined send to it was refused: ask next time
 
-Item = tuple[bytes, float]  # a delivered message: (body, local deadline)
 Outgoing = tuple[p.Command, Optional[list[bytes]]]  # a message for the driver to send, with its bodies
+
+
+class Shared:
+    """One body delivered to several channels of this process at once.
+    ``value``: what a reader left for the others (``None``: nothing yet);
+    the state never looks at it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: Any = None
+
+
+#: A delivered message: (body, local deadline, the body's Shared slot if
+#: other channels here got the same body in the same Deliver, else None).
+Item = tuple[bytes, float, Optional[Shared]]
+
+
+def share_bodies(frames: list[bytes], body_of: list[int]) -> tuple[list[bytes], list[Optional[Shared]]]:
+    """A Deliver's ``body_of`` applied: message *i* gets ``frames[body_of[i]]``;
+    a frame that several messages use gets one ``Shared`` slot for them all.
+    Raises ``ValueError`` for an index out of range (a broken Deliver)."""
+    if body_of and (min(body_of) < 0 or max(body_of) >= len(frames)):
+        raise ValueError(f"body_of names frames outside 0..{len(frames) - 1}")
+    uses = [0] * len(frames)
+    for i in body_of:
+        uses[i] += 1
+    slots = [Shared() if n > 1 else None for n in uses]
+    return [frames[i] for i in body_of], [slots[i] for i in body_of]
 
 
 class Waiter(Protocol):
@@ -271,13 +317,23 @@ class ClientState:
         self._noted(state)  # what it took, or skipped as expired
         return item, waiter, state.top_up(connected)
 
-    def deliver(self, channels: list[str], bodies: list[bytes], ttls: list[float], now: float) -> None:
+    def deliver(
+        self,
+        channels: list[str],
+        bodies: list[bytes],
+        ttls: list[float],
+        now: float,
+        shared: Optional[list[Optional[Shared]]] = None,
+    ) -> None:
+        """A Deliver: message *i* (``bodies[i]``, ``shared[i]``: see
+        ``share_bodies``) for ``channels[i]``."""
         touched: dict[str, ChannelState] = {}
-        for name, body, ttl in zip(channels, bodies, ttls, strict=True):
+        slots = shared if shared is not None else [None] * len(bodies)
+        for name, body, ttl, slot in zip(channels, bodies, ttls, slots, strict=True):
             state = touched.get(name)
             if state is None:
                 state = touched[name] = self.channel(name)
-            state.deliver((body, now + ttl))
+            state.deliver((body, now + ttl, slot))
         for state in touched.values():
             state.feed(now)
             self._noted(state)
@@ -412,7 +468,7 @@ class ClientState:
             self._noted(state)
             grant = state.top_up(connected)
             return [] if grant is None else [(grant, None)]
-        returned = [(body, deadline) for body, deadline in state.buffer if deadline > now]
+        returned = [(item[0], item[1]) for item in state.buffer if item[1] > now]
         state.consumed += len(state.buffer) - len(returned)  # expired here: reported, not returned
         state.buffer.clear()
         self._noted(state)

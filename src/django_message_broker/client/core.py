@@ -69,7 +69,7 @@ from ..options import ClientOptions
 from . import _lifecycle
 from ._handshake import Handshake
 from ._requests import Requests
-from ._state import ChannelState, ClientState, Item, W
+from ._state import ChannelState, ClientState, Item, Shared, W, share_bodies
 from .waiters import AsyncWaiter, SyncWaiter, Waiter
 
 __all__ = ["AsyncWaiter", "Core", "SyncWaiter"]
@@ -572,11 +572,20 @@ class Core:
                 logger.warning("bad message from broker: %s", exc)
                 continue
             match msg:
-                case p.Deliver(channel, ttls, channels):
-                    if len(ttls) == len(frames) - 1 and (not channels or len(channels) == len(ttls)):
-                        self._on_deliver(channels or [channel] * len(ttls), [f.bytes for f in frames[1:]], ttls)
-                    else:
-                        logger.warning("bad Deliver from broker: %d ttls, %d bodies", len(ttls), len(frames) - 1)
+                case p.Deliver(channel, ttls, channels, body_of):
+                    count = len(body_of) if body_of else len(frames) - 1
+                    if len(ttls) != count or (channels and len(channels) != count):
+                        logger.warning("bad Deliver from broker: %d ttls, %d bodies", len(ttls), count)
+                        continue
+                    bodies = [f.bytes for f in frames[1:]]
+                    shared = None
+                    if body_of:  # a body for several channels here: sent once, decoded once
+                        try:
+                            bodies, shared = share_bodies(bodies, body_of)
+                        except ValueError as exc:
+                            logger.warning("bad Deliver from broker: %s", exc)
+                            continue
+                    self._on_deliver(channels or [channel] * count, bodies, ttls, shared)
                 case p.Reply(req, code, detail, value):
                     self._on_reply(req, code, detail, value)
                 case p.Flushed(epoch, prefix):
@@ -591,10 +600,12 @@ class Core:
         with self.lock:
             self.state.flushed(epoch, prefix)
 
-    def _on_deliver(self, channels: list[str], bodies: list[bytes], ttls: list[float]) -> None:
+    def _on_deliver(
+        self, channels: list[str], bodies: list[bytes], ttls: list[float], shared: Optional[list[Optional[Shared]]]
+    ) -> None:
         now = time.monotonic()
         with self.lock:
-            self.state.deliver(channels, bodies, ttls, now)
+            self.state.deliver(channels, bodies, ttls, now, shared)
 
     def _on_reply(self, req: int, code: int, detail: str, value: Any) -> None:
         request = self._requests.pop(req)
@@ -637,7 +648,8 @@ class Core:
                 self.state.epoch = epoch
             self._on_connected(restarted)
 
-        self._start_request(p.Hello(0, self.client_id, self.heartbeat), None, None, welcomed, first=True)
+        hello = p.Hello(0, self.client_id, self.heartbeat, shared_bodies=True)
+        self._start_request(hello, None, None, welcomed, first=True)
 
     def _on_connected(self, restarted: bool) -> None:
         self._unreachable_reported = False

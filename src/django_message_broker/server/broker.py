@@ -193,8 +193,7 @@ class Broker:
         delivered = 0
         for messages in peers:
             for out in messages:
-                if out.runs or out.tasks:
-                    delivered += len(out.frames) - 1
+                delivered += out.count
         self.counters["delivered"] += delivered
         return peers
 
@@ -232,7 +231,7 @@ class Broker:
             if not out.runs:
                 logger.debug("message to %r dropped: errno %d", out.ident, errno)
                 continue
-            self.counters["delivered"] -= len(out.frames) - 1
+            self.counters["delivered"] -= out.count
             for queue, endpoint, messages in reversed(out.runs):
                 queue.requeue(endpoint, messages, gone=gone)
                 if self.queues.get(queue.name) is queue:
@@ -550,6 +549,10 @@ class Broker:
         client.heartbeat = 0.0 if cmd.heartbeat == 0 else max(0.05, cmd.heartbeat)
         if not client.heartbeat:
             self.fd_wanted.append(client.ident)
+        if cmd.shared_bodies:  # it reads Deliver.body_of: a group_send's body goes once
+            self.outbox.shared.add(client.ident)
+        else:
+            self.outbox.shared.discard(client.ident)
         self._reply(client.ident, p.Reply(cmd.req, 0, "", [self.instance, self.max_body, self.epoch]))
 
     def _on_flush(self, client: ClientState, cmd: p.Flush) -> None:
@@ -745,6 +748,7 @@ class Broker:
         self.tasks.drop_client(ident)
         self.probes.pop(ident, None)
         client = self.clients.pop(ident, None)
+        self.outbox.shared.discard(ident)
         if client is None:
             return
         for channel, endpoint in client.endpoints.items():

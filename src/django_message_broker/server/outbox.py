@@ -17,6 +17,13 @@ Task deliveries (``task``: see ``tasks.py``) coalesce the same way into one
 ``TaskDeliver`` per ``MAX_BATCH``; a reply may carry a task message too
 (``reply_frames``: the answer to a ``Get``).
 
+Shared bodies. A group_send puts one body object in every member's
+queue. For a peer that reads ``Deliver.body_of`` (its Hello said
+``shared_bodies``: ``Outbox.shared``), a Deliver carries each distinct body
+object once, and ``body_of`` says which body each message has: a
+group_send to 500 channels of one process sends one body, not 500 copies.
+Everything else (runs, held counts, credit, requeue) stays per message.
+
 An ``Outgoing`` remembers the runs and task deliveries it carries, so that
 a send that fails can give them back to their queues (``Broker.send_failed``,
 ``ChannelQueue.requeue`` and ``Tasks.undeliver``).
@@ -39,9 +46,11 @@ _Run = tuple[ChannelQueue, Endpoint, list[DataMessage]]
 class Outgoing:
     """One ZeroMQ message for one peer: ``[ident, *frames]`` on the ROUTER.
     ``frames`` is the header and then the bodies; ``runs`` the deliveries it
-    carries (empty for a reply or a notice), ``tasks`` its task deliveries."""
+    carries (empty for a reply or a notice), ``tasks`` its task deliveries,
+    ``count`` how many messages it delivers (not frames: bodies may be
+    shared; by default one per task delivery)."""
 
-    __slots__ = ("frames", "ident", "runs", "tasks")
+    __slots__ = ("count", "frames", "ident", "runs", "tasks")
 
     def __init__(
         self,
@@ -49,11 +58,13 @@ class Outgoing:
         frames: list[Any],
         runs: tuple[_Run, ...] | list[_Run] = (),
         tasks: tuple[Delivery, ...] | list[Delivery] = (),
+        count: int | None = None,
     ) -> None:
         self.ident = ident
         self.frames = frames
         self.runs = runs
         self.tasks = tasks
+        self.count = len(tasks) if count is None else count
 
     def __repr__(self) -> str:
         kind = "Deliver" if self.runs else "TaskDeliver" if self.tasks else "reply"
@@ -66,6 +77,8 @@ class Outbox:
         self._peers: dict[bytes, list[Any]] = {}
         #: Peers sent a reply or notice since the last ``take``.
         self.replied: set[bytes] = set()
+        #: Peers that read ``Deliver.body_of``: they get a shared body once.
+        self.shared: set[bytes] = set()
 
     def __bool__(self) -> bool:
         return bool(self._peers)
@@ -108,14 +121,15 @@ class Outbox:
         their order holds); the others wait for the end of the batch, where
         their deliveries coalesce."""
         replied, self.replied = self.replied, set()
+        shared = self.shared
         if replies_only:
             pop = self._peers.pop
-            return [_messages(ident, pop(ident), now) for ident in replied]
+            return [_messages(ident, pop(ident), now, shared) for ident in replied]
         peers, self._peers = self._peers, {}
-        return [_messages(ident, items, now) for ident, items in peers.items()]
+        return [_messages(ident, items, now, shared) for ident, items in peers.items()]
 
 
-def _messages(ident: bytes, items: list[Any], now: float) -> list[Outgoing]:
+def _messages(ident: bytes, items: list[Any], now: float, shared: set[bytes]) -> list[Outgoing]:
     out: list[Outgoing] = []
     runs: list[_Run] = []
     tasks: list[Delivery] = []
@@ -123,7 +137,7 @@ def _messages(ident: bytes, items: list[Any], now: float) -> list[Outgoing]:
     for item in items:
         if type(item) is Delivery:
             if runs:
-                out.append(_deliver(ident, runs, now))
+                out.append(_deliver(ident, runs, now, shared))
                 runs, size = [], 0
             tasks.append(item)
             if len(tasks) == p.MAX_BATCH:
@@ -135,17 +149,17 @@ def _messages(ident: bytes, items: list[Any], now: float) -> list[Outgoing]:
             tasks = []
         if type(item) is tuple:
             if runs and size + len(item[2]) > p.MAX_BATCH:
-                out.append(_deliver(ident, runs, now))
+                out.append(_deliver(ident, runs, now, shared))
                 runs, size = [], 0
             runs.append(item)
             size += len(item[2])
         else:
             if runs:
-                out.append(_deliver(ident, runs, now))
+                out.append(_deliver(ident, runs, now, shared))
                 runs, size = [], 0
             out.append(item if type(item) is Outgoing else Outgoing(ident, [item]))
     if runs:
-        out.append(_deliver(ident, runs, now))
+        out.append(_deliver(ident, runs, now, shared))
     if tasks:
         out.append(_task_deliver(ident, tasks))
     return out
@@ -161,18 +175,46 @@ def _task_deliver(ident: bytes, tasks: list[Delivery]) -> Outgoing:
     return Outgoing(ident, [p.encode(header), *[d.body for d in tasks]], (), tasks)
 
 
-def _deliver(ident: bytes, runs: list[_Run], now: float) -> Outgoing:
-    """One Deliver for ``runs``: the compact form for one channel."""
+def _deliver(ident: bytes, runs: list[_Run], now: float, shared: set[bytes]) -> Outgoing:
+    """One Deliver for ``runs``: the compact form for one channel; for many,
+    each distinct body once if the peer takes ``body_of`` (it is in ``shared``)."""
     if len(runs) == 1:
         queue, _, messages = runs[0]
         header = p.Deliver(queue.name, [m.deadline - now for m in messages])
         frames: list[Any] = [p.encode(header)]
         frames.extend([m.body for m in messages])
-        return Outgoing(ident, frames, runs)
-    channels, ttls, bodies = [], [], []
+        return Outgoing(ident, frames, runs, (), len(messages))
+    channels: list[str] = []
+    ttls: list[float] = []
+    if ident not in shared:
+        bodies = []
+        for queue, _, messages in runs:
+            name = queue.name
+            for message in messages:
+                channels.append(name)
+                ttls.append(message.deadline - now)
+                bodies.append(message.body)
+        return Outgoing(ident, [p.encode(p.Deliver("", ttls, channels)), *bodies], runs, (), len(bodies))
+    # One frame per distinct body object: a group_send's members share one,
+    # and come one after the other (hence the cheap ``is`` before the dict).
+    unique: list[Any] = []
+    body_of: list[int] = []
+    seen: dict[int, int] = {}
+    last: Any = None
+    at = -1
     for queue, _, messages in runs:
+        name = queue.name
         for message in messages:
-            channels.append(queue.name)
+            channels.append(name)
             ttls.append(message.deadline - now)
-            bodies.append(message.body)
-    return Outgoing(ident, [p.encode(p.Deliver("", ttls, channels)), *bodies], runs)
+            body = message.body
+            if body is not last:
+                last = body
+                at = seen.setdefault(id(body), len(unique))
+                if at == len(unique):
+                    unique.append(body)
+            body_of.append(at)
+    if len(unique) == len(body_of):  # nothing shared: the plain form (unique holds every body, in order)
+        return Outgoing(ident, [p.encode(p.Deliver("", ttls, channels)), *unique], runs, (), len(unique))
+    shared_header = p.encode(p.Deliver("", ttls, channels, body_of))
+    return Outgoing(ident, [shared_header, *unique], runs, (), len(body_of))
