@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo test test-fast test-peers test-matrix test-matrix-ci dist smoke docs lint bench bench-core bench-celery bench-curves soak clean
+.PHONY: help install demo test test-fast test-peers test-matrix test-matrix-ci dist smoke docs lint bench bench-core bench-celery bench-curves bench-durable soak clean
 
 help:
 	@echo "make demo   - set up and run the demo chat site on the embedded broker"
@@ -14,8 +14,9 @@ help:
 	@echo "make dist   - build the sdist and the wheel into dist/"
 	@echo "make smoke  - make dist, then install the wheel in a fresh venv and try it outside the checkout"
 	@echo "make docs   - build the documentation site from docs/ into site/ (mkdocs --strict: a warning fails)"
-	@echo "make bench  - run the benchmarks, then bench-celery (writes benchmarks/results/)"
+	@echo "make bench  - run the benchmarks, then bench-celery and bench-durable (writes benchmarks/results/)"
 	@echo "make bench-celery - Celery on our broker, Redis and RabbitMQ, about 2-5 minutes (ARGS=--quick: under a minute)"
+	@echo "make bench-durable - confirmed persistent publishes: ours (fsync always/everysec/off), Redis AOF always, RabbitMQ; about 4 minutes (ARGS=--quick: under a minute)"
 	@echo "make bench-core - micro-benchmarks of the pure broker core, a few seconds (writes benchmarks/results/core-latest.md)"
 	@echo "make bench-curves - cost curves against the peers, about 10 minutes (ARGS=--quick: 1 minute; writes benchmarks/results/curves-*)"
 	@echo "make soak   - run the long reliability tests"
@@ -74,11 +75,17 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/celery_bench.py
+	$(PY) benchmarks/durable_bench.py
 
 # Celery: dmb:// against the Redis transport and RabbitMQ (started if Debian's
 # rabbitmq-server is installed; else the report says why it was left out).
 bench-celery: $(STAMP)
 	$(PY) benchmarks/celery_bench.py $(ARGS)
+
+# Durable queues (issue 12): confirmed publishes of 1 KB persistent messages,
+# 1 then 16 producers, on ours, Redis (appendfsync always) and RabbitMQ.
+bench-durable: $(STAMP)
+	$(PY) benchmarks/durable_bench.py $(ARGS)
 
 bench-core: $(STAMP)
 	$(PY) benchmarks/core.py

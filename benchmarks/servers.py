@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 _SETPRIV = shutil.which("setpriv")
@@ -148,13 +148,18 @@ class ServerProcess:
             pass
 
 
-def redis_server(binary: str = "redis-server", directory: Optional[str] = None) -> tuple[ServerProcess, int]:
+def redis_server(
+    binary: str = "redis-server", directory: Optional[str] = None, appendfsync: Optional[str] = None
+) -> tuple[ServerProcess, int]:
     """``directory``: redis-server's working directory (it writes nothing
-    there with these options; the default is the repository)."""
+    there with the default options; the default is the repository).
+    ``appendfsync`` (``always``, ``everysec``, ``no``): turn the append-only
+    file on, in ``directory``, with that fsync policy."""
     import redis
 
     port = free_port()
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    persistence = ["--appendonly", "yes", "--appendfsync", appendfsync] if appendfsync else ["--appendonly", "no"]
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence]
     if directory:
         command += ["--dir", directory]
 
@@ -171,11 +176,16 @@ def redis_server(binary: str = "redis-server", directory: Optional[str] = None) 
     return ServerProcess("redis", command, ready).start(), port
 
 
-def broker_server(log_level: str = "WARNING") -> tuple[ServerProcess, str]:
+def broker_server(
+    log_level: str = "WARNING", extra: Sequence[str] = (), module: str = "django_message_broker"
+) -> tuple[ServerProcess, str]:
+    """``extra``: more options for ``serve`` (``--data-dir``, ``--fsync``).
+    ``module``: what ``python -m`` runs, a wrapper of ours with the same
+    command line (``benchmarks.durable_broker``)."""
     from django_message_broker.embedded import probe
 
     address = f"tcp://127.0.0.1:{free_port()}"
-    command = [sys.executable, "-m", "django_message_broker", "serve", "--bind", address, "--log-level", log_level]
+    command = [sys.executable, "-m", module, "serve", "--bind", address, "--log-level", log_level, *extra]
     return ServerProcess("broker", command, lambda: probe(address, 0.3)).start(), address
 
 
@@ -280,9 +290,11 @@ class RabbitMQProcess(ServerProcess):
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def rabbitmq_server() -> tuple[RabbitMQProcess, int]:
-    """Start RabbitMQ on loopback; returns it and its AMQP port."""
-    directory = tempfile.mkdtemp(prefix="bench-rabbitmq-")
+def rabbitmq_server(parent: Optional[str] = None) -> tuple[RabbitMQProcess, int]:
+    """Start RabbitMQ on loopback; returns it and its AMQP port. Its files
+    (the message store too) go in a new directory under ``parent`` (default:
+    the system's temporary directory)."""
+    directory = tempfile.mkdtemp(prefix="bench-rabbitmq-", dir=parent)
     amqp_port, dist_port, epmd_port, ctl_port = (free_port() for _ in range(4))
     node = f"bench-{os.getpid()}@localhost"
     conf = Path(directory, "rabbitmq.conf")
