@@ -229,15 +229,83 @@ class Broker:
             return int(db.execute("SELECT count(*) FROM messages WHERE queue = ?", (QUEUE,)).fetchone()[0])
 
 
+STRACE = shutil.which("strace") or "strace"
+SYNC_CALLS = ("fsync", "fdatasync")
+
+
+def strace_wrap(args: argparse.Namespace, out_path: str) -> list[str]:
+    """With ``--strace``: the server runs under ``strace -f --seccomp-bpf``
+    (only the sync calls stop), which counts them and their wall-clock time
+    (``-c -w``) into ``out_path``. The server gets SIGTERM if strace ends.
+    Counts only: a multi-threaded server under ``strace -f`` is much slower
+    (wake-ups between its threads), so the rates of such a run are not
+    comparable."""
+    if not args.strace:
+        return []
+    command = [STRACE, "-f", "--seccomp-bpf", "-qq", "-c", "-w", "-e", "trace=" + ",".join(SYNC_CALLS), "-o", out_path]
+    return [*command, servers._SETPRIV or "setpriv", "--pdeathsig", "TERM", "--"]
+
+
+def read_strace(path: str) -> Optional[dict[str, Any]]:
+    """``strace -c -w``'s table: calls and seconds of each sync call."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    found: dict[str, Any] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[-1] in SYNC_CALLS:
+            found[parts[-1]] = {"calls": int(parts[3]), "seconds": float(parts[1])}
+    return found
+
+
+def stop_under_strace(process: servers.ServerProcess, timeout: float = 30.0) -> None:
+    """strace writes its counts when its last tracee ends (not when it is
+    stopped itself): SIGTERM to every process under it, then wait for it."""
+    import psutil
+
+    if not process.alive():
+        return
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(children, timeout=timeout / 2)
+    if isinstance(process, servers.RabbitMQProcess):  # its epmd daemonized, but strace follows it too
+        try:
+            subprocess.run(
+                [servers.EPMD, "-port", str(process.epmd_port), "-kill"],
+                capture_output=True,
+                timeout=10,
+                check=False,
+                env=process.env,
+            )
+        except (subprocess.TimeoutExpired, OSError):
+            pass
+    assert process.process is not None
+    try:
+        process.process.wait(timeout / 2)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def start_broker(name: str, args: argparse.Namespace, data_dir: str) -> Broker:
+    wrap = strace_wrap(args, os.path.join(data_dir, "strace.txt"))
     if name.startswith("dmb-"):
         from django_message_broker.server.server import STORE_FILE
 
         fsync = name.split("-", 1)[1]
         store_dir = os.path.join(data_dir, "data")
-        process, address = servers.broker_server(
-            extra=["--data-dir", store_dir, "--fsync", fsync], module="benchmarks.durable_broker"
-        )
+        extra = ["--data-dir", store_dir, "--fsync", fsync]
+        if args.commit_delay_ms:
+            extra += ["--bench-commit-delay-ms", str(args.commit_delay_ms)]
+        process, address = servers.broker_server(extra=extra, module="benchmarks.durable_broker", wrap=wrap)
         return Broker(
             name,
             "dmb://" + address.split("://", 1)[1],
@@ -247,10 +315,10 @@ def start_broker(name: str, args: argparse.Namespace, data_dir: str) -> Broker:
             os.path.join(store_dir, STORE_FILE),
         )
     if name == "redis":
-        process, port = servers.redis_server(args.redis_server, directory=data_dir, appendfsync="always")
+        process, port = servers.redis_server(args.redis_server, directory=data_dir, appendfsync="always", wrap=wrap)
         return Broker(name, f"redis://127.0.0.1:{port}/0", {}, process, data_dir)
     if name == "rabbitmq":
-        rabbit, port = servers.rabbitmq_server(parent=data_dir)
+        rabbit, port = servers.rabbitmq_server(parent=data_dir, wrap=wrap)
         return Broker(name, f"pyamqp://guest:guest@127.0.0.1:{port}//", {"confirm_publish": True}, rabbit, data_dir)
     raise ValueError(name)
 
@@ -388,11 +456,22 @@ def run_broker(
             except WorkloadFailed as exc:
                 result.raw["close_error"] = str(exc)
         if broker is not None:
+            if args.strace:
+                stop_under_strace(broker.process)
             broker.process.stop()
             broker.process.remove_log()
             stats = broker.store_stats()
             if stats is not None:
                 result.raw["store_stats_at_exit"] = stats
+            syncs = read_strace(os.path.join(data_dir, "strace.txt"))
+            if syncs is not None and result.ok:
+                calls = sum(v["calls"] for v in syncs.values())
+                seconds = sum(v["seconds"] for v in syncs.values())
+                published = sum(result.raw[k]["confirmed"] for k in ("one", "many"))
+                published += n * (sizes["warmup"] + 1)
+                result.raw["syncs"] = {**syncs, "confirmed_in_all": published}
+                result.metrics["syncs_per_msg"] = calls / published
+                result.metrics["sync_ms"] = seconds * 1000 / calls if calls else math.nan
         shutil.rmtree(data_dir, ignore_errors=True)
     return result
 
@@ -414,6 +493,8 @@ METRICS = [
     ("many_msgs_per_commit", "{n} producers: messages per store commit (ours)", "msg"),
     ("one_ms_per_commit", "1 producer: time per store commit, BEGIN to COMMIT (ours)", "ms"),
     ("many_ms_per_commit", "{n} producers: time per store commit, BEGIN to COMMIT (ours)", "ms"),
+    ("syncs_per_msg", "fsync + fdatasync calls per confirmed publish, whole run (strace)", "calls"),
+    ("sync_ms", "mean wall time of one fsync or fdatasync (strace)", "ms"),
     ("one_store_busy", "1 producer: store thread busy committing (ours)", "share"),
     ("many_store_busy", "{n} producers: store thread busy committing (ours)", "share"),
 ]
@@ -451,6 +532,19 @@ def render(data: dict) -> str:
         f"Data on {fs.get('type', '?')} ({fs.get('device', '?')}, mounted on {fs.get('mount', '?')}; "
         f"`df -T {fs.get('path', '?')}`). Started {meta['started_at']}, {meta['duration_s']:.0f} s in all."
     )
+    if meta.get("strace"):
+        out.append("")
+        out.append(
+            "Every server ran under `strace -f --seccomp-bpf -c -w -e trace=fsync,fdatasync`, which counted those "
+            "calls. Compare the counts, not the rates: under `strace -f` a multi-threaded server (ours, RabbitMQ) "
+            "is much slower, because every wake-up between its threads costs more."
+        )
+    if meta.get("commit_delay_ms"):
+        out.append("")
+        out.append(
+            f"Ours only: the store's thread slept {meta['commit_delay_ms']:g} ms after every commit "
+            "(`--commit-delay-ms`), as if each sync took that much longer: what group commit does on a slower disk."
+        )
     out.append("")
     header = ["metric", "unit", *(LABELS[b] for b in brokers)]
     out.append("| " + " | ".join(header) + " |")
@@ -569,7 +663,13 @@ def render(data: dict) -> str:
 def write(out_dir: Path, data: dict, *, latest: bool) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = data["meta"]
-    stem = f"{meta['date']}-durable" + ("-quick" if meta["quick"] else "" if meta["complete"] else "-partial")
+    stem = f"{meta['date']}-durable"
+    if meta.get("commit_delay_ms"):
+        stem += f"-commitdelay{meta['commit_delay_ms']:g}ms"
+    if meta.get("strace"):
+        stem += "-strace"
+    special = meta.get("strace") or meta.get("commit_delay_ms")
+    stem += "-quick" if meta["quick"] else "" if meta["complete"] or special else "-partial"
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
     paths[0].write_text(json.dumps(data, indent=1) + "\n")
     text = render(data)
@@ -591,6 +691,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seconds", type=float, help="length of a phase (default 3)")
     parser.add_argument("--messages", type=int, help="most messages per producer in a phase (default 2,000)")
     parser.add_argument("--producers", type=int, help="producers of the second phase (default 16)")
+    parser.add_argument(
+        "--strace", action="store_true", help="count the servers' fsync and fdatasync calls (strace -f -c -w)"
+    )
+    parser.add_argument(
+        "--commit-delay-ms",
+        type=float,
+        default=0.0,
+        help="ours only: the store's thread sleeps this long after each commit, as a slower disk would hold it",
+    )
     parser.add_argument("--data-root", default=None, help="parent of the data directories (default: $TMPDIR or /tmp)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="output directory")
     parser.add_argument("--redis-server", default="redis-server", help="the redis-server binary")
@@ -639,6 +748,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "brokers": brokers,
         "skipped": skipped,
         "filesystem": filesystem(root),
+        "strace": args.strace,
+        "commit_delay_ms": args.commit_delay_ms,
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         "machine": machine_info(args),
         "command": " ".join([Path(sys.executable).name, *(argv if argv is not None else sys.argv)]),
@@ -670,7 +781,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     meta["duration_s"] = round(time.monotonic() - started, 1)
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     meta["interrupted"] = interrupted
-    meta["complete"] = not interrupted and brokers == BROKERS and not custom
+    meta["complete"] = not interrupted and brokers == BROKERS and not custom and not args.strace
+    meta["complete"] = meta["complete"] and not args.commit_delay_ms
     if not results:
         print("nothing was run", file=sys.stderr)
         return 1

@@ -13,6 +13,11 @@ to ``DIR/bench-store-stats.json`` every 50 ms and at exit:
 
 The harness reads the file before and after each phase (``Store`` keeps
 the counters as attributes; nothing in the broker changes).
+
+``--bench-commit-delay-ms MS`` (removed before ``serve`` sees the command
+line): the store's thread sleeps MS after each commit, as a slower disk would
+hold it; the harness's ``--commit-delay-ms``. ``DMB_BENCH_SWITCH_INTERVAL``:
+``sys.setswitchinterval`` for the broker (a diagnostic).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ STATS_FILE = "bench-store-stats.json"
 _INTERVAL = 0.05
 _stores: list[Store] = []
 _timing = {"write_s": 0.0, "ops": 0}
+_commit_delay = 0.0  # seconds (--bench-commit-delay-ms)
 
 
 def _write() -> None:
@@ -74,6 +80,8 @@ def _write_timed(conn: Any, ops: list[tuple]) -> None:
     began = time.perf_counter()
     try:
         _original_write(conn, ops)
+        if _commit_delay:
+            time.sleep(_commit_delay)
     finally:
         _timing["write_s"] += time.perf_counter() - began
         _timing["ops"] += len(ops)
@@ -87,4 +95,9 @@ threading.Thread(target=_loop, name="bench-store-stats", daemon=True).start()
 atexit.register(_write)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    argv = sys.argv[1:]
+    if "--bench-commit-delay-ms" in argv:  # a slower disk: the store's thread holds on after each commit
+        at = argv.index("--bench-commit-delay-ms")
+        _commit_delay = float(argv[at + 1]) / 1000.0
+        del argv[at : at + 2]
+    sys.exit(main(argv))

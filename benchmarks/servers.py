@@ -149,17 +149,22 @@ class ServerProcess:
 
 
 def redis_server(
-    binary: str = "redis-server", directory: Optional[str] = None, appendfsync: Optional[str] = None
+    binary: str = "redis-server",
+    directory: Optional[str] = None,
+    appendfsync: Optional[str] = None,
+    wrap: Sequence[str] = (),
 ) -> tuple[ServerProcess, int]:
     """``directory``: redis-server's working directory (it writes nothing
     there with the default options; the default is the repository).
     ``appendfsync`` (``always``, ``everysec``, ``no``): turn the append-only
-    file on, in ``directory``, with that fsync policy."""
+    file on, in ``directory``, with that fsync policy. ``wrap``: a command
+    the server runs under (``strace ...``; it must end the server when it
+    ends itself)."""
     import redis
 
     port = free_port()
     persistence = ["--appendonly", "yes", "--appendfsync", appendfsync] if appendfsync else ["--appendonly", "no"]
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence]
+    command = [*wrap, binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence]
     if directory:
         command += ["--dir", directory]
 
@@ -177,15 +182,19 @@ def redis_server(
 
 
 def broker_server(
-    log_level: str = "WARNING", extra: Sequence[str] = (), module: str = "django_message_broker"
+    log_level: str = "WARNING",
+    extra: Sequence[str] = (),
+    module: str = "django_message_broker",
+    wrap: Sequence[str] = (),
 ) -> tuple[ServerProcess, str]:
     """``extra``: more options for ``serve`` (``--data-dir``, ``--fsync``).
     ``module``: what ``python -m`` runs, a wrapper of ours with the same
-    command line (``benchmarks.durable_broker``)."""
+    command line (``benchmarks.durable_broker``). ``wrap``: as for
+    ``redis_server``."""
     from django_message_broker.embedded import probe
 
     address = f"tcp://127.0.0.1:{free_port()}"
-    command = [sys.executable, "-m", module, "serve", "--bind", address, "--log-level", log_level, *extra]
+    command = [*wrap, sys.executable, "-m", module, "serve", "--bind", address, "--log-level", log_level, *extra]
     return ServerProcess("broker", command, lambda: probe(address, 0.3)).start(), address
 
 
@@ -221,7 +230,15 @@ class RabbitMQProcess(ServerProcess):
     directory, no plugins. Stopped with ``rabbitmqctl stop``, then killed; its
     epmd is stopped too and the directory removed."""
 
-    def __init__(self, directory: str, node: str, amqp_port: int, epmd_port: int, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        directory: str,
+        node: str,
+        amqp_port: int,
+        epmd_port: int,
+        env: dict[str, str],
+        wrap: Sequence[str] = (),
+    ) -> None:
         self.directory = directory
         self.node = node
         self.amqp_port = amqp_port
@@ -242,7 +259,7 @@ class RabbitMQProcess(ServerProcess):
                 except Exception:
                     pass
 
-        super().__init__("rabbitmq", [RABBITMQ_SERVER], ready, timeout=60.0, env=env)
+        super().__init__("rabbitmq", [*wrap, RABBITMQ_SERVER], ready, timeout=60.0, env=env)
 
     def cpu_pids(self) -> list[int]:
         """The server's processes: the shell wrapper exec's into beam.smp,
@@ -290,10 +307,10 @@ class RabbitMQProcess(ServerProcess):
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def rabbitmq_server(parent: Optional[str] = None) -> tuple[RabbitMQProcess, int]:
+def rabbitmq_server(parent: Optional[str] = None, wrap: Sequence[str] = ()) -> tuple[RabbitMQProcess, int]:
     """Start RabbitMQ on loopback; returns it and its AMQP port. Its files
     (the message store too) go in a new directory under ``parent`` (default:
-    the system's temporary directory)."""
+    the system's temporary directory). ``wrap``: as for ``redis_server``."""
     directory = tempfile.mkdtemp(prefix="bench-rabbitmq-", dir=parent)
     amqp_port, dist_port, epmd_port, ctl_port = (free_port() for _ in range(4))
     node = f"bench-{os.getpid()}@localhost"
@@ -326,7 +343,7 @@ def rabbitmq_server(parent: Optional[str] = None) -> tuple[RabbitMQProcess, int]
         RABBITMQ_PID_FILE=str(Path(directory, "rabbitmq.pid")),
         RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=RABBITMQ_ERL_ARGS,
     )
-    server = RabbitMQProcess(directory, node, amqp_port, epmd_port, env)
+    server = RabbitMQProcess(directory, node, amqp_port, epmd_port, env, wrap)
     try:
         server.start()
     except BaseException:
