@@ -16,7 +16,7 @@ help:
 	@echo "make docs   - build the documentation site from docs/ into site/ (mkdocs --strict: a warning fails)"
 	@echo "make bench  - run the benchmarks, then bench-celery and bench-durable (writes benchmarks/results/)"
 	@echo "make bench-celery - Celery on our broker, Redis and RabbitMQ, about 2-5 minutes (ARGS=--quick: under a minute)"
-	@echo "make bench-durable - confirmed persistent publishes: ours (fsync always/everysec/off), Redis AOF always, RabbitMQ; about 4 minutes (ARGS=--quick: under a minute)"
+	@echo "make bench-durable - confirmed persistent publishes: ours (fsync always/everysec/off), Redis AOF always, RabbitMQ; about 2-3 minutes (ARGS=--quick: under a minute)"
 	@echo "make bench-core - micro-benchmarks of the pure broker core, a few seconds (writes benchmarks/results/core-latest.md)"
 	@echo "make bench-curves - cost curves against the peers, about 10 minutes (ARGS=--quick: 1 minute; writes benchmarks/results/curves-*)"
 	@echo "make soak   - run the long reliability tests"

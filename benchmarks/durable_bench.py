@@ -55,7 +55,11 @@ from benchmarks import servers  # noqa: E402
 from benchmarks.celery_bench import fmt, machine_info, percentile, tree_cpu  # noqa: E402
 
 BROKERS = ["dmb-always", "dmb-everysec", "dmb-off", "redis", "rabbitmq"]
+#: Not run by default: ours with no data directory (the queue lives in memory;
+#: a confirm answers once the message is queued), to see the path without the store.
+EXTRA_BROKERS = ["dmb-memory"]
 LABELS = {
+    "dmb-memory": "ours, no --data-dir (memory)",
     "dmb-always": "ours, fsync always",
     "dmb-everysec": "ours, fsync everysec",
     "dmb-off": "ours, fsync off",
@@ -297,6 +301,9 @@ def stop_under_strace(process: servers.ServerProcess, timeout: float = 30.0) -> 
 
 def start_broker(name: str, args: argparse.Namespace, data_dir: str) -> Broker:
     wrap = strace_wrap(args, os.path.join(data_dir, "strace.txt"))
+    if name == "dmb-memory":
+        process, address = servers.broker_server(module="benchmarks.durable_broker", wrap=wrap)
+        return Broker(name, "dmb://" + address.split("://", 1)[1], {"confirm_publish": True}, process, data_dir)
     if name.startswith("dmb-"):
         from django_message_broker.server.server import STORE_FILE
 
@@ -621,6 +628,15 @@ def render(data: dict) -> str:
             first = (r["error"] or "").strip().splitlines()[:3]
             what = "could not be started" if r["raw"].get("start_failed") else "failed"
             notes.append(f"- {label} repetition {r['rep'] + 1} {what}: " + " / ".join(first))
+        syncs = r["raw"].get("syncs")
+        if syncs:
+            calls = ", ".join(f"{v['calls']:,} {k}" for k, v in syncs.items() if k in SYNC_CALLS)
+            commits = (r["raw"].get("store_stats_at_exit") or {}).get("commits")
+            notes.append(
+                f"- {label}, repetition {r['rep'] + 1} (strace, from start to stop): {calls or 'no sync calls'} for "
+                f"{syncs['confirmed_in_all']:,} confirmed publishes"
+                + (f"; the store committed {commits:,} transactions" if commits is not None else "")
+            )
         for key in ("one", "many"):
             phase = r["raw"].get(key) or {}
             if phase.get("purge_note"):
@@ -687,7 +703,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 s phases, 4 producers (writes <date>-durable-quick.*)")
     parser.add_argument("--repeat", type=int, help="repetitions per broker (default 3, 1 with --quick; medians)")
-    parser.add_argument("--brokers", default=",".join(BROKERS), help="comma-separated: " + ", ".join(BROKERS))
+    parser.add_argument(
+        "--brokers", default=",".join(BROKERS), help="comma-separated: " + ", ".join(BROKERS + EXTRA_BROKERS)
+    )
     parser.add_argument("--seconds", type=float, help="length of a phase (default 3)")
     parser.add_argument("--messages", type=int, help="most messages per producer in a phase (default 2,000)")
     parser.add_argument("--producers", type=int, help="producers of the second phase (default 16)")
@@ -709,9 +727,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(render(json.loads(args.report.read_text())))
         return 0
     brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
-    unknown = [b for b in brokers if b not in BROKERS]
+    unknown = [b for b in brokers if b not in BROKERS + EXTRA_BROKERS]
     if unknown or not brokers:
-        parser.error(f"unknown broker(s) {', '.join(unknown)}; choose from {', '.join(BROKERS)}")
+        parser.error(f"unknown broker(s) {', '.join(unknown)}; choose from {', '.join(BROKERS + EXTRA_BROKERS)}")
     if args.repeat is not None and args.repeat < 1:
         parser.error("--repeat must be at least 1")
     sizes: dict[str, Any] = dict(QUICK_SIZES if args.quick else DEFAULT_SIZES)
