@@ -34,6 +34,7 @@ import json
 import math
 import multiprocessing
 import os
+import resource
 import shutil
 import signal
 import sqlite3
@@ -120,6 +121,7 @@ def producer_main(index: int, pipe: Any) -> None:
                 while time.monotonic() < start_at:
                     time.sleep(min(0.01, max(0.0, start_at - time.monotonic())))
                 began = time.monotonic()
+                cpu0 = resource.getrusage(resource.RUSAGE_SELF)
                 deadline = start_at + seconds
                 clock = time.perf_counter
                 latencies: list[float] = []
@@ -133,7 +135,9 @@ def producer_main(index: int, pipe: Any) -> None:
                     end = time.monotonic()
                     if end >= deadline:
                         break
-                pipe.send(("ok", {"count": count, "began": began, "end": end, "latencies": latencies}))
+                cpu1 = resource.getrusage(resource.RUSAGE_SELF)  # every thread: the client's I/O thread too
+                cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
+                pipe.send(("ok", {"count": count, "began": began, "end": end, "latencies": latencies, "cpu_s": cpu}))
             elif command == "close":
                 if conn is not None:
                     conn.release()
@@ -374,11 +378,15 @@ def run_phase(broker: Broker, producers: Producers, n: int, sizes: dict[str, Any
     """``n`` producers publish at once; then the checks and the purge."""
     indices = list(range(n))
     purge(broker.url)  # the warm-up messages
+    import psutil
+
     stats0 = broker.store_stats()
+    machine0 = psutil.cpu_times()
     cpu0 = broker.cpu()
     start_at = time.monotonic() + 0.3
     answers = producers.call(indices, ("run", start_at, sizes["seconds"], sizes["messages"]), sizes["seconds"] + 120)
     cpu1 = broker.cpu()
+    machine1 = psutil.cpu_times()
     count = sum(a["count"] for a in answers)
     elapsed = max(a["end"] for a in answers) - start_at
     latencies = [x for a in answers for x in a["latencies"]]
@@ -394,6 +402,10 @@ def run_phase(broker: Broker, producers: Producers, n: int, sizes: dict[str, Any
     result.metrics[f"{key}_p50_ms"] = statistics.median(latencies) * 1000
     result.metrics[f"{key}_p99_ms"] = percentile(latencies, 99) * 1000
     result.metrics[f"{key}_cpu_ms_per_msg"] = (cpu1 - cpu0) * 1000 / count
+    result.metrics[f"{key}_client_cpu_ms_per_msg"] = sum(a["cpu_s"] for a in answers) * 1000 / count
+    idle = (machine1.idle + machine1.iowait) - (machine0.idle + machine0.iowait)
+    total = sum(machine1) - sum(machine0)
+    result.metrics[f"{key}_machine_busy"] = 1.0 - idle / total if total > 0 else math.nan
     stored = broker.stored_messages()  # ours: confirmed means committed
     if stored is not None:
         raw["stored"] = stored
@@ -496,6 +508,10 @@ METRICS = [
     ("many_p99_ms", "{n} producers: publish latency p99", "ms"),
     ("one_cpu_ms_per_msg", "1 producer: broker CPU per message", "ms"),
     ("many_cpu_ms_per_msg", "{n} producers: broker CPU per message", "ms"),
+    ("one_client_cpu_ms_per_msg", "1 producer: producer CPU per message (kombu and client, all threads)", "ms"),
+    ("many_client_cpu_ms_per_msg", "{n} producers: producer CPU per message", "ms"),
+    ("one_machine_busy", "1 producer: the machine's CPUs busy (all processes, others' too)", "share"),
+    ("many_machine_busy", "{n} producers: the machine's CPUs busy", "share"),
     ("one_msgs_per_commit", "1 producer: messages per store commit (ours)", "msg"),
     ("many_msgs_per_commit", "{n} producers: messages per store commit (ours)", "msg"),
     ("one_ms_per_commit", "1 producer: time per store commit, BEGIN to COMMIT (ours)", "ms"),
