@@ -171,11 +171,13 @@ async def serve_embedded(address: str, **options: Any) -> None:
             logger.warning("cannot use %s for durable queues (%s): they are kept in memory only", data_dir, exc)
             options["data_dir"] = None
     server = BrokerServer(address, **options)
-    await server.start()
+    pid_files: list[Any] = []
+    # The pid file (locked while we run) before the first answer: a starter
+    # that sees this broker answer finds it.
+    await server.start(on_bound=lambda: pid_files.append(write_pid_file(files.pid, address)))
     failed = True
-    pid_file = None
+    pid_file = pid_files[0]
     try:
-        pid_file = write_pid_file(files.pid, address)  # locked while we run
         sweep(os.path.dirname(files.pid))  # what brokers killed before us left
         await run_until_stopped(server)
         failed = False

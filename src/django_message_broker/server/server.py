@@ -41,7 +41,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import zmq
 import zmq.asyncio
@@ -210,7 +210,10 @@ class BrokerServer:
     async def __aexit__(self, *exc: Any) -> None:
         await self.stop()
 
-    async def start(self) -> None:
+    async def start(self, on_bound: Optional[Callable[[], None]] = None) -> None:
+        """Bind and serve. ``on_bound`` runs once the address is bound and
+        before anyone can be answered (the embedded broker writes its pid
+        file there: whoever sees it answer sees the file)."""
         # Every refusal comes before anything is bound.
         check_bind(
             self.requested_address,
@@ -274,6 +277,16 @@ class BrokerServer:
         )
         if self.data_dir is not None:
             self._open_store(self.data_dir)
+        if on_bound is not None:
+            try:
+                on_bound()
+            except BaseException:
+                if self.store is not None:
+                    self.store.close()
+                    self.store = None
+                self._socket.close(0)
+                self._socket = None
+                raise
         self._closed = asyncio.Event()
         self._start_thread(sock)
         logger.info(
