@@ -1,6 +1,6 @@
 """Byte sizes: parsing ``256MB`` / ``1GiB``, and the broker's default memory limit.
 
-Pure: no I/O beyond ``os.sysconf``.
+Pure: no I/O beyond ``os.sysconf`` and, in ``process_rss``, ``/proc/self/statm``.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 
-__all__ = ["MESSAGE_OVERHEAD", "default_max_memory", "format_size", "parse_size"]
+__all__ = ["MESSAGE_OVERHEAD", "default_max_memory", "format_size", "parse_size", "process_rss"]
 
 #: Bytes the broker counts for each queued message on top of its body: the
 #: message object, its deque slot and (for large bodies) the zmq.Frame. Tiny
@@ -73,3 +73,21 @@ def default_max_memory() -> int:
     except (ValueError, OSError, AttributeError):
         total = 0
     return total // 4 if total > 0 else 1 << 30
+
+
+def process_rss() -> int | None:
+    """This process's resident memory in bytes (Linux: ``/proc/self/statm``;
+    elsewhere the peak, from ``getrusage``), or None if unknown."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+    except (ImportError, OSError, ValueError):
+        return None

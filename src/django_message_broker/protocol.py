@@ -69,12 +69,17 @@ class Hello(_Msg, tag=1):
     """First message of a connection (and of every reconnection).
     ``shared_bodies``: this client reads ``Deliver.body_of``, so the broker
     may send a body once for several of its channels (a client that does not
-    say so, or says nothing, gets one body frame per message)."""
+    say so, or says nothing, gets one body frame per message). ``host``,
+    ``pid`` and ``name`` describe the client's process, for the broker's
+    stats; older clients leave them out (the defaults)."""
 
     req: int
     client_id: str
     heartbeat: float  # seconds between the client's heartbeats
     shared_bodies: bool = False
+    host: str = ""
+    pid: int = 0
+    name: str = ""  # the process's command line, shortened
 
 
 class Send(_Msg, tag=2):
@@ -159,7 +164,12 @@ class Heartbeat(_Msg, tag=10):
 
 
 class Stats(_Msg, tag=11):
+    """The broker's counters. ``top`` 0: the flat dict of counters; ``top``
+    N > 0: the detailed form, with the N deepest channels and the N clients
+    holding most (at most ``server.stats.MAX_TOP``; see docs/protocol.md)."""
+
     req: int
+    top: int = 0
 
 
 class Bye(_Msg, tag=12):

@@ -357,8 +357,11 @@ class AsyncClient(_ClientBase):
         of namespace ``prefix`` (names ``prefix.*``)."""
         await self._request(p.Flush(0, p.check_prefix(prefix)))
 
-    async def stats(self) -> dict[str, Any]:
-        return await self._request(p.Stats(0))  # type: ignore[no-any-return]
+    async def stats(self, top: int = 0) -> dict[str, Any]:
+        """The broker's counters: a flat dict; with ``top`` > 0 the detailed
+        form (totals, rates, the ``top`` deepest channels, clients; see
+        docs/operations.md)."""
+        return await self._request(p.Stats(0, _check_top(top)))  # type: ignore[no-any-return]
 
 
 class SyncClient(_ClientBase):
@@ -436,8 +439,17 @@ class SyncClient(_ClientBase):
     def flush(self, prefix: str = "") -> None:
         self._request(p.Flush(0, p.check_prefix(prefix)))
 
-    def stats(self) -> dict[str, Any]:
-        return self._request(p.Stats(0))  # type: ignore[no-any-return]
+    def stats(self, top: int = 0) -> dict[str, Any]:
+        """As ``AsyncClient.stats``, blocking."""
+        return self._request(p.Stats(0, _check_top(top)))  # type: ignore[no-any-return]
+
+
+def _check_top(top: Any) -> int:
+    if isinstance(top, bool) or not isinstance(top, int):
+        raise TypeError(f"stats top must be an int, not {type(top).__name__}")
+    if top < 0:
+        raise ValueError(f"stats top must be >= 0, not {top}")
+    return top
 
 
 def _group_add(group: str, channel: str, ttl: float) -> p.GroupAdd:

@@ -50,6 +50,7 @@ from .data_message import DataMessage
 from .groups import Groups
 from .outbox import Outbox, Outgoing
 from .server_queue import ChannelQueue, Endpoint, MemoryMeter
+from .stats import RateHistory, check_top, detailed_stats
 from .tasks import Tasks
 
 __all__ = ["BUSY", "DEFAULT_MAX_BODY", "GONE", "Broker", "Outgoing"]
@@ -103,6 +104,12 @@ class ClientState:
     fd: int = -1
     #: channel name -> this client's endpoint in that channel's queue
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    #: The client's process, from its Hello (for stats); ``connected_at``
+    #: is the broker's clock when it said Hello.
+    host: str = ""
+    pid: int = 0
+    name: str = ""
+    connected_at: float = 0.0
 
 
 class Broker:
@@ -117,6 +124,8 @@ class Broker:
         durable: bool = False,
         wall_clock: Callable[[], float] = lambda: 0.0,
         load_body: Callable[[int], Optional[bytes]] = lambda sid: None,
+        version: str = "",
+        rss: Optional[Callable[[], Optional[int]]] = None,
     ) -> None:
         #: Replies and deliveries wait here until ``data_to_send``.
         self.outbox = Outbox()
@@ -131,6 +140,17 @@ class Broker:
         self._next_memory_expiry = 0.0
         self.missed_heartbeats = missed_heartbeats
         self.instance = os.urandom(8).hex()
+        #: For ``Stats(top=N)`` (server/stats.py): the package version, a
+        #: function that reads the process's resident memory (the shell's),
+        #: when the broker started, and per-second totals for rates.
+        self.version = version
+        self.rss = rss
+        self.started = clock()
+        self.history = RateHistory()
+        #: Messages enqueued by queues the broker forgot (``enqueued_total``).
+        self._retired_enqueued = 0
+        #: Bytes of message bodies received (Send, GroupSend), for rates.
+        self.bytes_in = 0
         #: Incremented by every flush: reports (``Consumed``, ``Return``) made
         #: before a flush the client had not yet heard of are about messages
         #: the flush dropped, if that flush covered their channel's namespace.
@@ -302,6 +322,7 @@ class Broker:
         (``_NO_MEMORY``: see ``_fits``). Returns ``_QUEUED`` if it went in."""
         if not self._room(queue, limit):
             self.counters["refused_full"] += 1
+            queue.refused_full += 1
             return _FULL
         message = DataMessage(body)
         if not self._fits(message.size):
@@ -324,14 +345,18 @@ class Broker:
             self._expire_messages()
         return self.memory.fits(size)
 
-    def _check_bodies(self, bodies: list, count: Optional[int] = None) -> None:
+    def _check_bodies(self, bodies: list, count: Optional[int] = None) -> int:
+        """Check the body frames; returns their total size."""
         if not bodies or (count is not None and len(bodies) != count):
             expected = "one or more" if count is None else str(count)
             raise ProtocolError(f"this command needs {expected} body frame(s), not {len(bodies)}")
+        total = 0
         for body in bodies:
             size = len(body)
             if size > self.max_body:
                 raise MessageTooLarge(size, self.max_body)
+            total += size
+        return total
 
     # -- the one entry point ---------------------------------------------------
     def handle(self, frames: list, now: float) -> None:
@@ -399,8 +424,9 @@ class Broker:
                 self._reply(client.ident, p.Reply(req, 0, "", self.instance))
             case p.Flush():
                 self._on_flush(client, cmd)
-            case p.Stats(req):
-                self._reply(client.ident, p.Reply(req, 0, "", self.stats()))
+            case p.Stats(req, top):
+                value = self.stats() if not top else self.detailed_stats(check_top(top), now)
+                self._reply(client.ident, p.Reply(req, 0, "", value))
             case p.Bye():
                 self.drop_client(client.ident)
             case _:  # the decoder only yields known commands; kept for safety
@@ -408,7 +434,7 @@ class Broker:
 
     # -- one method per command ----------------------------------------------
     def _on_send(self, client: ClientState, cmd: p.Send, bodies: list) -> None:
-        self._check_bodies(bodies)
+        self.bytes_in += self._check_bodies(bodies)
         _check_ttl(cmd.ttl)
         channel, capacity = cmd.channel, cmd.capacity
         queue = self._queue(channel)
@@ -419,6 +445,7 @@ class Broker:
                 outcome = self._push(queue, body, cmd.ttl, limit, deliver=False)
                 refused += outcome == _FULL
                 no_memory += outcome == _NO_MEMORY
+            queue.enqueued += len(bodies) - refused - no_memory
             self._deliver(queue)
             if no_memory:
                 raise self._memory_full(channel, no_memory)
@@ -428,6 +455,7 @@ class Broker:
         # Checked: all or nothing, within capacity, the hard cap and memory.
         if self._room(queue, capacity, len(bodies)) < len(bodies):
             self.counters["refused_full"] += len(bodies)
+            queue.refused_full += len(bodies)
             limit = capacity if queue.max_length is None else min(capacity, queue.max_length)
             raise QueueFull(channel, limit)
         messages = [DataMessage(body) for body in bodies]
@@ -436,6 +464,7 @@ class Broker:
             raise self._memory_full(channel, len(bodies))
         for message in messages:
             queue.push(message, cmd.ttl)
+        queue.enqueued += len(messages)
         self._deliver(queue)
         self._reply(client.ident, p.Reply(cmd.req, 0, "", queue.depth))
 
@@ -487,6 +516,7 @@ class Broker:
         room = None if queue.max_length is None else max(queue.max_length - len(queue.queue), 0)
         if room is not None and room < len(bodies):
             self.counters["refused_full"] += len(bodies) - room
+            queue.refused_full += len(bodies) - room
             logger.warning("%d returned message(s) refused: %r is at its hard cap", len(bodies) - room, channel)
             bodies, ttls = bodies[:room], ttls[:room]  # the oldest stay first
         # So does the memory limit: the oldest that fit are kept.
@@ -506,7 +536,7 @@ class Broker:
         self._deliver(queue)
 
     def _on_group_send(self, client: ClientState, cmd: p.GroupSend, bodies: list, now: float) -> None:
-        self._check_bodies(bodies, 1)
+        self.bytes_in += self._check_bodies(bodies, 1)
         _check_ttl(cmd.ttl)
         group = p.check_group_name(cmd.group)
         prefix = p.check_prefix(cmd.prefix)
@@ -518,7 +548,9 @@ class Broker:
             # Rules see the name the sender's users know (no "prefix.").
             name = channel[cut:] if cut and p.in_namespace(channel, prefix) else channel
             limit = next((cap for pattern, cap in rules if pattern.match(name)), capacity)
-            outcome = self._push(self._queue(channel), body, ttl, limit)
+            queue = self._queue(channel)
+            outcome = self._push(queue, body, ttl, limit)
+            queue.enqueued += outcome == _QUEUED
             sent += outcome == _QUEUED
             skipped += outcome != _QUEUED
             no_memory += outcome == _NO_MEMORY
@@ -547,6 +579,8 @@ class Broker:
         # 0: no heartbeats (the task transport): liveness is the connection's,
         # watched through its socket (``connection_closed``).
         client.heartbeat = 0.0 if cmd.heartbeat == 0 else max(0.05, cmd.heartbeat)
+        client.host, client.pid, client.name = cmd.host[:255], cmd.pid, cmd.name[:255]
+        client.connected_at = self.clock()
         if not client.heartbeat:
             self.fd_wanted.append(client.ident)
         if cmd.shared_bodies:  # it reads Deliver.body_of: a group_send's body goes once
@@ -706,7 +740,8 @@ class Broker:
     # -- state changes ----------------------------------------------------
     def _forget_if_empty(self, queue: ChannelQueue) -> None:
         if queue.is_empty() and not queue.held:
-            self.queues.pop(queue.name, None)
+            if self.queues.pop(queue.name, None) is queue:  # its count goes to the total
+                self._retired_enqueued += queue.enqueued
             self.stalled.discard(queue)
 
     def _release(self, client: ClientState, channel: str, count: int) -> None:
@@ -819,6 +854,7 @@ class Broker:
             self._forget_if_empty(queue)
         self.groups.sweep(now)
         self.tasks.sweep(now)
+        self.history.sample(now, self.enqueued_total(), self.counters["delivered"], self.bytes_in)
 
     # -- introspection ----------------------------------------------------
     def queued(self) -> int:
@@ -831,6 +867,17 @@ class Broker:
             and not any(q.queue for q in self.queues.values())
             and not any(q.ready for v in self.tasks.vhosts.values() for q in v.queues.values())
         )
+
+    def enqueued_total(self) -> int:
+        """Messages enqueued since the broker started (by queues it forgot
+        too). A sum over the queues: for ``sweep`` and stats, not per message."""
+        return self._retired_enqueued + sum(queue.enqueued for queue in self.queues.values())
+
+    def detailed_stats(self, top: int, now: Optional[float] = None) -> dict[str, Any]:
+        """``Stats(top)``: totals, rates, the ``top`` deepest channels and
+        the clients holding most (server/stats.py)."""
+        rss = self.rss() if self.rss is not None else None
+        return detailed_stats(self, top, self.clock() if now is None else now, rss, self.version)
 
     def stats(self) -> dict[str, Any]:
         return {

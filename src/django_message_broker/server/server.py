@@ -36,6 +36,7 @@ django_message_broker serve``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import signal
@@ -47,6 +48,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
+from .._memory import process_rss
 from ..keys import server_curve
 from ..options import DEFAULT_ADDRESS, is_local_address  # DEFAULT_ADDRESS re-exported: its home was here
 from .broker import BUSY, DEFAULT_MAX_BODY, GONE, Broker
@@ -200,6 +202,9 @@ class BrokerServer:
         self._stopping = False
         self._closed: Optional[asyncio.Event] = None
         self.broker: Optional[Broker] = None
+        #: ``stats`` requests from other threads, answered by the broker's.
+        self._stats_requests: list[tuple[int, concurrent.futures.Future]] = []
+        self._stats_lock = threading.Lock()
         #: Why the server stopped by itself, if it failed (``serve`` re-raises it).
         self.failure: Optional[BaseException] = None
 
@@ -274,6 +279,8 @@ class BrokerServer:
             max_memory=self.max_memory,
             durable=self.data_dir is not None,
             wall_clock=time.time,
+            version=_version(),
+            rss=process_rss,
         )
         if self.data_dir is not None:
             self._open_store(self.data_dir)
@@ -487,6 +494,8 @@ class BrokerServer:
                     _send_all(sock, broker)
             if now >= next_tick:
                 next_tick = now + _TICK
+                if self._stats_requests:
+                    self._answer_stats(broker)
                 if broker.stalled or broker.tasks_stalled:
                     broker.retry_stalled()
                 if now - last_sweep >= 1.0:
@@ -507,6 +516,27 @@ class BrokerServer:
                     elif now - idle_since >= self.idle_timeout:
                         logger.info("broker idle for %.0fs: exiting", self.idle_timeout)
                         return
+
+    def stats(self, top: int = 0, timeout: float = 5.0) -> dict[str, Any]:
+        """The broker's stats (``Broker.stats``, or ``detailed_stats(top)``),
+        from any thread (the Prometheus exporter's): the broker's thread
+        answers at its next tick, within a tenth of a second. Raises
+        ``TimeoutError`` if it does not (stopped)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._stats_lock:
+            self._stats_requests.append((top, future))
+        if self._thread is None or not self._thread.is_alive():
+            raise TimeoutError("the broker is not running")
+        return future.result(timeout)  # type: ignore[no-any-return]
+
+    def _answer_stats(self, broker: Broker) -> None:
+        with self._stats_lock:
+            requests, self._stats_requests = self._stats_requests, []
+        for top, future in requests:
+            try:
+                future.set_result(broker.stats() if not top else broker.detailed_stats(top))
+            except Exception as exc:  # a bug: the caller sees it, the broker goes on
+                future.set_exception(exc)
 
     async def wait_closed(self) -> None:
         """Wait until the server stops (``stop()``, idle exit, or a failure)."""
@@ -579,3 +609,9 @@ async def run_until_stopped(server: BrokerServer) -> None:
             w.cancel()
     if server.failure is not None:
         raise RuntimeError("the broker failed") from server.failure
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

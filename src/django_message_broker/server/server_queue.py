@@ -234,6 +234,17 @@ class ChannelQueue:
         #: True when a send found a peer busy; the owner should retry later.
         self.stalled = False
         self.expired = 0  # messages dropped unsent at their deadline
+        # Counters for ``Broker.stats`` (plain ints: one addition per message
+        # or per run on the hot path). They count since this queue was made;
+        # the broker forgets an empty queue nobody receives from, and adds
+        # its counts to its own totals then.
+        #: Messages sent to the channel and queued (counted by the broker,
+        #: once per command: not in ``push``, which stays as it was).
+        self.enqueued = 0
+        #: Messages handed to endpoints (a run that fails to go is taken off).
+        self.delivered = 0
+        #: Messages refused at capacity or at the hard cap (counted by the broker).
+        self.refused_full = 0
         self.stopped = False
         self._events: Optional[tuple[asyncio.Event, asyncio.Event]] = None
         self._task: Optional[asyncio.Task] = None
@@ -415,6 +426,7 @@ class ChannelQueue:
         is ``stalled``, for the owner to retry. The one place of this rule."""
         self.put_back(messages)
         self.release(endpoint, len(messages))
+        self.delivered -= len(messages)
         if gone:
             self.subscribers.pop(endpoint.id, None)
         else:
@@ -492,8 +504,10 @@ class ChannelQueue:
                     continue
             if run_to is None:
                 break
-            run_to.held += len(run)
-            self.held += len(run)
+            count = len(run)
+            run_to.held += count
+            self.held += count
+            self.delivered += count
             if sink is not None:
                 sink.defer(self, run_to, run)
                 sent += len(run)

@@ -1,0 +1,144 @@
+"""What the broker tells about itself: the detailed form of ``Stats``.
+
+How it works. The hot path only adds to plain ints: each ``ChannelQueue``
+counts what it enqueued (messages and bytes), delivered, expired and
+refused; the broker counts its own totals. Nothing here runs per message.
+``RateHistory`` is a small ring of broker-wide totals, one sample per
+``Broker.sweep`` (about once a second): rates are differences between
+samples, so no message carries a timestamp. ``detailed_stats`` builds the
+answer to ``Stats(top=N)``: the flat counters plus rates, uptime, RSS and
+version (``totals``), the ``N`` deepest channels (the rest summed in
+``other_channels``), the ``N`` clients holding most, and the rate history.
+Its size is bounded by ``MAX_TOP`` and ``HISTORY`` whatever the broker
+holds. Pure: no I/O (RSS comes from a function the shell gives).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from typing import TYPE_CHECKING, Any, Optional
+
+from ..exceptions import ProtocolError
+
+if TYPE_CHECKING:
+    from .broker import Broker, ClientState
+    from .server_queue import ChannelQueue
+
+__all__ = ["HISTORY", "MAX_TOP", "RateHistory", "check_top", "detailed_stats"]
+
+#: Most channels (and clients) one detailed answer lists.
+MAX_TOP = 1000
+#: Samples of per-second totals kept (five minutes at one a second).
+HISTORY = 300
+#: What a channel row says, in order; ``other_channels`` sums the same.
+CHANNEL_FIELDS = ("queued", "held", "receivers", "enqueued", "delivered", "expired", "refused_full")
+
+
+def check_top(top: Any) -> int:
+    """``Stats.top``: 0 (the flat dict) or how many channels to list;
+    more than ``MAX_TOP`` lists ``MAX_TOP``. Raises ``ProtocolError``."""
+    if type(top) is not int or top < 0:
+        raise ProtocolError(f"Stats top must be an int >= 0, not {top!r}")
+    return min(top, MAX_TOP)
+
+
+class RateHistory:
+    """A ring of (time, messages enqueued, messages delivered, body bytes
+    received) totals, cumulative, one per ``sample``; rates are differences."""
+
+    def __init__(self, size: int = HISTORY) -> None:
+        self._samples: deque[tuple[float, int, int, int]] = deque(maxlen=size + 1)
+
+    def sample(self, now: float, messages_in: int, delivered: int, bytes_in: int) -> None:
+        samples = self._samples
+        if samples and now <= samples[-1][0]:
+            return  # time did not move: a rate would divide by zero
+        samples.append((now, messages_in, delivered, bytes_in))
+
+    def rates(self) -> dict[str, list[float]]:
+        """Per-second rates between consecutive samples, oldest first
+        (``seconds``: how long ago each interval ended, from the last one)."""
+        out: dict[str, list[float]] = {"seconds": [], "messages_in": [], "delivered": [], "bytes_in": []}
+        samples = list(self._samples)
+        if not samples:
+            return out
+        last = samples[-1][0]
+        for (t0, i0, d0, b0), (t1, i1, d1, b1) in itertools.pairwise(samples):
+            dt = t1 - t0
+            out["seconds"].append(round(last - t1, 3))
+            out["messages_in"].append(max(i1 - i0, 0) / dt)
+            out["delivered"].append(max(d1 - d0, 0) / dt)
+            out["bytes_in"].append(max(b1 - b0, 0) / dt)
+        return out
+
+    def latest(self) -> dict[str, float]:
+        """The rates of the last interval (zeros before two samples)."""
+        rates = self.rates()
+        return {key: (values[-1] if values else 0.0) for key, values in rates.items() if key != "seconds"}
+
+
+def _channel_row(queue: ChannelQueue) -> dict[str, Any]:
+    return {
+        "name": queue.name,
+        "queued": len(queue.queue),
+        "held": queue.held,
+        "receivers": len(queue.subscribers),
+        "enqueued": queue.enqueued,
+        "delivered": queue.delivered,
+        "expired": queue.expired,
+        "refused_full": queue.refused_full,
+    }
+
+
+def _client_row(client: ClientState, now: float) -> dict[str, Any]:
+    credit = held = 0
+    for endpoint in client.endpoints.values():
+        credit += endpoint.credit or 0
+        held += endpoint.held
+    return {
+        "id": client.client_id or client.ident.hex(),
+        "host": client.host,
+        "pid": client.pid,
+        "name": client.name,
+        "connected": round(now - client.connected_at, 3),
+        "channels": len(client.endpoints),
+        "credit": credit,
+        "held": held,
+    }
+
+
+def detailed_stats(broker: Broker, top: int, now: float, rss: Optional[int], version: str) -> dict[str, Any]:
+    """The answer to ``Stats(top)`` with ``top > 0`` (see the module's doc)."""
+    queues = broker.queues.values()
+    deepest = heapq.nlargest(top, queues, key=lambda q: q.depth)
+    shown = {id(q) for q in deepest}
+    other: dict[str, Any] = dict.fromkeys(("channels", *CHANNEL_FIELDS), 0)
+    for queue in queues:
+        if id(queue) not in shown:
+            row = _channel_row(queue)
+            other["channels"] += 1
+            for key in CHANNEL_FIELDS:
+                other[key] += row[key]
+    clients = [_client_row(c, now) for c in broker.clients.values()]
+    clients = heapq.nlargest(top, clients, key=lambda row: (row["held"], row["credit"]))
+    totals = {
+        **broker.stats(),
+        "enqueued": broker.enqueued_total(),
+        "bytes_in": broker.bytes_in,
+        "queued_bytes": broker.memory.used,
+        "uptime": round(now - broker.started, 3),
+        "rss": rss,
+        "version": version,
+        "rates": broker.history.latest(),
+    }
+    return {
+        "top": top,
+        "totals": totals,
+        "channels": [_channel_row(q) for q in deepest],
+        "other_channels": other,
+        "clients": clients,
+        "other_clients": len(broker.clients) - len(clients),
+        "history": broker.history.rates(),
+    }
