@@ -1,6 +1,7 @@
 """``python -m django_message_broker serve [--bind ADDR]``: run the broker.
 ``python -m django_message_broker stop [--address ADDR]``: stop the embedded broker.
 ``python -m django_message_broker status``: list this user's embedded brokers.
+``python -m django_message_broker stats [--address ADDR] [--watch] [--json]``: a broker's stats.
 ``python -m django_message_broker keygen NAME``: create a CURVE key pair.
 The same as the ``django-message-broker`` console script."""
 
@@ -12,12 +13,13 @@ import errno
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import zmq
 
 from ._memory import parse_size
 from .embedded import address_in_use_hint, serve_embedded, status_embedded, stop_embedded
+from .metrics import MetricsError, require_prometheus
 from .server.broker import DEFAULT_MAX_BODY
 from .server.server import DEFAULT_ADDRESS, check_bind, serve
 from .server.store import FSYNC_MODES
@@ -59,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (a function so that tests can read every option)."""
     parser = argparse.ArgumentParser(
         prog=prog_name(),
-        description="django-message-broker: run the broker, list or stop the embedded ones, make CURVE keys",
+        description="django-message-broker: run the broker, list or stop the embedded ones, show a broker's stats, "
+        "make CURVE keys",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("serve", help="run the broker in the foreground")
@@ -126,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LEVEL",
         help=f"log messages of this level and above: {', '.join(LOG_LEVELS)} (default INFO)",
     )
+    add_metrics_arguments(run)
     run.add_argument(
         "--embedded",
         action="store_true",
@@ -142,11 +146,68 @@ def build_parser() -> argparse.ArgumentParser:
         help="list this user's embedded brokers (address, pid, log), after removing the files of those killed "
         "without cleaning up",
     )
+    stats = commands.add_parser("stats", help="show a broker's stats: channels, clients, rates (top-like)")
+    stats.add_argument(
+        "--address", default=DEFAULT_ADDRESS, help=f"the broker's address (default {DEFAULT_ADDRESS})"
+    )
+    add_stats_arguments(stats)
+    stats.add_argument("--server-key", default=None, help="CURVE: the broker's public certificate (file or Z85 text)")
+    stats.add_argument("--client-key", default=None, help="CURVE: this client's secret certificate file")
     keygen = commands.add_parser("keygen", help="create a CURVE key pair: NAME.key and NAME.key_secret")
     keygen.add_argument("name", help="file name stem, e.g. broker or web-1")
     keygen.add_argument("--dir", "-d", default=".", help="output directory (default: the current one)")
     keygen.add_argument("--force", action="store_true", help="overwrite existing files")
     return parser
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r} (0 to 65535; 0: any free one)")
+    return port
+
+
+def _top(text: str) -> int:
+    try:
+        top = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if top < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return top
+
+
+def add_metrics_arguments(parser: Any) -> None:
+    """``--metrics-port`` and ``--metrics-host`` (``serve`` and ``runbroker``)."""
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        help="serve Prometheus metrics on this port at /metrics (needs the 'metrics' extra; default: off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=None,
+        help="address the metrics endpoint binds (default 127.0.0.1: loopback only)",
+    )
+
+
+def add_stats_arguments(parser: Any) -> None:
+    """The options ``stats`` and ``manage.py brokerstats`` share (but the address)."""
+    parser.add_argument("--watch", "-w", action="store_true", help="refresh every second until Ctrl-C, like top")
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON for scripts (with --watch: one object per line)"
+    )
+    parser.add_argument("--top", type=_top, default=20, help="how many channels and clients to list (default 20)")
+    parser.add_argument(
+        "--count", "-n", type=_top, default=None, help="with --watch: refresh this many times, then exit"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=3.0, help="seconds to wait for the broker before giving up (default 3)"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -157,12 +218,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _stop(args)
     if args.command == "status":
         return _status()
+    if args.command == "stats":
+        return _stats(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics: dict[str, Any] = {}
+    if args.metrics_port is not None:
+        if args.embedded:
+            print("--metrics-port is for serve, not for an --embedded broker", file=sys.stderr)
+            return 2
+        try:
+            require_prometheus()
+        except MetricsError as exc:
+            print(str(exc), file=sys.stderr)
+            return 2
+        metrics = {"metrics_port": args.metrics_port, "metrics_host": args.metrics_host}
     try:
         check_bind(args.bind, secret_key=args.secret_key, insecure=args.insecure)
         asyncio.run(
             (serve_embedded if args.embedded else serve)(
                 args.bind,
+                **metrics,
                 max_body=args.max_body,
                 max_queue_length=args.max_queue_length,
                 max_memory=args.max_memory,
@@ -178,12 +253,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:  # refused configuration, unreadable key
         print(f"refusing to serve on {args.bind}: {exc}", file=sys.stderr)
         return 2
+    except MetricsError as exc:  # the metrics port is in use
+        print(str(exc), file=sys.stderr)
+        return 1
     except (OSError, zmq.ZMQError) as exc:  # address in use, bad address, missing key file
         print(f"cannot serve on {args.bind}: {exc}", file=sys.stderr)
         if exc.errno == errno.EADDRINUSE:
             print(address_in_use_hint(args.bind), file=sys.stderr)
         return 1
     return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from .stats_view import run
+
+    return run(
+        args.address,
+        watch=args.watch,
+        as_json=args.json,
+        top=args.top,
+        count=args.count,
+        timeout=args.timeout,
+        server_key=args.server_key,
+        client_key=args.client_key,
+    )
 
 
 def _stop(args: argparse.Namespace) -> int:

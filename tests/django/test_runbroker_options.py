@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from typing import Any
 
 import pytest
@@ -98,3 +99,19 @@ def test_runbroker_on_the_embedded_brokers_address_names_it(spawn, own_runtime):
     assert f"python -m django_message_broker stop --address {address}" in text
     assert "Traceback" not in text
     assert probe(address)
+
+
+def test_runbroker_passes_the_metrics_port_and_says_when_the_extra_is_missing(monkeypatch):
+    seen: dict[str, Any] = {}
+
+    async def fake_serve(address: str, **options: Any) -> None:
+        seen.update(options)
+
+    monkeypatch.setattr(runbroker, "serve", fake_serve)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    pytest.importorskip("prometheus_client")
+    call_command("runbroker", "--metrics-port", "0", bind=address)
+    assert (seen["metrics_port"], seen["metrics_host"]) == (0, None)
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    with pytest.raises(CommandError, match=r"needs the 'metrics' extra"):
+        call_command("runbroker", "--metrics-port", "9100", bind=address)

@@ -578,10 +578,28 @@ class BrokerServer:
             self._closed.set()
 
 
-async def serve(address: str = DEFAULT_ADDRESS, **options: Any) -> None:
-    """Run a broker until SIGINT/SIGTERM (or idle exit)."""
+async def serve(
+    address: str = DEFAULT_ADDRESS,
+    *,
+    metrics_port: Optional[int] = None,
+    metrics_host: Optional[str] = None,
+    **options: Any,
+) -> None:
+    """Run a broker until SIGINT/SIGTERM (or idle exit). ``metrics_port``:
+    also serve Prometheus metrics there (``metrics.py``; on loopback unless
+    ``metrics_host``)."""
     async with BrokerServer(address, **options) as server:
-        await run_until_stopped(server)
+        exporter = None
+        if metrics_port is not None:
+            from .. import metrics
+
+            exporter = metrics.start(lambda top: server.stats(top), metrics_port, metrics_host)
+            print(f"django-message-broker metrics on {exporter.url}", flush=True)
+        try:
+            await run_until_stopped(server)
+        finally:
+            if exporter is not None:
+                exporter.close()
 
 
 async def run_until_stopped(server: BrokerServer) -> None:

@@ -29,9 +29,10 @@ import zmq
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from ...__main__ import LOG_LEVELS
+from ...__main__ import LOG_LEVELS, add_metrics_arguments
 from ..._memory import parse_size
 from ...embedded import address_in_use_hint
+from ...metrics import MetricsError, require_prometheus
 from ...options import LayerOptions
 from ...server.server import check_bind, serve
 from ...server.store import FSYNC_MODES
@@ -130,6 +131,7 @@ class Command(BaseCommand):
             help=f"log the broker's messages of this level and above: {', '.join(LOG_LEVELS)} (default INFO, "
             "unless settings.LOGGING says otherwise)",
         )
+        add_metrics_arguments(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         conf = server_settings()
@@ -155,6 +157,13 @@ class Command(BaseCommand):
             )
         except ValueError as exc:
             raise CommandError(f"refusing to serve on {address}: {exc}") from None
+        metrics: dict[str, Any] = {}
+        if options["metrics_port"] is not None:
+            try:
+                require_prometheus()
+            except MetricsError as exc:
+                raise CommandError(str(exc)) from None
+            metrics = {"metrics_port": options["metrics_port"], "metrics_host": options["metrics_host"]}
         level = options["log_level"]
         if not logging.getLogger().handlers:
             logging.basicConfig(level=level or logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -170,11 +179,14 @@ class Command(BaseCommand):
                     idle_timeout=options["idle_timeout"],
                     data_dir=options["data_dir"] or conf.get("data_dir"),
                     fsync=options["fsync"] or conf.get("fsync") or "always",
+                    **metrics,
                     **security,
                 )
             )
         except ValueError as exc:
             raise CommandError(f"refusing to serve on {address}: {exc}") from None
+        except MetricsError as exc:
+            raise CommandError(str(exc)) from None
         except (OSError, zmq.ZMQError) as exc:
             message = f"cannot serve on {address}: {exc}"
             if exc.errno == errno.EADDRINUSE:
