@@ -58,3 +58,10 @@ def test_process_name_is_short_and_readable():
     assert process_name(["/srv/site/manage.py", "runworker", "jobs"]) == "manage.py runworker jobs"
     assert process_name(["/x/django_message_broker/__main__.py", "stats"]) == "python -m django_message_broker stats"
     assert len(process_name(["prog", "a" * 500])) == 120
+
+
+def test_server_stats_when_not_running_is_a_timeout_error():
+    from django_message_broker import BrokerServer
+
+    with pytest.raises(TimeoutError, match="not running"):
+        BrokerServer("tcp://127.0.0.1:0").stats()

@@ -22,6 +22,7 @@ PURE = [
     "django_message_broker.server.groups",
     "django_message_broker.server.data_message",
     "django_message_broker.server.server_queue",
+    "django_message_broker.server.stats",
 ]
 
 BLOCKER = textwrap.dedent(

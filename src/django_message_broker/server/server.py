@@ -522,12 +522,15 @@ class BrokerServer:
         from any thread (the Prometheus exporter's): the broker's thread
         answers at its next tick, within a tenth of a second. Raises
         ``TimeoutError`` if it does not (stopped)."""
+        if self._thread is None or not self._thread.is_alive():
+            raise TimeoutError("the broker is not running")
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._stats_lock:
             self._stats_requests.append((top, future))
-        if self._thread is None or not self._thread.is_alive():
-            raise TimeoutError("the broker is not running")
-        return future.result(timeout)  # type: ignore[no-any-return]
+        try:
+            return future.result(timeout)  # type: ignore[no-any-return]
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"the broker did not answer within {timeout:g}s") from None
 
     def _answer_stats(self, broker: Broker) -> None:
         with self._stats_lock:
