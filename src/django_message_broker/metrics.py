@@ -103,6 +103,12 @@ class BrokerCollector:
         yield counter("dmb_received_bytes", "Bytes of message bodies received", t.get("bytes_in"))
         yield counter("dmb_commands_received", "Protocol messages received from clients", t["received"])
         yield counter("dmb_errors", "Error replies sent (bad input, refusals)", t["errors"])
+        if "task_queues" in t:  # the task queues (the kombu transport), when the broker has them
+            yield gauge("dmb_task_queues", "Task queues", t["task_queues"])
+            yield gauge("dmb_task_messages_ready", "Task messages ready to deliver", t["task_ready"])
+            yield gauge("dmb_task_messages_unacked", "Task messages delivered and not yet acked", t["task_unacked"])
+            yield gauge("dmb_task_consumers", "Task queue consumers", t["task_consumers"])
+            yield counter("dmb_task_unroutable", "Task messages no binding routed", t["task_unroutable"])
         per_channel = {
             "queued": GaugeMetricFamily("dmb_messages_queued", "Messages queued in a channel", labels=["channel"]),
             "held": GaugeMetricFamily(

@@ -74,9 +74,13 @@ def format_stats(detail: dict[str, Any], address: str = "") -> str:
         f"{_size(round(rates.get('bytes_in', 0)))}/s   since start: enqueued {t.get('enqueued', 0)}  "
         f"delivered {t['delivered']}  expired {t['expired']}  refused {t['refused_full']} full, "
         f"{t['refused_memory']} memory  errors {t['errors']}",
-        "",
-        f"{'CHANNEL':<40} " + " ".join(f"{h:>9}" for h in _HEADINGS),
     ]
+    if t.get("task_queues"):
+        lines.append(
+            f"task queues {t['task_queues']}  ready {t['task_ready']}  unacked {t['task_unacked']}  "
+            f"consumers {t['task_consumers']}  unroutable {t['task_unroutable']}"
+        )
+    lines += ["", f"{'CHANNEL':<40} " + " ".join(f"{h:>9}" for h in _HEADINGS)]
     for row in detail["channels"]:
         lines.append(f"{_cut(row['name'], 40):<40} " + " ".join(f"{row[c]:>9}" for c in _COLUMNS))
     other = detail.get("other_channels") or {}

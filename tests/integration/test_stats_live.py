@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from django_message_broker import SyncClient, __version__
-from django_message_broker.client.core import process_name
+from django_message_broker._process import process_name
 
 pytestmark = pytest.mark.timeout(30)
 

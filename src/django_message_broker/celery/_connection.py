@@ -38,6 +38,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .. import protocol as p
+from .._process import hello_fields
 from ..exceptions import BrokerError, BrokerUnavailable, MessageTooLarge, from_wire
 from ..options import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -136,7 +137,8 @@ class TaskConnection:
         deadline = time.monotonic() + self.timeout
         while True:  # IMMEDIATE: sends fail until the connection is up
             try:
-                self.sock.send(p.encode(p.Hello(self._next_req(), self.client_id, 0.0)), _NOBLOCK)
+                hello = p.Hello(self._next_req(), self.client_id, 0.0, **hello_fields())
+                self.sock.send(p.encode(hello), _NOBLOCK)
                 break
             except zmq.Again:
                 if time.monotonic() >= deadline:

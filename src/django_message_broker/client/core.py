@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import sys
 import threading
 import time
 import uuid
@@ -57,6 +55,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .. import protocol as p
+from .._process import hello_fields
 from ..exceptions import (
     AuthenticationFailed,
     BrokerError,
@@ -100,22 +99,6 @@ _HANDSHAKE_EVENTS = (
 )
 
 _D = ClientOptions()  # the defaults; the clients check the values
-
-
-_HOST = socket.gethostname()[:255]
-
-
-def process_name(argv: Optional[list[str]] = None) -> str:
-    """This process as a person would name it, for the broker's stats: its
-    command line with the program's directory left out (``manage.py
-    runworker``, ``uvicorn mysite.asgi:application``), at most 120
-    characters. ``python -m package`` shows as that."""
-    argv = list(sys.argv if argv is None else argv) or ["python"]
-    program = os.path.basename(argv[0]) or "python"
-    if program == "__main__.py":
-        program = "python -m " + os.path.basename(os.path.dirname(argv[0]))
-    text = " ".join([program, *argv[1:]])
-    return text if len(text) <= 120 else text[:119] + "…"
 
 
 class Core:
@@ -666,9 +649,7 @@ class Core:
                 self.state.epoch = epoch
             self._on_connected(restarted)
 
-        hello = p.Hello(
-            0, self.client_id, self.heartbeat, shared_bodies=True, host=_HOST, pid=os.getpid(), name=process_name()
-        )
+        hello = p.Hello(0, self.client_id, self.heartbeat, shared_bodies=True, **hello_fields())
         self._start_request(hello, None, None, welcomed, first=True)
 
     def _on_connected(self, restarted: bool) -> None:
