@@ -550,8 +550,9 @@ class Broker:
             limit = next((cap for pattern, cap in rules if pattern.match(name)), capacity)
             queue = self._queue(channel)
             outcome = self._push(queue, body, ttl, limit)
-            queue.enqueued += outcome == _QUEUED
-            sent += outcome == _QUEUED
+            queued = outcome == _QUEUED
+            queue.enqueued += queued
+            sent += queued
             skipped += outcome != _QUEUED
             no_memory += outcome == _NO_MEMORY
         if no_memory:
