@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..exceptions import ProtocolError
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .broker import Broker, ClientState
     from .server_queue import ChannelQueue
 
-__all__ = ["HISTORY", "MAX_TOP", "RateHistory", "check_top", "detailed_stats"]
+__all__ = ["HISTORY", "MAX_TOP", "BrokerStatistics", "RateHistory", "check_top", "detailed_stats"]
 
 #: Most channels (and clients) one detailed answer lists.
 MAX_TOP = 1000
@@ -79,6 +79,23 @@ class RateHistory:
         return {key: (values[-1] if values else 0.0) for key, values in rates.items() if key != "seconds"}
 
 
+class BrokerStatistics:
+    """The broker's own stats state: ``version``, ``rss`` (a function the
+    shell gives: the process's resident bytes, or None), when it
+    ``started``, the rate ``history``, the ``enqueued`` counts of queues it
+    forgot, and the body bytes received (``bytes_in``)."""
+
+    __slots__ = ("bytes_in", "history", "retired_enqueued", "rss", "started", "version")
+
+    def __init__(self, version: str, rss: Optional[Callable[[], Optional[int]]], started: float) -> None:
+        self.version = version
+        self.rss = rss
+        self.started = started
+        self.history = RateHistory()
+        self.retired_enqueued = 0
+        self.bytes_in = 0
+
+
 def _channel_row(queue: ChannelQueue) -> dict[str, Any]:
     return {
         "name": queue.name,
@@ -109,8 +126,9 @@ def _client_row(client: ClientState, now: float) -> dict[str, Any]:
     }
 
 
-def detailed_stats(broker: Broker, top: int, now: float, rss: Optional[int], version: str) -> dict[str, Any]:
+def detailed_stats(broker: Broker, top: int, now: float) -> dict[str, Any]:
     """The answer to ``Stats(top)`` with ``top > 0`` (see the module's doc)."""
+    statistics = broker.statistics
     queues = broker.queues.values()
     deepest = heapq.nlargest(top, queues, key=lambda q: q.depth)
     rows = [_channel_row(q) for q in deepest]
@@ -134,12 +152,12 @@ def detailed_stats(broker: Broker, top: int, now: float, rss: Optional[int], ver
     totals = {
         **broker.stats(),
         "enqueued": broker.enqueued_total(),
-        "bytes_in": broker.bytes_in,
+        "bytes_in": statistics.bytes_in,
         "queued_bytes": broker.memory.used,
-        "uptime": round(now - broker.started, 3),
-        "rss": rss,
-        "version": version,
-        "rates": broker.history.latest(),
+        "uptime": round(now - statistics.started, 3),
+        "rss": statistics.rss() if statistics.rss is not None else None,
+        "version": statistics.version,
+        "rates": statistics.history.latest(),
     }
     return {
         "top": top,
@@ -148,5 +166,5 @@ def detailed_stats(broker: Broker, top: int, now: float, rss: Optional[int], ver
         "other_channels": other,
         "clients": clients,
         "other_clients": len(broker.clients) - len(clients),
-        "history": broker.history.rates(),
+        "history": statistics.history.rates(),
     }
