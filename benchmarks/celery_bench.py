@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # so that ``benchmarks`` imports
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import servers  # noqa: E402
+from benchmarks import report, servers  # noqa: E402
 
 BROKERS = ["dmb", "redis", "rabbitmq"]
 LABELS = {"dmb": "dmb:// (ours)", "redis": "Redis transport", "rabbitmq": "RabbitMQ (py-amqp)"}
@@ -522,18 +522,7 @@ def render(data: dict) -> str:
     if notes:
         out += ["## Notes", "", *notes, ""]
 
-    machine = meta["machine"]
-    out += ["## Setup", ""]
-    out.append(
-        f"- {machine.get('cpu_model', '?')}, {machine.get('logical_cores')} logical cores, "
-        f"{machine.get('memory_gib')} GiB; {machine.get('os')}; Python {machine.get('python')}"
-    )
-    versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items() if v)
-    out.append(f"- {versions}")
-    out.append(
-        f"- git {machine.get('git_commit')}; load average {meta['loadavg_start']} at start, "
-        f"{meta['loadavg_end']} at end"
-    )
+    out += ["## Setup", "", *report.setup_lines(meta)]
     out.append(
         "- brokers: ours (`python -m django_message_broker serve`), `redis-server --save '' --appendonly no`, "
         f"RabbitMQ with no plugins and Erlang `{servers.RABBITMQ_ERL_ARGS}` (no scheduler busy-wait), "

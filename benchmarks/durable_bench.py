@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # so that ``benchmarks`` imports
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import servers  # noqa: E402
+from benchmarks import report, servers  # noqa: E402
 from benchmarks.celery_bench import fmt, machine_info, percentile, tree_cpu  # noqa: E402
 
 BROKERS = ["dmb-always", "dmb-everysec", "dmb-off", "redis", "rabbitmq"]
@@ -668,18 +668,7 @@ def render(data: dict) -> str:
     if notes:
         out += ["## Notes", "", *notes, ""]
 
-    machine = meta["machine"]
-    out += ["## Setup", ""]
-    out.append(
-        f"- {machine.get('cpu_model', '?')}, {machine.get('logical_cores')} logical cores, "
-        f"{machine.get('memory_gib')} GiB; {machine.get('os')}; Python {machine.get('python')}"
-    )
-    versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items() if v)
-    out.append(f"- {versions}")
-    out.append(
-        f"- git {machine.get('git_commit')}; load average {meta['loadavg_start']} at start, "
-        f"{meta['loadavg_end']} at end"
-    )
+    out += ["## Setup", "", *report.setup_lines(meta)]
     out.append(
         "- brokers, one at a time, each on free loopback ports with a fresh directory under one parent: ours "
         "(`python -m django_message_broker serve --data-dir D --fsync MODE`, through "

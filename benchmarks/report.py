@@ -33,6 +33,20 @@ PACKAGES = [
 # ------------------------------------------------------------------ machine
 
 
+def setup_lines(meta: dict[str, Any]) -> list[str]:
+    """The machine, versions, commit and load lines of a report's Setup
+    section (``meta["machine"]`` as ``machine_info`` and the harnesses fill it)."""
+    machine = meta["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items() if v)
+    return [
+        f"- {machine.get('cpu_model', '?')}, {machine.get('logical_cores')} logical cores, "
+        f"{machine.get('memory_gib')} GiB; {machine.get('os')}; Python {machine.get('python')}",
+        f"- {versions}",
+        f"- git {machine.get('git_commit')}; load average {meta['loadavg_start']} at start, "
+        f"{meta['loadavg_end']} at end",
+    ]
+
+
 def machine_info(redis_binary: Optional[str]) -> dict[str, Any]:
     from importlib import metadata
 

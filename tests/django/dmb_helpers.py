@@ -108,3 +108,24 @@ class Spawner:
                 except psutil.NoSuchProcess:
                     pass
         return leftovers
+
+
+def run_manage_test(spawn: Any, label: str, settings: str, env: dict[str, str], timeout: float) -> str:
+    """``python -m django test LABEL --settings=SETTINGS`` in this folder, in
+    its own process group (killed if it outlives ``timeout``); returns its
+    output once it has passed."""
+    import pytest
+
+    process = spawn.python(
+        "-m", "django", "test", label, f"--settings={settings}", "--noinput", "-v", "2",
+        cwd=HERE, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, _ = process.communicate(timeout=10)
+        pytest.fail(f"{label} did not finish in {timeout:g}s:\n{out.decode(errors='replace')}")
+    text = str(out.decode(errors="replace"))
+    assert process.returncode == 0, text
+    return text

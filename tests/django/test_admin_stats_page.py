@@ -13,11 +13,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import subprocess
 
 import pytest
-from dmb_helpers import HERE, django_env
+from dmb_helpers import django_env, run_manage_test
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -28,18 +26,7 @@ def run_django_tests(spawn, broker, tmp_path, label: str, **env: str) -> str:
     environment = django_env(
         DMB_TEST_ADDRESS=broker.address, DMB_TEST_DB_DIR=tmp_path, DJANGO_SETTINGS_MODULE="admin_settings", **env
     )
-    process = spawn.python(
-        "-m", "django", "test", label, "--settings=admin_settings", "--noinput", "-v", "2",
-        cwd=HERE, env=environment, start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, _ = process.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, _ = process.communicate(timeout=10)
-        pytest.fail(f"{label} did not finish in {RUN_TIMEOUT:g}s:\n{out.decode(errors='replace')}")
-    text = out.decode(errors="replace")
-    assert process.returncode == 0, text
+    text = run_manage_test(spawn, label, "admin_settings", environment, RUN_TIMEOUT)
     assert re.search(r"^OK$", text, re.M), text
     return text
 

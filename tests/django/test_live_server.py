@@ -10,14 +10,11 @@ own session, so a hung run is killed with the Daphne server it forked.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 import sys
 
 import pytest
-from dmb_helpers import HERE, django_env
+from dmb_helpers import django_env, run_manage_test
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the live server test case forks")
 
@@ -33,18 +30,7 @@ def test_channels_live_server_test_case_after_the_layer_was_used(spawn, broker, 
     pytest.importorskip("daphne")
     pytest.importorskip("websockets")
     env = django_env(DMB_TEST_ADDRESS=broker.address, DMB_TEST_DB_DIR=tmp_path, DJANGO_SETTINGS_MODULE="live_settings")
-    process = spawn.python(
-        "-m", "django", "test", "live_tests", "--settings=live_settings", "--noinput", "-v", "2",
-        cwd=HERE, env=env, start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, _ = process.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, _ = process.communicate(timeout=10)
-        pytest.fail(f"the live server tests did not finish in {RUN_TIMEOUT:g}s:\n{out.decode(errors='replace')}")
-    text = out.decode(errors="replace")
-    assert process.returncode == 0, text
+    text = run_manage_test(spawn, "live_tests", "live_settings", env, RUN_TIMEOUT)
     for name in TESTS:
         # unittest names a test "name (module.Class.name)" since Python 3.11, "name (module.Class)" before
         pattern = rf"^{name} \(live_tests\.LiveServerAfterTheLayerWasUsed(\.{name})?\) \.\.\. ok$"
