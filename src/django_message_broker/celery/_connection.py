@@ -186,6 +186,7 @@ class TaskConnection:
     def send(self, cmd: Any, body: Any = None) -> None:
         """Send a command that is answered only on error (an unconfirmed
         publish, a reject); the error is raised by a later publish or drain."""
+        self.unsynced = True
         self._send([p.encode(cmd)] if body is None else [p.encode(cmd), body])
 
     def publish(self, cmd: p.Publish, body: bytes) -> Any:
@@ -196,7 +197,6 @@ class TaskConnection:
         self.raise_deferred()
         self.flush()
         self.send(cmd, body)
-        self.unsynced = True
         return None
 
     def ack(self, session: int, tag: int) -> None:
