@@ -536,22 +536,11 @@ def render(data: dict) -> str:
 
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     import platform
-    from importlib import metadata
 
     import psutil
 
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    versions: dict[str, Optional[str]] = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    cpu = report.cpu_model()
+    versions = report.package_versions(PACKAGES)
 
     def run(command: list[str]) -> str:
         try:
@@ -576,17 +565,9 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def write(out_dir: Path, data: dict, *, latest: bool) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     meta = data["meta"]
     stem = f"{meta['date']}-celery" + ("-quick" if meta["quick"] else "" if meta["complete"] else "-partial")
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    paths[0].write_text(json.dumps(data, indent=1) + "\n")
-    text = render(data)
-    paths[1].write_text(text)
-    if latest:
-        paths.append(out_dir / "celery-latest.md")
-        paths[-1].write_text(text)
-    return paths
+    return report.write_results(out_dir, data, stem, render(data), "celery-latest.md" if latest else None)
 
 
 # ----------------------------------------------------------------- main

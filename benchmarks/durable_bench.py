@@ -683,7 +683,6 @@ def render(data: dict) -> str:
 
 
 def write(out_dir: Path, data: dict, *, latest: bool) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     meta = data["meta"]
     stem = f"{meta['date']}-durable"
     if meta.get("commit_delay_ms"):
@@ -692,14 +691,7 @@ def write(out_dir: Path, data: dict, *, latest: bool) -> list[Path]:
         stem += "-strace"
     special = meta.get("strace") or meta.get("commit_delay_ms")
     stem += "-quick" if meta["quick"] else "" if meta["complete"] or special else "-partial"
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    paths[0].write_text(json.dumps(data, indent=1) + "\n")
-    text = render(data)
-    paths[1].write_text(text)
-    if latest:
-        paths.append(out_dir / "durable-latest.md")
-        paths[-1].write_text(text)
-    return paths
+    return report.write_results(out_dir, data, stem, render(data), "durable-latest.md" if latest else None)
 
 
 # ----------------------------------------------------------------- main

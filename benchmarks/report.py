@@ -47,24 +47,46 @@ def setup_lines(meta: dict[str, Any]) -> list[str]:
     ]
 
 
-def machine_info(redis_binary: Optional[str]) -> dict[str, Any]:
-    from importlib import metadata
-
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` says."""
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
     except OSError:
         pass
+    return cpu
+
+
+def package_versions(names: Any) -> dict[str, Optional[str]]:
+    """Installed versions of ``names`` (None for one that is not installed)."""
+    from importlib import metadata
+
     versions: dict[str, Optional[str]] = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    return versions
+
+
+def write_results(out_dir: Path, data: dict, stem: str, text: str, latest: Optional[str]) -> list[Path]:
+    """``<stem>.json`` and ``<stem>.md`` in ``out_dir``, and the Markdown
+    also as ``latest`` if given; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    paths[0].write_text(json.dumps(data, indent=1) + "\n")
+    paths[1].write_text(text)
+    if latest:
+        paths.append(out_dir / latest)
+        paths[-1].write_text(text)
+    return paths
+
+
+def machine_info(redis_binary: Optional[str]) -> dict[str, Any]:
+    cpu = cpu_model()
+    versions = package_versions(PACKAGES)
     try:
         import zmq
 
