@@ -518,8 +518,8 @@ METRICS = [
     ("many_ms_per_commit", "{n} producers: time per store commit, BEGIN to COMMIT (ours)", "ms"),
     ("syncs_per_msg", "fsync + fdatasync calls per confirmed publish, whole run (strace)", "calls"),
     ("sync_ms", "mean wall time of one fsync or fdatasync (strace)", "ms"),
-    ("one_store_busy", "1 producer: store thread busy committing (ours)", "share"),
-    ("many_store_busy", "{n} producers: store thread busy committing (ours)", "share"),
+    ("one_store_busy", "1 producer: share of the time spent committing (ours)", "share"),
+    ("many_store_busy", "{n} producers: share of the time spent committing (ours)", "share"),
 ]
 
 
@@ -565,7 +565,7 @@ def render(data: dict) -> str:
     if meta.get("commit_delay_ms"):
         out.append("")
         out.append(
-            f"Ours only: the store's thread slept {meta['commit_delay_ms']:g} ms after every commit "
+            f"Ours only: the store slept {meta['commit_delay_ms']:g} ms after every commit "
             "(`--commit-delay-ms`), as if each sync took that much longer: what group commit does on a slower disk."
         )
     out.append("")
@@ -714,7 +714,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--commit-delay-ms",
         type=float,
         default=0.0,
-        help="ours only: the store's thread sleeps this long after each commit, as a slower disk would hold it",
+        help="ours only: every commit takes this much longer (a sleep after it), as on a slower disk",
     )
     parser.add_argument("--data-root", default=None, help="parent of the data directories (default: $TMPDIR or /tmp)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="output directory")

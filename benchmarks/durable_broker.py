@@ -3,19 +3,20 @@ serve --data-dir DIR ...`` runs ``python -m django_message_broker serve
 --data-dir DIR ...`` unchanged, and also writes the durable store's counters
 to ``DIR/bench-store-stats.json`` every 50 ms and at exit:
 
-- ``commits``: transactions the store's thread committed (with ``--fsync
-  always``, one sync of the write-ahead log each);
+- ``commits``: transactions the store committed, on the broker's thread
+  or its own (with ``--fsync always``, one sync of the write-ahead log
+  each);
 - ``synced_batches``: the broker's batches of work those transactions held
   (group commit: more than one batch per commit);
-- ``write_s``: seconds the store's thread spent in ``Store._write`` (a
-  transaction from ``BEGIN`` to ``COMMIT``, the sync included), and
+- ``write_s``: seconds spent in ``Store._write`` (a transaction from
+  ``BEGIN`` to ``COMMIT``, the sync included), and
   ``ops``: the operations those transactions held.
 
 The harness reads the file before and after each phase (``Store`` keeps
 the counters as attributes; nothing in the broker changes).
 
 ``--bench-commit-delay-ms MS`` (removed before ``serve`` sees the command
-line): the store's thread sleeps MS after each commit, as a slower disk would
+line): the store sleeps MS after each commit, as a slower disk would
 hold it; the harness's ``--commit-delay-ms``. ``DMB_BENCH_SWITCH_INTERVAL``:
 ``sys.setswitchinterval`` for the broker (a diagnostic).
 """
@@ -96,7 +97,7 @@ atexit.register(_write)
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    if "--bench-commit-delay-ms" in argv:  # a slower disk: the store's thread holds on after each commit
+    if "--bench-commit-delay-ms" in argv:  # a slower disk: each commit holds on
         at = argv.index("--bench-commit-delay-ms")
         _commit_delay = float(argv[at + 1]) / 1000.0
         del argv[at : at + 2]

@@ -123,6 +123,16 @@ def _send_all(sock: zmq.Socket, broker: Broker, replies_only: bool = False) -> N
                 break
 
 
+def _store_journal(broker: Broker, store: Store) -> None:
+    """Hand what the core decided to the durable store; a batch the store
+    committed at once (``Store.submit``) is answered at once."""
+    batch = broker.take_journal()
+    if batch is not None:
+        done = store.submit(*batch)
+        if done is not None:
+            broker.committed(*done)
+
+
 def normalize_bind(address: str) -> str:
     """``tcp://host:0`` means "any free port" (zmq spells it ``*``)."""
     if address.startswith("tcp://") and address.endswith(":0"):
@@ -427,9 +437,8 @@ class BrokerServer:
             sock.disable_monitor()
             monitor.close(0)
             if self.store is not None:  # what was decided last goes to disk too
-                batch = self.broker.take_journal() if self.broker is not None else None
-                if batch is not None:
-                    self.store.submit(*batch)
+                if self.broker is not None:
+                    _store_journal(self.broker, self.store)
                 self.store.close()
             notify.close(0)
             commits.close(0)
@@ -483,9 +492,7 @@ class BrokerServer:
                         break
                     broker.committed(int(seq), error or None)
                 if store is not None:
-                    batch = broker.take_journal()
-                    if batch is not None:
-                        store.submit(*batch)
+                    _store_journal(broker, store)
                 if outbox:
                     _send_all(sock, broker)
             if broker.probes:
@@ -502,9 +509,7 @@ class BrokerServer:
                     last_sweep = now
                     broker.sweep(now)
                     if store is not None:  # expiry may have ended stored messages
-                        batch = broker.take_journal()
-                        if batch is not None:
-                            store.submit(*batch)
+                        _store_journal(broker, store)
                         if broker.tasks.cooled_bytes >= _TRIM_AFTER:
                             broker.tasks.cooled_bytes = 0
                             _release_freed_memory()

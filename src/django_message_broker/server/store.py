@@ -1,20 +1,25 @@
 """The durable store: durable task queues and their persistent messages on
-disk, in SQLite (standard library), on a thread of its own.
+disk, in SQLite (standard library, WAL mode).
 
 How it works. The broker core (``tasks.py``) decides and journals: every
 change to durable state (a persistent message put on a durable queue, its
 delivery, its ack, a purge, a durable queue, exchange or binding declared or
 deleted) is an operation in ``Tasks.journal``. After each batch of input the
-shell hands the journal to ``Store.submit`` with a sequence number. The
-store's thread takes every batch waiting, runs them in one transaction and
-commits: with ``fsync="always"`` (SQLite's ``synchronous=FULL`` in WAL mode)
-the commit returns once the data is on disk, and many publishers share one
-sync (group commit). Then it reports the highest sequence committed through
-``on_commit``; the broker answers the confirmed publishes of those batches
-only then, so a confirmed message is on disk. ``everysec`` commits without
-syncing (``synchronous=NORMAL``) and syncs once a second (a checkpoint): a
-crash of the machine loses up to a second, a crash of the broker nothing.
-``off`` leaves syncing to the operating system.
+shell hands the journal to ``Store.submit`` with a sequence number, and the
+batch is committed in one transaction: with ``fsync="always"`` (SQLite's
+``synchronous=FULL``) the commit returns once the data is on disk. Who
+commits: the broker's own thread, between two reads of its socket, while
+commits are quick (``_INLINE_BUDGET``) and nothing is handed off; else the
+store's thread, which takes every batch waiting into one transaction, so
+many publishers share one sync (group commit), and reports the highest
+sequence committed through ``on_commit``. Either way the broker answers the
+confirmed publishes of a batch only once it is committed, so a confirmed
+message is on disk. ``everysec`` commits without syncing
+(``synchronous=NORMAL``) and syncs once a second (a checkpoint): a crash of
+the machine loses up to a second, a crash of the broker nothing. ``off``
+leaves syncing to the operating system. Checkpoints run on the store's
+thread, never beside a commit, and the log is written out to its full
+length at start, so commits overwrite it instead of growing it.
 
 On start, ``load`` reads everything back: queues, exchanges, bindings, and
 messages in the order they were put. A message delivered and not acked
@@ -49,6 +54,13 @@ logger = logging.getLogger("django_message_broker.server")
 
 FSYNC_MODES = ("always", "everysec", "off")
 _SYNCHRONOUS = {"always": "FULL", "everysec": "NORMAL", "off": "OFF"}
+#: Pages of the write-ahead log (4 KiB each: 16 MiB) written out at start
+#: (``_preallocate_wal``); checkpoints come before half of them are used.
+_WAL_PAGES = 4096
+#: The broker's thread commits a batch itself only while commits take less
+#: than this (``Store.submit``); on slower disks the store's thread does.
+_INLINE_BUDGET = 0.0005
+_CHECKPOINT = "checkpoint"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS queues (
@@ -110,6 +122,21 @@ class Store:
         self._thread: Optional[threading.Thread] = None
         self._conn: Optional[sqlite3.Connection] = None
         self._reader: Optional[sqlite3.Connection] = None
+        #: Jobs handed to the store's thread, and those it has done (each
+        #: counted by one thread only): while they differ, the broker's
+        #: thread does not commit by itself, so batches stay in order.
+        self._handed = 0
+        self._done = 0
+        #: Held by whichever thread uses ``_conn``.
+        self._lock = threading.Lock()
+        #: How long commits take lately (seconds, a moving average).
+        self._recent = 0.0
+        #: Pages written to the log since the last checkpoint (estimated).
+        self._wal_pages = 0
+        self._checkpoint_due = False
+        #: Operations of transactions that failed (a full disk): written
+        #: again, first, with the next batch, so that acks are not forgotten.
+        self._retry: list[tuple] = []
         self.commits = 0
         self.synced_batches = 0
         self.failures = 0
@@ -119,8 +146,10 @@ class Store:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.fsync]}")
-        conn.execute("PRAGMA wal_autocheckpoint=10000")
+        conn.execute("PRAGMA wal_autocheckpoint=0")  # the store's thread checkpoints (_checkpoint)
         conn.executescript(_SCHEMA)
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        _preallocate_wal(self.path + "-wal", 32 + _WAL_PAGES * (24 + page))  # header, frames
         return conn
 
     def load(self) -> StoredState:
@@ -173,68 +202,115 @@ class Store:
         row = self._reader.execute("SELECT body FROM messages WHERE id = ?", (sid,)).fetchone()
         return None if row is None else bytes(row[0])
 
-    # -- the writer thread ------------------------------------------------------
+    # -- writing ------------------------------------------------------------------
     def start(self, on_commit: Callable[[int, Optional[str]], None]) -> None:
-        """Start writing. ``on_commit(seq, error)`` is called on the store's
-        thread after each transaction: every batch up to ``seq`` is
+        """Start the store's thread. ``on_commit(seq, error)`` is called on it
+        after each transaction it commits: every batch up to ``seq`` is
         committed (``error`` None) or failed (``error`` says why)."""
         assert self._conn is not None, "load() first"
         self._thread = threading.Thread(target=self._run, args=(on_commit,), name="dmb-store", daemon=True)
         self._thread.start()
 
-    def submit(self, seq: int, ops: list[tuple]) -> None:
-        """Hand a batch of operations to the writer (never blocks)."""
-        self._queue.put((seq, ops))
+    def submit(self, seq: int, ops: list[tuple]) -> Optional[tuple[int, Optional[str]]]:
+        """Write a batch of operations, from the broker's thread; never waits
+        for the store's thread.
 
-    def _run(self, on_commit: Callable[[int, Optional[str]], None]) -> None:
+        If that thread has nothing in hand and commits have been quick
+        lately (under ``_INLINE_BUDGET``), the batch is committed here and
+        then, on this thread, and ``(seq, error)`` is returned: a lone
+        publisher's confirm then costs no hand-off to another thread and
+        back (about 0.1 ms each way measured here). Otherwise the store's
+        thread takes it, with whatever else comes meanwhile (group commit),
+        and reports through ``on_commit``; None is returned. A sync that is
+        slow (a spinning or network disk) thus never holds the broker's
+        thread, and Channels' traffic with it, for longer than the budget."""
+        if self._handed == self._done and self._recent < _INLINE_BUDGET and self._lock.acquire(blocking=False):
+            try:
+                return seq, self._commit(ops, 1)
+            finally:
+                self._lock.release()
+        self._handed += 1
+        self._queue.put((seq, ops))
+        return None
+
+    def _commit(self, ops: list[tuple], batches: int) -> Optional[str]:
+        """One transaction, under ``_lock``; failed operations are kept and
+        written first next time."""
         conn = self._conn
         assert conn is not None
-        get = self._queue.get
+        if self._retry:
+            ops = self._retry + ops
+        began = time.perf_counter()
+        try:
+            self._write(conn, ops)
+        except sqlite3.Error as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self._retry = ops
+            self.failures += 1
+            logger.error("durable store: a write failed (%d operation(s) kept to retry): %s", len(ops), exc)
+            return f"durable store: {exc}"
+        finally:
+            self._recent += (time.perf_counter() - began - self._recent) * 0.25
+        self.commits += 1
+        self.synced_batches += batches
+        if self._retry:
+            logger.warning("durable store: writing again after %d failed operation(s)", len(self._retry))
+            self._retry = []
+        # Checkpoint before the log outgrows what was written out at start
+        # (an estimate: a page per operation and per 4 KiB of body, and
+        # one for the transaction), on the store's thread and never
+        # beside a commit, so that SQLite starts the log over afterwards.
+        self._wal_pages += 1 + len(ops) + sum(len(op[-1]) for op in ops if op[0] == "put") // 4096
+        if self._wal_pages >= _WAL_PAGES // 2 and not self._checkpoint_due:
+            self._checkpoint_due = True
+            if threading.current_thread() is not self._thread:
+                self._handed += 1
+                self._queue.put(_CHECKPOINT)
+        return None
+
+    def _checkpoint(self) -> None:
+        """Under ``_lock``: copy the log into the database; SQLite writes
+        the log from its start again with the next transaction."""
+        assert self._conn is not None
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            logger.warning("durable store: checkpoint failed: %s", exc)
+        self._wal_pages = 0
+        self._checkpoint_due = False
+
+    def _run(self, on_commit: Callable[[int, Optional[str]], None]) -> None:
+        get, get_nowait = self._queue.get, self._queue.get_nowait
         next_sync = time.monotonic() + 1.0
-        #: Operations of transactions that failed (a full disk): written
-        #: again, first, with the next batch, so that acks are not forgotten.
-        retry: list[tuple] = []
         while True:
             timeout = max(0.0, next_sync - time.monotonic()) if self.fsync == "everysec" else None
-            batches: list[Any] = []
+            jobs: list[Any] = []
             try:
-                batches.append(get(timeout=timeout))
+                jobs.append(get(timeout=timeout))
             except queue_module.Empty:
                 pass
             while True:  # group commit: everything waiting goes in one transaction
                 try:
-                    batches.append(self._queue.get_nowait())
+                    jobs.append(get_nowait())
                 except queue_module.Empty:
                     break
-            stop = any(b is None for b in batches)  # close(): write what came before, then end
-            batches = [b for b in batches if b is not None]
+            batches = [job for job in jobs if type(job) is tuple]
+            with self._lock:
+                if self._checkpoint_due:  # first: these batches then go to the log's start
+                    self._checkpoint()
+                if batches:
+                    error = self._commit([op for _, batch in batches for op in batch], len(batches))
+                if self._checkpoint_due or (self.fsync == "everysec" and time.monotonic() >= next_sync):
+                    next_sync = time.monotonic() + 1.0  # everysec: the checkpoint syncs the log
+                    self._checkpoint()
+                # Done: the broker's thread may commit by itself again.
+                self._done += len(batches) + jobs.count(_CHECKPOINT)
             if batches:
-                seq = batches[-1][0]
-                ops = retry + [op for _, batch in batches for op in batch]
-                try:
-                    self._write(conn, ops)
-                    self.commits += 1
-                    self.synced_batches += len(batches)
-                    if retry:
-                        logger.warning("durable store: writing again after %d failed operation(s)", len(retry))
-                    retry = []
-                    on_commit(seq, None)
-                except sqlite3.Error as exc:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                    retry = ops
-                    self.failures += 1
-                    logger.error("durable store: a write failed (%d operation(s) kept to retry): %s", len(ops), exc)
-                    on_commit(seq, f"durable store: {exc}")
-            if self.fsync == "everysec" and time.monotonic() >= next_sync:
-                next_sync = time.monotonic() + 1.0
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error as exc:
-                    logger.warning("durable store: checkpoint failed: %s", exc)
-            if stop:
+                on_commit(batches[-1][0], error)
+            if None in jobs:  # close(): what came before is written
                 return
 
     @staticmethod
@@ -266,6 +342,36 @@ class Store:
                 pass
             self._conn.close()
             self._conn = None
+
+
+def _preallocate_wal(path: str, size: int) -> None:
+    """Write zeros past the end of the write-ahead log, up to ``size``.
+
+    A commit that makes the log longer costs a second flush (ext4 journals
+    the new length): 0.37 ms against 0.19 ms per commit measured here, with
+    ``fsync always``. SQLite goes back to the log's start after each
+    checkpoint (every ``_WAL_PAGES`` pages), so a log written out to that
+    length once is only ever overwritten. Zeros are not frames (a frame's
+    salts and checksum must match the log's header), so SQLite reads
+    exactly what it would read without them, and so does its recovery."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except FileNotFoundError:
+        return
+    try:
+        start = end = os.fstat(fd).st_size
+        if end >= size:
+            return
+        chunk = bytes(1 << 20)
+        try:
+            while end < size:
+                end += os.pwrite(fd, chunk[: size - end], end)
+            os.fsync(fd)
+        except OSError as exc:  # a full disk: give the space back, do without
+            os.ftruncate(fd, start)
+            logger.warning("durable store: could not write out the log's %d bytes ahead (%s)", size, exc)
+    finally:
+        os.close(fd)
 
 
 def _flush(conn: sqlite3.Connection, kind: str, rows: list[tuple]) -> None:
