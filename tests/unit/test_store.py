@@ -146,3 +146,29 @@ def test_the_log_is_written_out_once_and_reused_after_checkpoints(tmp_path: Path
     finally:
         store.close()
 
+
+
+def test_the_broker_waits_for_a_store_that_falls_far_behind(tmp_path: Path, monkeypatch: Any) -> None:
+    """Publishers faster than the disk: past ``_MAX_BEHIND`` bytes of bodies
+    not yet written, ``submit`` waits until the store's thread is halfway
+    back, so the bodies waiting in memory stay bounded."""
+    monkeypatch.setattr(store_module, "_MAX_BEHIND", 64 * 1024)
+    path = tmp_path / "tasks.sqlite3"
+    store = SlowStore(str(path), fsync="off")
+    commits = started(store)
+    try:
+        store.slow_for = 0.005  # every batch goes to the store's thread, which takes its time
+        store.submit(1, [put(1)])
+        for seq in range(2, 200):
+            store.submit(seq, [put(seq)])
+            behind = store._handed_bytes - store._done_bytes
+            assert behind <= 64 * 1024 + len(BODY), behind
+        assert store.waited > 0
+        seen = 0
+        while seen < 199:
+            seq, error = commits.get(timeout=10)
+            assert error is None
+            seen = max(seen, seq)
+        assert len(stored_ids(path)) == 199
+    finally:
+        store.close()

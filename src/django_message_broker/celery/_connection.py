@@ -47,6 +47,8 @@ __all__ = ["ConnectionLost", "TaskConnection"]
 #: ms: the broker is pinged this often and declared lost after the timeout.
 _ZMTP_HEARTBEAT_IVL = 500
 _ZMTP_HEARTBEAT_TIMEOUT = 1500
+#: Commands sent without waiting for a reply, at most, before a ``Sync``.
+MAX_AHEAD = 1000
 #: ms libzmq keeps sending after a close whose Sync was not answered.
 _CLOSE_LINGER_MS = 10_000
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -106,6 +108,8 @@ class TaskConnection:
         #: the socket (closed with no linger) and, with a durable store, all
         #: are on disk.
         self.unsynced = False
+        #: Commands sent without a reply since the last reply (``send``).
+        self._ahead = 0
         self._req = 0
         #: errors of requests nobody waits for (unconfirmed publishes), raised by the next call
         self._deferred: deque[BrokerError] = deque()
@@ -185,9 +189,18 @@ class TaskConnection:
 
     def send(self, cmd: Any, body: Any = None) -> None:
         """Send a command that is answered only on error (an unconfirmed
-        publish, a reject); the error is raised by a later publish or drain."""
+        publish, a reject); the error is raised by a later publish or drain.
+
+        Every ``MAX_AHEAD`` of them in a row, wait for a ``Sync``: a
+        publisher without confirms then runs at most that far ahead of the
+        broker (and of its disk, for durable queues), so a backlog built
+        faster than the broker takes it waits in the publisher, not in
+        the broker's memory."""
         self.unsynced = True
         self._send([p.encode(cmd)] if body is None else [p.encode(cmd), body])
+        self._ahead += 1
+        if self._ahead >= MAX_AHEAD:
+            self.request(p.Sync(self._next_req()))
 
     def publish(self, cmd: p.Publish, body: bytes) -> Any:
         if len(body) > self.max_body:
@@ -239,6 +252,7 @@ class TaskConnection:
                     raise BrokerUnavailable(self.address, self.timeout)
                 zmq.zmq_poll([(self.sock, _POLLIN), (self.monitor, _POLLIN)], max(1, int(min(left, 0.25) * 1000)))
             reply = self._reply
+            self._ahead = 0  # the broker has read everything sent before
         finally:
             self._waiting = None
         if reply.code:

@@ -61,6 +61,9 @@ _WAL_PAGES = 4096
 #: than this (``Store.submit``); on slower disks the store's thread does.
 _INLINE_BUDGET = 0.0005
 _CHECKPOINT = "checkpoint"
+#: Bytes of bodies the store's thread may be behind the broker before the
+#: broker's thread waits for it (``Store._catch_up``).
+_MAX_BEHIND = 64 << 20
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS queues (
@@ -127,6 +130,13 @@ class Store:
         #: thread does not commit by itself, so batches stay in order.
         self._handed = 0
         self._done = 0
+        #: The same in bytes of message bodies, and the broker's thread's
+        #: wait for the store's thread to catch up (``_catch_up``).
+        self._handed_bytes = 0
+        self._done_bytes = 0
+        self._caught_up = threading.Condition(threading.Lock())
+        #: Seconds the broker's thread waited for the store (a slow disk).
+        self.waited = 0.0
         #: Held by whichever thread uses ``_conn``.
         self._lock = threading.Lock()
         #: How long commits take lately (seconds, a moving average).
@@ -212,8 +222,7 @@ class Store:
         self._thread.start()
 
     def submit(self, seq: int, ops: list[tuple]) -> Optional[tuple[int, Optional[str]]]:
-        """Write a batch of operations, from the broker's thread; never waits
-        for the store's thread.
+        """Write a batch of operations, from the broker's thread.
 
         If that thread has nothing in hand and commits have been quick
         lately (under ``_INLINE_BUDGET``), the batch is committed here and
@@ -222,16 +231,35 @@ class Store:
         back (about 0.1 ms each way measured here). Otherwise the store's
         thread takes it, with whatever else comes meanwhile (group commit),
         and reports through ``on_commit``; None is returned. A sync that is
-        slow (a spinning or network disk) thus never holds the broker's
-        thread, and Channels' traffic with it, for longer than the budget."""
+        slow (a spinning or network disk) thus holds the broker's thread,
+        and Channels' traffic with it, no longer than the budget, unless
+        the store's thread falls more than ``_MAX_BEHIND`` behind
+        (``_catch_up``)."""
         if self._handed == self._done and self._recent < _INLINE_BUDGET and self._lock.acquire(blocking=False):
             try:
                 return seq, self._commit(ops, 1)
             finally:
                 self._lock.release()
         self._handed += 1
+        self._handed_bytes += _body_bytes(ops)
         self._queue.put((seq, ops))
+        if self._handed_bytes - self._done_bytes > _MAX_BEHIND:
+            self._catch_up()
         return None
+
+    def _catch_up(self) -> None:
+        """The store's thread is more than ``_MAX_BEHIND`` bytes of bodies
+        behind (publishers faster than the disk): wait on the broker's
+        thread until it is halfway back. The broker stops reading its
+        socket meanwhile, so ZeroMQ's high-water marks slow the publishers
+        down instead of their bodies piling up in the broker's memory."""
+        began = time.monotonic()
+        with self._caught_up:
+            while self._handed_bytes - self._done_bytes > _MAX_BEHIND // 2:
+                if self._thread is None or not self._thread.is_alive():
+                    return
+                self._caught_up.wait(1.0)
+        self.waited += time.monotonic() - began
 
     def _commit(self, ops: list[tuple], batches: int) -> Optional[str]:
         """One transaction, under ``_lock``; failed operations are kept and
@@ -263,7 +291,7 @@ class Store:
         # (an estimate: a page per operation and per 4 KiB of body, and
         # one for the transaction), on the store's thread and never
         # beside a commit, so that SQLite starts the log over afterwards.
-        self._wal_pages += 1 + len(ops) + sum(len(op[-1]) for op in ops if op[0] == "put") // 4096
+        self._wal_pages += 1 + len(ops) + _body_bytes(ops) // 4096
         if self._wal_pages >= _WAL_PAGES // 2 and not self._checkpoint_due:
             self._checkpoint_due = True
             if threading.current_thread() is not self._thread:
@@ -309,6 +337,10 @@ class Store:
                 # Done: the broker's thread may commit by itself again.
                 self._done += len(batches) + jobs.count(_CHECKPOINT)
             if batches:
+                with self._caught_up:
+                    self._done_bytes += sum(_body_bytes(batch) for _, batch in batches)
+                    self._caught_up.notify()
+            if batches:
                 on_commit(batches[-1][0], error)
             if None in jobs:  # close(): what came before is written
                 return
@@ -342,6 +374,11 @@ class Store:
                 pass
             self._conn.close()
             self._conn = None
+
+
+def _body_bytes(ops: list[tuple]) -> int:
+    """Bytes of message bodies in ``ops`` (a ``put``'s last field)."""
+    return sum(len(op[-1]) for op in ops if op[0] == "put")
 
 
 def _preallocate_wal(path: str, size: int) -> None:
