@@ -262,14 +262,18 @@ class TaskConnection:
     def read(self) -> int:
         """Take every frame that is ready (deliveries to ``pending``);
         returns how many deliveries came. Raises ``ConnectionLost``."""
-        self._check_monitor()
-        recv = self.sock.recv_multipart
+        sock = self.sock
+        if self.monitor.getsockopt(zmq.EVENTS) & _POLLIN:  # cheaper than a recv that fails
+            self._check_monitor()
+        # Copied (bytes): a body is copied once either way, and a zmq.Frame
+        # per frame costs more than the copy of a task message.
+        recv = sock.recv_multipart
         count = 0
         while True:
             try:
-                frames = recv(_NOBLOCK, copy=False)
+                frames = recv(_NOBLOCK)
             except zmq.Again:
-                if not self.sock.getsockopt(zmq.EVENTS) & _POLLIN:  # edge-triggered: look once more
+                if not sock.getsockopt(zmq.EVENTS) & _POLLIN:  # edge-triggered: look once more
                     break
                 continue
             count += self._on_message(frames)
@@ -288,12 +292,12 @@ class TaskConnection:
                 return 0
             pending = self.pending
             for i, body in enumerate(bodies):
-                pending.append((msg.sessions[i], msg.consumers[i], msg.tags[i], msg.redelivered[i], body.bytes))
+                pending.append((msg.sessions[i], msg.consumers[i], msg.tags[i], msg.redelivered[i], body))
             return len(bodies)
         if type(msg) is p.Reply:
             if msg.req == self._waiting:
                 self._reply = msg
-                self._reply_body = frames[1].bytes if len(frames) > 1 else None
+                self._reply_body = frames[1] if len(frames) > 1 else None
             elif msg.code:
                 self._deferred.append(from_wire(msg.code, msg.detail, msg.value))
         elif type(msg) is p.Welcome and self._connected_once:
