@@ -393,3 +393,41 @@ def test_the_broker_forgets_a_killed_producer(url: str, task_broker: BrokerThrea
     process.kill()
     process.wait(10)
     wait_for(lambda: task_broker.call(lambda: len(broker.clients)) == 0, 5, "the broker to forget the producer")
+
+
+def test_a_delivery_that_comes_while_a_consumer_sends_is_not_slept_over(url: str) -> None:
+    """In Celery's hub: a consumer that sends (publishes, acks) while the
+    transport hands out deliveries lets ZeroMQ take in a delivery that came
+    meanwhile and reset the socket's descriptor, so the descriptor will not
+    wake the hub for it. The transport looks again before the hub sleeps."""
+    import zmq
+    from kombu.asynchronous import Hub
+
+    hub = Hub()
+    got: list[str] = []
+    queue = Queue("edge", routing_key="edge")
+    with Connection(url) as conn:
+        conn.connect()
+        channel = conn.channel()
+        tc = conn.transport.task_connection
+
+        def on_message(body: Any, message: Any) -> None:
+            got.append(body)
+            if body == "first":  # a chain: publish the next, ack, and the next is here at once
+                Producer(channel).publish("second", routing_key="edge")
+                message.ack()
+                # zmq_poll, as a library in the task might: it takes in what
+                # arrived, and with it the descriptor's edge.
+                assert tc.sock.poll(5000, zmq.POLLIN)
+            else:
+                message.ack()
+
+        with Consumer(channel, [queue], callbacks=[on_message]):
+            conn.transport.register_with_event_loop(conn.connection, hub)
+            hub.run_once()  # the consumer's setup
+            Producer(channel).publish("first", routing_key="edge", declare=[queue])
+            assert tc.sock.poll(5000, zmq.POLLIN)  # "first" is here, and its edge taken
+            hub.run_once()  # one turn: "first", and "second" before the hub sleeps
+            assert got == ["first", "second"], got
+        conn.transport.unregister_from_event_loop(conn.connection, hub)
+    hub.close()

@@ -540,11 +540,19 @@ class Transport(virtual.Transport):
         conn = self.task_connection
         if conn is None:
             return
-        if conn.readable():
-            conn.read()
-        delivered = conn.dispatch(self._deliver_one) if conn.pending else 0
-        conn.flush()
-        conn.raise_deferred()
+        delivered = 0
+        while True:
+            if conn.readable():
+                conn.read()
+            if conn.pending:
+                delivered += conn.dispatch(self._deliver_one)
+            conn.flush()
+            conn.raise_deferred()
+            # What the consumers sent (acks, publishes) may have taken the
+            # descriptor's edge for a delivery that came meanwhile: the hub
+            # would sleep over it. Prefetch bounds the rounds.
+            if not conn.pending and not conn.readable():
+                break
         hub = self._hub
         if delivered and hub is not None:
             for callback in list(hub.on_tick):
