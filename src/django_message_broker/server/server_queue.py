@@ -180,11 +180,25 @@ class RoundRobinDict(UserDict):
             self.index -= 1
 
     def next_ready(self) -> Optional[Endpoint]:
-        """The next endpoint in round-robin order that has credit, if any."""
-        for _ in range(len(self.data)):
-            endpoint = self.__next__()
-            if endpoint is not None and endpoint.ready:
-                return endpoint
+        """The next endpoint in round-robin order that has credit, if any:
+        ``__next__`` until one is ``ready``, at most once round. Inlined: it
+        runs once per group member and per delivered run."""
+        data = self.data
+        count = len(data)
+        keys = self._keys
+        if keys is None:
+            keys = self._keys = list(data)
+        index = self.index
+        for _ in range(count):
+            if index >= count:
+                index = 0
+            endpoint = data[keys[index]]
+            index += 1
+            credit = endpoint.credit
+            if credit is None or credit > 0:
+                self.index = index
+                return endpoint  # type: ignore[no-any-return]
+        self.index = index
         return None
 
     def first_key(self) -> Optional[Any]:
