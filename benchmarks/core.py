@@ -8,8 +8,9 @@ table and writes benchmarks/results/core-latest.md (``--out`` elsewhere).
 The cases: encode and decode of a header; ``Broker.handle`` of a Send with
 1, 100 and 1,000 bodies to a channel with a subscriber (its replies and
 deliveries drained, as the shell would); a GroupSend to 500 members over 2
-peers, with and without shared bodies (``Deliver.body_of``); the client
-state taking a group_send's Deliver to 250 members of one process, each
+peers, with and without shared bodies (``Deliver.body_of``), and to 10,000
+(the cost per member should not grow with the group); the client state
+taking a group_send's Deliver to 250 and 5,000 members of one process, each
 member's message taken and decoded; ``ChannelQueue.deliver`` of 1,000
 queued messages into a sink.
 """
@@ -272,7 +273,17 @@ CASES: list[tuple[str, Callable[[], Callable[[], None]], int]] = [
     ("handle Send, 1,000 bodies", lambda: case_send(1000), 1000),
     ("handle GroupSend, 500 members / 2 peers", case_group_send, 500),
     ("handle GroupSend, 500 members / 2 peers, shared bodies", lambda: case_group_send(shared=True), 500),
+    (
+        "handle GroupSend, 10,000 members / 2 peers, shared bodies",
+        lambda: case_group_send(10_000, shared=True),
+        10_000,
+    ),
     ("client: a group_send's Deliver to 250 members, taken and decoded", case_client_fanout, 250),
+    (
+        "client: a group_send's Deliver to 5,000 members, taken and decoded",
+        lambda: case_client_fanout(5000),
+        5000,
+    ),
     ("fan-out over inproc ZeroMQ: 500 members of one process, end to end", case_fanout_over_zmq, 500),
     ("ChannelQueue.deliver, 1,000 messages", case_deliver, 1000),
 ]

@@ -637,3 +637,151 @@ def test_replies_can_go_before_the_batch_ends(rig):
     assert rig.broker.data_to_send(replies_only=True) == []
     [[rest]] = rig.broker.data_to_send()
     assert rest.ident == C and rest.frames[1:] == [b"2"]
+
+
+# -- a group_send's members delivered at once (outbox.GroupRun) -------------------
+def _members(rig: Rig, ident: bytes, count: int, credit: int = 4, shared: bool = True) -> list[str]:
+    """``count`` members of group "room", each subscribed by ``ident``."""
+    rig.handle(ident, p.Hello(1, ident.decode(), 1.0, shared))
+    rig.wire.take(ident)
+    channels = [f"m!{ident.decode()}.{i}" for i in range(count)]
+    for channel in channels:
+        rig.handle(A, p.GroupAdd(1, "room", channel, 60))
+        rig.handle(ident, p.Subscribe(0, channel, credit))
+    rig.wire.take(A)
+    return channels
+
+
+def _deliveries(messages: list) -> list[tuple[str, bytes]]:
+    """(channel, body) of every message the Delivers in ``messages`` carry."""
+    got = []
+    for out in messages:
+        msg = p.decode_to_client(out.frames[0])
+        assert isinstance(msg, p.Deliver)
+        bodies = out.frames[1:]
+        if msg.body_of:
+            bodies = [bodies[i] for i in msg.body_of]
+        got += list(zip(msg.channels or [msg.channel] * len(bodies), bodies, strict=True))
+    return got
+
+
+def _received(rig: Rig, ident: bytes) -> list[tuple[str, bytes]]:
+    """(channel, body) of every message delivered to ``ident`` since the last take."""
+    got = []
+    for msg, bodies in rig.wire.take(ident):
+        if isinstance(msg, p.Deliver):
+            if msg.body_of:
+                bodies = [bodies[i] for i in msg.body_of]
+            got += list(zip(msg.channels or [msg.channel] * len(bodies), bodies, strict=True))
+    return got
+
+
+def test_a_group_send_delivers_at_once_without_queue_entries_and_counts_per_member(rig):
+    """Members with an empty queue and credit get the message at once: no
+    queue entry and no memory counted; each member's credit, held count and
+    counters move as one delivery to it (capacity stays per member)."""
+    rig.hello(A)
+    channels = _members(rig, B, 3)
+    [messages] = [m for m in _batch(rig, (A, p.GroupSend(9, "room", 60, 100, []), b"hi")) if m[0].ident == B]
+    assert _deliveries(messages) == [(c, b"hi") for c in channels]
+    assert len(messages) == 1 and len(messages[0].frames) == 2  # one Deliver, the body once
+    assert rig.broker.memory.used == 0 and rig.broker.queued() == 0
+    for channel in channels:
+        queue, endpoint = rig.broker.queues[channel], rig.broker.clients[B].endpoints[channel]
+        assert endpoint.credit == 3 and endpoint.held == 1 and queue.held == 1
+        assert queue.delivered == 1 and queue.enqueued == 1
+    assert rig.broker.counters["delivered"] == 3
+
+
+def test_a_group_send_to_more_members_than_a_deliver_holds_is_split(rig):
+    rig.hello(A)
+    channels = _members(rig, B, p.MAX_BATCH + 5)
+    [messages] = [m for m in _batch(rig, (A, p.GroupSend(9, "room", 60, 100, []), b"hi")) if m[0].ident == B]
+    assert [len(p.decode_to_client(out.frames[0]).channels) for out in messages] == [p.MAX_BATCH, 5]
+    assert _deliveries(messages) == [(c, b"hi") for c in channels]
+
+
+def test_a_group_send_to_an_old_peer_repeats_the_body(rig):
+    """A client without shared bodies gets one body frame per member."""
+    rig.hello(A)
+    channels = _members(rig, B, 2, shared=False)
+    [messages] = [m for m in _batch(rig, (A, p.GroupSend(9, "room", 60, 100, []), b"hi")) if m[0].ident == B]
+    [out] = messages
+    assert out.frames[1:] == [b"hi", b"hi"] and not p.decode_to_client(out.frames[0]).body_of
+    assert _deliveries(messages) == [(c, b"hi") for c in channels]
+
+
+def test_a_group_member_with_a_backlog_or_no_credit_gets_it_in_order(rig):
+    """A member whose queue holds messages gets the group's message after
+    them (FIFO per channel); one without credit gets it queued."""
+    rig.hello(A)
+    first, second, third = _members(rig, B, 3, credit=1)
+    rig.handle(B, p.Unsubscribe(5, second))
+    rig.wire.take(B)
+    rig.send(A, second, b"old")
+    rig.wire.take(A)
+    rig.handle(B, p.Subscribe(0, third, 1))
+    rig.send(A, third, b"earlier")
+    rig.wire.take(A)
+    assert rig.wire.delivered(B) == [b"earlier"]  # third's credit: 1 of 2 left
+    rig.handle(A, p.GroupSend(9, "room", 60, 100, []), b"hi")
+    assert rig.wire.replies(A) == [p.Reply(9, 0, "", [3, 0])]
+    assert _received(rig, B) == [(first, b"hi"), (third, b"hi")]
+    assert [m.body for m in rig.broker.queues[second].queue] == [b"old", b"hi"]
+    rig.handle(B, p.Subscribe(0, second, 2))
+    assert _received(rig, B) == [(second, b"old"), (second, b"hi")]
+
+
+def test_a_group_member_at_capacity_is_skipped_and_held_messages_count(rig):
+    """Capacity per member counts what its receivers hold: a member holding
+    one message at capacity 1 is skipped; a later checked send sees it."""
+    rig.hello(A)
+    full, free = _members(rig, B, 2)
+    rig.handle(B, p.Unsubscribe(5, free))
+    rig.handle(A, p.GroupSend(8, "room", 60, 1, []), b"one")
+    rig.wire.take(A)
+    rig.wire.take(B)
+    rig.handle(A, p.GroupSend(9, "room", 60, 1, []), b"two")
+    assert rig.wire.replies(A) == [p.Reply(9, 0, "", [0, 2])]
+    rig.send(A, full, b"x", capacity=1)
+    assert type(rig.error(A)) is ex.QueueFull
+    rig.handle(B, p.Consumed(rig.broker.epoch, [full], [1]))
+    rig.handle(A, p.GroupSend(10, "room", 60, 1, []), b"three")
+    assert rig.wire.replies(A) == [p.Reply(10, 0, "", [1, 1])]
+    assert rig.wire.delivered(B) == [b"three"]
+
+
+def test_a_busy_peer_gets_a_group_run_back_in_each_members_queue(rig):
+    rig.hello(A)
+    channels = _members(rig, B, 3, credit=1)
+    rig.send(A, channels[1], b"before")
+    rig.wire.take(A)
+    rig.wire.take(B)
+    rig.handle(B, p.Subscribe(0, channels[1], 1))  # credit again; "before" is held
+    peers = _batch(rig, (A, p.GroupSend(9, "room", 60, 100, []), b"hi"), (B, p.Heartbeat(7)))
+    [messages] = [m for m in peers if m[0].ident == B]
+    rig.broker.send_failed(messages, BUSY)
+    assert rig.broker.counters["delivered"] == 1  # only "before"
+    for channel in channels:
+        queue, endpoint = rig.broker.queues[channel], rig.broker.clients[B].endpoints[channel]
+        assert [m.body for m in queue.queue] == [b"hi"] and endpoint.credit == 1
+        assert endpoint.held == queue.held == (channel == channels[1])
+        assert queue in rig.broker.stalled
+    assert rig.broker.memory.used == 3 * rig.broker.queues[channels[0]].queue[0].size
+    rig.now += 1.0
+    rig.retry_stalled()
+    got = rig.wire.take(B)
+    assert all(msg.ttls == [59.0] * len(msg.ttls) for msg, _ in got)  # the deadline kept
+    delivered = [c for msg, bodies in got for c in (msg.channels or [msg.channel] * len(bodies))]
+    assert sorted(delivered) == sorted(channels)
+    assert rig.broker.queued() == 0 and rig.broker.memory.used == 0
+
+
+def test_a_gone_peer_gets_a_group_run_back_and_loses_its_endpoints(rig):
+    rig.hello(A)
+    channels = _members(rig, B, 2)
+    [messages] = [m for m in _batch(rig, (A, p.GroupSend(9, "room", 60, 100, []), b"hi")) if m[0].ident == B]
+    rig.broker.send_failed(messages, GONE)
+    for channel in channels:
+        queue = rig.broker.queues[channel]
+        assert [m.body for m in queue.queue] == [b"hi"] and not queue.subscribers and queue.held == 0

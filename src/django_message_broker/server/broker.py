@@ -48,7 +48,7 @@ from ..options import DEFAULT_MAX_MESSAGE_SIZE
 from ..protocol import MAX_BATCH, MAX_CREDIT, MAX_TTL, PIPELINE_SLACK
 from .data_message import DataMessage
 from .groups import Groups
-from .outbox import Outbox, Outgoing
+from .outbox import GroupRun, Outbox, Outgoing
 from .server_queue import ChannelQueue, Endpoint, MemoryMeter
 from .stats import BrokerStatistics, check_top, detailed_stats
 from .tasks import Tasks
@@ -246,10 +246,16 @@ class Broker:
                 logger.debug("message to %r dropped: errno %d", out.ident, errno)
                 continue
             self.counters["delivered"] -= out.count
-            for queue, endpoint, messages in reversed(out.runs):
-                queue.requeue(endpoint, messages, gone=gone)
-                if self.queues.get(queue.name) is queue:
-                    self.stalled.add(queue)
+            for run in reversed(out.runs):
+                if isinstance(run, GroupRun):
+                    requeued = run.requeue(gone=gone)
+                else:
+                    queue, endpoint, messages = run
+                    queue.requeue(endpoint, messages, gone=gone)
+                    requeued = [queue]
+                for queue in requeued:
+                    if self.queues.get(queue.name) is queue:
+                        self.stalled.add(queue)
 
     def _warn_bad_input(self, ident: bytes, exc: BrokerError, now: float) -> None:
         """One log line per second at most: bad input must not cost more
@@ -528,6 +534,13 @@ class Broker:
         self._deliver(queue)
 
     def _on_group_send(self, client: ClientState, cmd: p.GroupSend, bodies: list, now: float) -> None:
+        """Each member gets the message, within its own capacity. A member
+        whose queue is empty and whose endpoint has credit (the usual case:
+        a receive waits) gets it at once, as ``deliver`` would, but without
+        a queue entry or a run of its own: all such members of a peer share
+        one message object and one ``GroupRun`` in the outbox. The others
+        (a backlog, no credit, no receiver, at capacity or at the memory
+        limit) take the general path, ``_push``."""
         self._check_bodies(bodies, 1)
         self.statistics.bytes_in += len(bodies[0])
         _check_ttl(cmd.ttl)
@@ -537,11 +550,36 @@ class Broker:
         body, ttl, capacity = bodies[0], cmd.ttl, cmd.capacity
         sent = skipped = no_memory = 0
         cut = len(prefix) + 1 if prefix else 0
+        message = DataMessage(body, self.clock() + ttl)  # the members delivered at once share it
+        size = message.size
+        memory, queues, member = self.memory, self.queues, self.outbox.member
+        limit = capacity
         for channel in self.groups.members(group, now):
-            # Rules see the name the sender's users know (no "prefix.").
-            name = channel[cut:] if cut and p.in_namespace(channel, prefix) else channel
-            limit = next((cap for pattern, cap in rules if pattern.match(name)), capacity)
-            queue = self._queue(channel)
+            if rules:
+                # Rules see the name the sender's users know (no "prefix.").
+                name = channel[cut:] if cut and p.in_namespace(channel, prefix) else channel
+                limit = next((cap for pattern, cap in rules if pattern.match(name)), capacity)
+            queue = queues.get(channel)
+            if (
+                queue is not None
+                and not queue.queue
+                and queue.held < limit
+                and queue.max_length != 0
+                and (memory.limit is None or memory.used + size <= memory.limit)
+            ):
+                endpoint = queue.subscribers.next_ready()
+                if endpoint is not None:  # what _push and deliver would do, in one step
+                    if endpoint.credit is not None:
+                        endpoint.credit -= 1
+                    endpoint.held += 1
+                    queue.held += 1
+                    queue.delivered += 1
+                    queue.enqueued += 1
+                    member(queue, endpoint, message)
+                    sent += 1
+                    continue
+            if queue is None:
+                queue = self._queue(channel)
             outcome = self._push(queue, body, ttl, limit)
             queued = outcome == _QUEUED
             queue.enqueued += queued

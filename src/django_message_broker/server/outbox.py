@@ -24,6 +24,14 @@ object once, and ``body_of`` says which body each message has: a
 group_send to 500 channels of one process sends one body, not 500 copies.
 Everything else (runs, held counts, credit, requeue) stays per message.
 
+Group runs. A group_send's message to a member whose queue is empty and
+whose endpoint has credit goes straight out (``Broker._on_group_send``): it
+never enters the queue. Such members of one peer share one ``GroupRun``
+(``member``): one message object, and the members' queues and endpoints in
+two lists, in place of a list and a run per member. ``take`` splits it
+into Delivers of at most ``MAX_BATCH`` messages like any other run, and a
+send that fails gives each member its message back (``GroupRun.requeue``).
+
 An ``Outgoing`` remembers the runs and task deliveries it carries, so that
 a send that fails can give them back to their queues (``Broker.send_failed``,
 ``ChannelQueue.requeue`` and ``Tasks.undeliver``).
@@ -43,10 +51,44 @@ __all__ = ["Outbox", "Outgoing"]
 _Run = tuple[ChannelQueue, Endpoint, list[DataMessage]]
 
 
+class GroupRun:
+    """One message delivered to several channels of one peer at once (a
+    group_send's members there): ``queues[i]`` and ``endpoints[i]`` are
+    member *i*'s. Each member's credit, ``held`` and counts were taken as
+    for a run of one (``Broker._on_group_send``); only the bookkeeping
+    objects are shared."""
+
+    __slots__ = ("endpoints", "message", "queues")
+
+    def __init__(self, message: DataMessage) -> None:
+        self.message = message
+        self.queues: list[ChannelQueue] = []
+        self.endpoints: list[Endpoint] = []
+
+    def __len__(self) -> int:
+        return len(self.queues)
+
+    def part(self, start: int, stop: int) -> GroupRun:
+        """Members ``start:stop`` (a Deliver takes at most ``MAX_BATCH``)."""
+        run = GroupRun(self.message)
+        run.queues = self.queues[start:stop]
+        run.endpoints = self.endpoints[start:stop]
+        return run
+
+    def requeue(self, *, gone: bool) -> list[ChannelQueue]:
+        """The Deliver did not go: each member's message back to the head of
+        its queue (``ChannelQueue.requeue``), the last member first. Returns
+        the queues."""
+        message = self.message
+        for queue, endpoint in zip(reversed(self.queues), reversed(self.endpoints), strict=True):
+            queue.requeue(endpoint, [message], gone=gone)
+        return self.queues
+
+
 class Outgoing:
     """One ZeroMQ message for one peer: ``[ident, *frames]`` on the ROUTER.
     ``frames`` is the header and then the bodies; ``runs`` the deliveries it
-    carries (empty for a reply or a notice), ``tasks`` its task deliveries,
+    carries (``_Run``s and ``GroupRun``s) (empty for a reply or a notice), ``tasks`` its task deliveries,
     ``count`` how many messages it delivers (not frames: bodies may be
     shared; by default one per task delivery)."""
 
@@ -56,7 +98,7 @@ class Outgoing:
         self,
         ident: bytes,
         frames: list[Any],
-        runs: tuple[_Run, ...] | list[_Run] = (),
+        runs: tuple[_Run | GroupRun, ...] | list[_Run | GroupRun] = (),
         tasks: tuple[Delivery, ...] | list[Delivery] = (),
         count: int | None = None,
     ) -> None:
@@ -114,6 +156,23 @@ class Outbox:
         else:
             items.append((queue, endpoint, messages))
 
+    def member(self, queue: ChannelQueue, endpoint: Endpoint, message: DataMessage) -> None:
+        """Take ``message`` for ``endpoint`` (a group_send's member, already
+        counted as delivered): it joins the peer's last ``GroupRun`` if that
+        one carries the same message, so the order decided holds."""
+        ident = endpoint.dealer[0]
+        items = self._peers.get(ident)
+        if items is None:
+            run = GroupRun(message)
+            self._peers[ident] = [run]
+        else:
+            run = items[-1]
+            if type(run) is not GroupRun or run.message is not message:
+                run = GroupRun(message)
+                items.append(run)
+        run.queues.append(queue)
+        run.endpoints.append(endpoint)
+
     def take(self, now: float, *, replies_only: bool = False) -> list[list[Outgoing]]:
         """What is buffered, as messages: one list per peer, in order; those
         peers' buffers are empty afterwards. ``replies_only``: only the peers
@@ -131,7 +190,7 @@ class Outbox:
 
 def _messages(ident: bytes, items: list[Any], now: float, shared: set[bytes]) -> list[Outgoing]:
     out: list[Outgoing] = []
-    runs: list[_Run] = []
+    runs: list[_Run | GroupRun] = []
     tasks: list[Delivery] = []
     size = 0
     for item in items:
@@ -153,6 +212,16 @@ def _messages(ident: bytes, items: list[Any], now: float, shared: set[bytes]) ->
                 runs, size = [], 0
             runs.append(item)
             size += len(item[2])
+        elif type(item) is GroupRun:
+            start, total = 0, len(item)
+            while start < total:
+                if size == p.MAX_BATCH:
+                    out.append(_deliver(ident, runs, now, shared))
+                    runs, size = [], 0
+                stop = min(total, start + p.MAX_BATCH - size)
+                runs.append(item if start == 0 and stop == total else item.part(start, stop))
+                size += stop - start
+                start = stop
         else:
             if runs:
                 out.append(_deliver(ident, runs, now, shared))
@@ -175,10 +244,14 @@ def _task_deliver(ident: bytes, tasks: list[Delivery]) -> Outgoing:
     return Outgoing(ident, [p.encode(header), *[d.body for d in tasks]], (), tasks)
 
 
-def _deliver(ident: bytes, runs: list[_Run], now: float, shared: set[bytes]) -> Outgoing:
-    """One Deliver for ``runs``: the compact form for one channel; for many,
-    each distinct body once if the peer takes ``body_of`` (it is in ``shared``)."""
-    if len(runs) == 1:
+def _deliver(ident: bytes, runs: list[Any], now: float, shared: set[bytes]) -> Outgoing:
+    """One Deliver for ``runs`` (``_Run``s and ``GroupRun``s): the compact
+    form for one channel; for many, each distinct body once if the peer
+    takes ``body_of`` (it is in ``shared``)."""
+    if len(runs) == 1 and type(runs[0]) is GroupRun and len(runs[0]) == 1:  # one member: a run of one
+        run = runs[0]
+        runs = [(run.queues[0], run.endpoints[0], [run.message])]
+    if len(runs) == 1 and type(runs[0]) is tuple:
         queue, _, messages = runs[0]
         header = p.Deliver(queue.name, [m.deadline - now for m in messages])
         frames: list[Any] = [p.encode(header)]
@@ -188,7 +261,14 @@ def _deliver(ident: bytes, runs: list[_Run], now: float, shared: set[bytes]) -> 
     ttls: list[float] = []
     if ident not in shared:
         bodies = []
-        for queue, _, messages in runs:
+        for run in runs:
+            if type(run) is GroupRun:
+                count = len(run.queues)
+                channels.extend([queue.name for queue in run.queues])
+                ttls.extend([run.message.deadline - now] * count)
+                bodies.extend([run.message.body] * count)
+                continue
+            queue, _, messages = run
             name = queue.name
             for message in messages:
                 channels.append(name)
@@ -202,7 +282,20 @@ def _deliver(ident: bytes, runs: list[_Run], now: float, shared: set[bytes]) -> 
     seen: dict[int, int] = {}
     last: Any = None
     at = -1
-    for queue, _, messages in runs:
+    for run in runs:
+        if type(run) is GroupRun:
+            count = len(run.queues)
+            body = run.message.body
+            if body is not last:
+                last = body
+                at = seen.setdefault(id(body), len(unique))
+                if at == len(unique):
+                    unique.append(body)
+            channels.extend([queue.name for queue in run.queues])
+            ttls.extend([run.message.deadline - now] * count)
+            body_of.extend([at] * count)
+            continue
+        queue, _, messages = run
         name = queue.name
         for message in messages:
             channels.append(name)
