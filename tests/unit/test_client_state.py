@@ -111,6 +111,22 @@ def test_an_idle_channel_withdraws_its_credit_and_returns_unread_messages(pair):
     assert [pair[C].receive("ch"), pair[C].receive("ch")] == [b"2", b"3"]
 
 
+def test_a_channel_whose_hand_off_lags_is_not_idle(pair):
+    """A receive's event loop that is slower than ``idle_return`` to settle
+    its hand-off (a process with thousands of channels) still has a receive
+    in progress: the messages behind it stay here, not handed back."""
+    first = pair[B].receive("ch", settles_later=True)
+    pair[A].send("ch", b"m1")
+    pair[A].send("ch", b"m2")
+    assert first.body == b"m1"
+    pair.tick(2.0)  # the loop has not settled m1 for 2 s
+    assert not [m for m in pair[B].sent if isinstance(m, (p.Unsubscribe, p.Return))]
+    pair[B].settle(first)
+    assert pair[B].receive("ch") == b"m2"
+    pair.tick(2.0)  # now nobody receives: idle
+    assert any(isinstance(m, p.Unsubscribe) for m in pair[B].sent)
+
+
 def test_a_receive_during_withdrawal_is_served_and_granted_again(pair):
     pair[B].receive("ch")
     pair[A].send("ch", b"0")

@@ -438,11 +438,15 @@ class ClientState:
         """Channels nobody received from for ``idle_return`` seconds that
         hold credit or messages: withdraw their credit (the driver sends the
         ``Unsubscribe`` requests and calls ``withdrawn`` on the answer).
-        Channels with nothing left at all are forgotten."""
+        Channels with nothing left at all are forgotten. A channel with a
+        receive in progress (waiting, or its hand-off not yet settled on a
+        loop that lags) is not idle."""
         out = []
         unused = []
         for state in self.channels.values():
-            if state.waiters or state.withdrawing or now - state.last_wanted < self.idle_return:
+            # A hand-off on its way to a receive's event loop is a receive
+            # still in progress, however busy that loop is: not idle.
+            if state.waiters or state.handoffs or state.withdrawing or now - state.last_wanted < self.idle_return:
                 continue
             if state.credit or state.buffer:
                 state.withdrawing = True
