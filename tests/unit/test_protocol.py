@@ -380,3 +380,22 @@ def test_shared_bodies_fields_default_off_and_old_decoders_ignore_them():
     assert p.decode_command(old_hello) == p.Hello(1, "c", 1.0, False)  # an old client: no body_of for it
     old_deliver = V + msgspec.msgpack.encode(OldDeliver("", [1.0, 2.0], ["a", "b"]))
     assert p.decode_to_client(old_deliver) == p.Deliver("", [1.0, 2.0], ["a", "b"], [])
+
+
+def test_a_full_name_cache_forgets_its_older_half():
+    cache = p.NameCache(size=4)
+    for name in ("a", "b", "c", "d"):
+        cache.add(name)
+    cache.add("e")  # full: "a" and "b" go, the rest stay
+    assert [n in cache for n in "abcde"] == [False, False, True, True, True]
+    assert 1 not in cache and p.NameCache().__contains__("x") is False
+
+
+def test_the_name_cache_holds_the_channels_of_a_large_group():
+    """A process receiving from 5,000 channels checks each name from the
+    cache, not with a regex on every receive."""
+    cache = p.NameCache()
+    names = [f"specific.abc!{i}" for i in range(10_000)]
+    for name in names:
+        cache.add(name)
+    assert all(name in cache for name in names)
