@@ -122,6 +122,8 @@ def test_a_channel_whose_hand_off_lags_is_not_idle(pair):
     pair.tick(2.0)  # the loop has not settled m1 for 2 s
     assert not [m for m in pair[B].sent if isinstance(m, (p.Unsubscribe, p.Return))]
     pair[B].settle(first)
+    pair.tick(0.9)  # the receive returned 0.9 s ago; its caller's next one lags too
+    assert not [m for m in pair[B].sent if isinstance(m, (p.Unsubscribe, p.Return))]
     assert pair[B].receive("ch") == b"m2"
     pair.tick(2.0)  # now nobody receives: idle
     assert any(isinstance(m, p.Unsubscribe) for m in pair[B].sent)

@@ -187,6 +187,10 @@ class ChannelState:
         self.handoffs -= 1
         if accepted:
             self.consumed += 1
+            # A receive returns now: its caller is as good as asking again
+            # (its next receive may wait for a busy loop, longer than
+            # ``idle_return``, and must find what is buffered still here).
+            self.last_wanted = now
         else:
             self.buffer.appendleft(item)
         self.feed(now)
