@@ -47,6 +47,38 @@ def test_credit_is_topped_up_in_batches_of_half_the_window(pair):
     assert len(subscribes(pair[B])) == grants
 
 
+def test_a_waiting_receive_covered_by_credit_owed_grants_none(pair):
+    """A receive that waits while deliveries are already owed to it (credit
+    outstanding) asks for nothing more until half the window is used: a
+    steady stream costs one Subscribe per prefetch/2 messages, not one per
+    receive. Receives that outnumber the credit owed are granted at once."""
+    waiting = pair[B].receive("ch")  # grants 4
+    pair[A].send("ch", b"1")
+    assert waiting.body == b"1"
+    grants = len(subscribes(pair[B]))
+    again = pair[B].receive("ch")  # waits; 3 owed cover it
+    assert isinstance(again, Receive) and len(subscribes(pair[B])) == grants
+    pair[A].send("ch", b"2")
+    assert again.body == b"2"
+    channel = pair[B].state.channels["ch"]
+    pair[B].receive("ch")  # credit 2 = half the window: topped up
+    assert subscribes(pair[B])[-1] == p.Subscribe(0, "ch", 2) and channel.credit == 4
+    for i in range(3):
+        pair[A].send("ch", b"%d" % i)
+    assert not channel.waiters
+    first = pair[B].receive("c2")  # grants 4
+    pair[A].send("c2", b"x")
+    assert first.body == b"x" and pair[B].state.channels["c2"].credit == 3
+    grants = len(subscribes(pair[B]))
+    waiting = [pair[B].receive("c2") for _ in range(3)]  # three waiting, three owed: nothing asked
+    assert len(subscribes(pair[B])) == grants
+    waiting.append(pair[B].receive("c2"))  # a fourth outnumbers them: granted at once
+    assert subscribes(pair[B])[-1] == p.Subscribe(0, "c2", 1)
+    for i in range(4):
+        pair[A].send("c2", b"%d" % i)
+    assert [w.body for w in waiting] == [b"0", b"1", b"2", b"3"]
+
+
 def test_expired_messages_are_skipped_on_take(pair):
     pair[B].receive("ch")
     pair[A].send("ch", b"first")

@@ -151,11 +151,12 @@ class ChannelState:
     def top_up(self, connected: bool) -> Optional[p.Subscribe]:
         """The credit to grant, if any: up to ``prefetch`` deliveries owed or
         buffered, in batches of at least half the window (one Subscribe per
-        prefetch/2 messages, not one per message) unless a receive waits."""
+        prefetch/2 messages, not one per message) unless the receives
+        waiting outnumber the deliveries already owed (then at once)."""
         want = self.prefetch - self.credit - len(self.buffer)
         if want <= 0 or self.withdrawing or not connected:
             return None
-        if not self.waiters and want * 2 < self.prefetch:
+        if want * 2 < self.prefetch and len(self.waiters) <= self.credit:
             return None
         self.credit += want
         return p.Subscribe(0, self.name, want)
