@@ -797,6 +797,15 @@ def test_requeue_puts_a_run_back_at_the_head_exactly(gone):
         assert ep.credit == 2 and q.stalled and ep.id in q.subscribers
 
 
+def test_endpoints_without_a_time_to_live_never_expire_and_cost_no_scan():
+    q, clock = make_queue()
+    q.subscribe(endpoint("a", time_to_live=None))
+    assert not q.endpoints_expire and q.expire_endpoints(math.inf) == 0 and q.subscribers
+    q.subscribe(endpoint("b", time_to_live=5))  # one that expires: the scan runs
+    assert q.endpoints_expire
+    assert q.expire_endpoints(clock.now + 6) == 1 and len(q.subscribers) == 1
+
+
 def test_expire_and_expire_endpoints_take_now():
     q, clock = make_queue()
     q.subscribe(endpoint("a", time_to_live=5))

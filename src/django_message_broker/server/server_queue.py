@@ -260,6 +260,10 @@ class ChannelQueue:
         #: Messages refused at capacity or at the hard cap (counted by the broker).
         self.refused_full = 0
         self.stopped = False
+        #: An endpoint with a ``time_to_live`` ever subscribed here: only then
+        #: can ``expire_endpoints`` find one to drop (the broker's endpoints
+        #: never expire, and its sweep visits every queue once a second).
+        self.endpoints_expire = False
         self._events: Optional[tuple[asyncio.Event, asyncio.Event]] = None
         self._task: Optional[asyncio.Task] = None
 
@@ -333,6 +337,7 @@ class ChannelQueue:
     def _renew(self, endpoint: Endpoint) -> None:
         ttl = endpoint.time_to_live
         if ttl:
+            self.endpoints_expire = True
             endpoint.deadline = self.clock() + ttl
             endpoint.expiry = datetime.now() + timedelta(seconds=ttl)
         else:
@@ -570,6 +575,8 @@ class ChannelQueue:
 
     def expire_endpoints(self, now: Optional[float] = None) -> int:
         """Drop the endpoints whose deadline has passed; returns how many."""
+        if not self.endpoints_expire:
+            return 0
         if now is None:
             now = self.clock()
         gone = [k for k, e in self.subscribers.items() if e.deadline <= now]
