@@ -52,3 +52,49 @@ def test_a_refusal_needs_two_vague_failures_and_ends_on_success():
     assert handshake.succeeded() and handshake.error is None and not handshake.succeeded()
     assert handshake.failed("auth", 6.0, 5.0) and handshake.error.reason == "key not authorized"
     assert not Handshake("tcp://x:1", curve=False).failed("vague", 0.0, 5.0)
+
+
+def test_a_loops_batch_settles_its_hand_offs_in_one_report():
+    """``core._run_batch`` on a receive's loop: each future gets its outcome,
+    a cancelled receive does not take its message, and the hub hears of
+    the whole batch at once, in order (one lock per batch, not per message)."""
+    import asyncio
+
+    from django_message_broker.client._state import ChannelState
+    from django_message_broker.client.core import _run_batch
+    from django_message_broker.client.waiters import AsyncWaiter
+
+    class Hub:
+        def __init__(self) -> None:
+            self.reports: list[list] = []
+
+        def schedule(self, waiter: object, value: object, error: object) -> None:
+            raise AssertionError("not used here")
+
+        def settled(self, channel: object, item: object, accepted: bool) -> None:
+            raise AssertionError("the batch is reported at once")
+
+        def settled_all(self, outcomes: list) -> None:
+            self.reports.append(outcomes)
+
+    async def main() -> None:
+        hub = Hub()
+        a, b = ChannelState("a", 4), ChannelState("b", 4)
+        took, cancelled, request = AsyncWaiter(hub, a), AsyncWaiter(hub, b), AsyncWaiter(hub)
+        cancelled.future.cancel()
+        error = ValueError("refused")
+        failed = AsyncWaiter(hub, a)
+        _run_batch(
+            hub,  # type: ignore[arg-type]
+            [
+                (took, ("1", 9.0, None), None),
+                (cancelled, ("2", 9.0, None), None),
+                (request, 7, None),
+                (failed, None, error),
+            ],
+        )
+        assert hub.reports == [[(a, ("1", 9.0, None), True), (b, ("2", 9.0, None), False)]]
+        assert took.future.result() == ("1", 9.0, None) and request.future.result() == 7
+        assert failed.future.exception() is error
+
+    asyncio.run(asyncio.wait_for(main(), 5))

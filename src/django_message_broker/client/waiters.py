@@ -31,6 +31,9 @@ class Hub(Protocol):
         """A receive's hand-off ended: it took ``item``, or not (it was
         cancelled or its loop is gone) and ``item`` goes back first in line."""
 
+    def settled_all(self, outcomes: list[tuple[ChannelState, Item, bool]]) -> None:
+        """``settled`` for each of ``outcomes``, in order (a loop's batch)."""
+
 
 class AsyncWaiter:
     """A result for a coroutine on ``loop``. ``resolve`` is called on the I/O
@@ -56,15 +59,25 @@ class AsyncWaiter:
     def settle(self, value: Any, error: Optional[BaseException]) -> None:
         """On the loop: the outcome. A receive that was cancelled meanwhile
         does not take its message: the hub puts it back."""
+        accepted = self.outcome(value, error)
+        if accepted is not None:
+            assert self.channel is not None
+            self.hub.settled(self.channel, value, accepted)
+
+    def outcome(self, value: Any, error: Optional[BaseException]) -> Optional[bool]:
+        """``settle`` without telling the hub: resolve the future (on the
+        loop) and return whether a receive took its message (None: not a
+        receive's hand-off, nothing to tell). The caller tells the hub, for
+        a batch at once (``Hub.settled_all``)."""
         future = self.future
         if error is not None or self.channel is None:
             if not future.done():
                 future.set_exception(error) if error is not None else future.set_result(value)
-            return
+            return None
         accepted = not future.done()
         if accepted:
             future.set_result(value)
-        self.hub.settled(self.channel, value, accepted)
+        return accepted
 
     def undeliverable(self, value: Any, error: Optional[BaseException]) -> None:
         """The loop is gone (closed): a message goes back (lock held)."""
