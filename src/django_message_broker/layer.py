@@ -143,6 +143,8 @@ class ChannelsServerLayer(BaseChannelLayer):
         self.client_prefix = uuid.uuid4().hex
         self._client: Optional[AsyncClient] = None
         self._valid_names = NameCache()
+        #: Names ``receive`` found valid and ours (``check_own_channel``).
+        self._receivable = NameCache()
 
     def require_valid_channel_name(self, name: Any, receive: bool = False) -> bool:
         """Channels' check, remembered for names that passed (it is on every
@@ -176,8 +178,10 @@ class ChannelsServerLayer(BaseChannelLayer):
         """The next message on ``channel``. Cancelling it loses nothing.
         Raises ``ForeignChannel`` at once for another instance's ``!``
         channel."""
-        self.require_valid_channel_name(channel)
-        check_own_channel(channel, self.client_prefix)
+        if channel not in self._receivable:  # both checks passed before: once per name, not per receive
+            self.require_valid_channel_name(channel)
+            check_own_channel(channel, self.client_prefix)
+            self._receivable.add(channel)
         body, _, shared = await self.client.receive_item(self._wire + channel)
         return decode_shared(body, shared)  # decoded once per process for a group_send
 
