@@ -415,6 +415,27 @@ async def test_broker_restart_pending_receive_and_groups_survive(broker, broker_
     assert await asyncio.wait_for(rx.receive("restart.inbox"), 5) == b"group-after"
 
 
+async def test_a_client_the_broker_forgot_grants_its_credit_again(broker, clients):
+    """The broker dropped a live client (it missed its heartbeats, say, or
+    a send found it gone) and kept running: the client hears a Welcome from
+    the same broker instance and says Hello again, so the credit it thinks
+    is owed is granted afresh and a waiting receive still gets its message."""
+    rx = clients(AsyncClient, broker.address, heartbeat=0.2)
+    tx = clients(AsyncClient, broker.address, heartbeat=0.2)
+    await tx.send("forgot", b"first")
+    assert await asyncio.wait_for(rx.receive("forgot"), 5) == b"first"  # credit owed: prefetch - 1
+
+    def drop() -> None:
+        core = broker.server.broker
+        [ident] = [i for i, c in core.clients.items() if c.client_id == rx.client_id]
+        core.drop_client(ident)
+
+    broker.call(drop)
+    pending = asyncio.create_task(rx.receive("forgot"))
+    await tx.send("forgot", b"second")
+    assert await asyncio.wait_for(pending, 10) == b"second"
+
+
 # -- a hostile peer -----------------------------------------------------------------
 def _hostile_messages() -> list[tuple[str, list[bytes], int]]:
     """(name, frames, expected error code)."""

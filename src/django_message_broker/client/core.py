@@ -25,10 +25,11 @@ capacity waits for the broker's answer, so ``QueueFull`` is exact for a
 single sender. Consecutive pipelined sends to one channel are packed into
 one ``Send`` with many bodies.
 
-Restarts: every reply names the broker instance. A new instance (or a
-``Welcome``) means the broker restarted: the client says Hello again and
-sends what ``ClientState.connected`` returns (credit for waiting receives,
-group memberships that have not expired).
+Restarts: every reply names the broker instance. A new instance means the
+broker restarted, a ``Welcome`` that it does not know this client (a new
+broker, or one that dropped us): the client says Hello again and sends what
+``ClientState.connected`` returns (credit for waiting receives, and after a
+restart the group memberships that have not expired).
 
 Security (docs/security.md): with a server key the DEALER is a CURVE
 client. A refused handshake shows on the socket monitor; every pending
@@ -607,10 +608,16 @@ class Core:
                 case p.Flushed(epoch, prefix):
                     self._on_flushed(epoch, prefix)
                 case p.Welcome(instance, max_body):
+                    # The broker does not know us: a new broker, or the same
+                    # one after it dropped us (missed heartbeats, a send that
+                    # found us gone). Either way our credit and subscriptions
+                    # are gone there: say Hello, which grants them again.
                     self.max_body = max_body
                     if instance != self.instance:
                         logger.info("broker %s is new to this client: restoring state", instance)
-                        self._hello()
+                    else:
+                        logger.info("broker %s had forgotten this client: restoring state", instance)
+                    self._hello()
 
     def _on_flushed(self, epoch: int, prefix: str = "") -> None:
         with self.lock:
