@@ -315,7 +315,11 @@ class PureClient:
                 shared = None
                 if body_of:
                     bodies, shared = share_bodies(bodies, body_of)
-                self.state.deliver(channels or [channel] * len(ttls), bodies, list(ttls), self.pair.now, shared)
+                grants = self.state.deliver(
+                    channels or [channel] * len(ttls), bodies, list(ttls), self.pair.now, shared, self.connected
+                )
+                for grant in grants:
+                    self.post(grant)
             case p.Reply(req, code, _detail, value):
                 callback = self._on_reply.pop(req, None)
                 if callback is not None and not code:

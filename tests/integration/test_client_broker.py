@@ -267,6 +267,17 @@ async def test_receive_pending_on_one_loop_while_another_threads_loop_sends(brok
     assert result == {"value": b"from-main-loop"}
 
 
+async def test_more_receives_than_prefetch_all_get_a_message(broker, clients):
+    rx = clients(AsyncClient, broker.address, prefetch=4)
+    tx = clients(AsyncClient, broker.address)
+    receives = [asyncio.ensure_future(rx.receive("many")) for _ in range(6)]
+    await until(lambda: ready_endpoints(broker, "many") == 1)
+    for i in range(6):
+        await tx.send("many", b"%d" % i)
+    got = await asyncio.wait_for(asyncio.gather(*receives), 5)
+    assert sorted(got) == [b"%d" % i for i in range(6)]
+
+
 # -- limits ---------------------------------------------------------------------------
 async def test_capacity_3_three_sends_pass_the_fourth_raises(broker, clients):
     tx = clients(AsyncClient, broker.address)

@@ -79,6 +79,19 @@ def test_a_waiting_receive_covered_by_credit_owed_grants_none(pair):
     assert [w.body for w in waiting] == [b"0", b"1", b"2", b"3"]
 
 
+def test_more_receives_than_the_window_all_get_a_message(pair):
+    """Six receives wait on a channel whose window (prefetch) is four: once
+    the four owed deliveries have come, the two still waiting ask for the
+    next window themselves (no new receive may come to ask for them)."""
+    waiting = [pair[B].receive("ch") for _ in range(6)]
+    assert subscribes(pair[B]) == [p.Subscribe(0, "ch", 4)]
+    for i in range(6):
+        pair[A].send("ch", b"%d" % i)
+    assert [w.body for w in waiting] == [b"%d" % i for i in range(6)]
+    assert len(subscribes(pair[B])) > 1  # granted again from the deliveries, never past the window:
+    assert pair.broker.clients[B].endpoints["ch"].credit + len(pair[B].state.channels["ch"].buffer) <= 4
+
+
 def test_expired_messages_are_skipped_on_take(pair):
     pair[B].receive("ch")
     pair[A].send("ch", b"first")

@@ -329,9 +329,13 @@ class ClientState:
         ttls: list[float],
         now: float,
         shared: Optional[list[Optional[Shared]]] = None,
-    ) -> None:
+        connected: bool = True,
+    ) -> list[p.Subscribe]:
         """A Deliver: message *i* (``bodies[i]``, ``shared[i]``: see
-        ``share_bodies``) for ``channels[i]``."""
+        ``share_bodies``) for ``channels[i]``. Returns the credit to grant:
+        receives still waiting once the window's deliveries are spent (more
+        receives wait than ``prefetch`` allows in one window) ask for the
+        next window here, since no new receive may come to ask."""
         touched: dict[str, ChannelState] = {}
         slots = shared if shared is not None else [None] * len(bodies)
         for name, body, ttl, slot in zip(channels, bodies, ttls, slots, strict=True):
@@ -339,9 +343,15 @@ class ClientState:
             if state is None:
                 state = touched[name] = self.channel(name)
             state.deliver((body, now + ttl, slot))
+        grants = []
         for state in touched.values():
             state.feed(now)
             self._noted(state)
+            if state.waiters:
+                grant = state.top_up(connected)
+                if grant is not None:
+                    grants.append(grant)
+        return grants
 
     def settle(self, state: ChannelState, item: Item, accepted: bool, now: float) -> None:
         """A hand-off's outcome, from the receive's event loop."""

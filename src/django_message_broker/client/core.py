@@ -628,7 +628,9 @@ class Core:
     ) -> None:
         now = time.monotonic()
         with self.lock:
-            self.state.deliver(channels, bodies, ttls, now, shared)
+            grants = self.state.deliver(channels, bodies, ttls, now, shared, self.connected)
+        for grant in grants:  # on the I/O thread: straight to the socket
+            self._send_frames(self._frames(grant))
 
     def _on_reply(self, req: int, code: int, detail: str, value: Any) -> None:
         request = self._requests.pop(req)
