@@ -39,6 +39,16 @@ class SlowStore(Store):
             time.sleep(self.slow_for)
 
 
+def committed_through(commits: queue.SimpleQueue[tuple[int, Any]], last: int) -> None:
+    """Wait until the store's thread reports every batch up to ``last``
+    committed, without error."""
+    seen = 0
+    while seen < last:
+        seq, error = commits.get(timeout=10)
+        assert error is None
+        seen = max(seen, seq)
+
+
 def started(store: Store) -> queue.SimpleQueue[tuple[int, Any]]:
     commits: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
     store.load()
@@ -69,11 +79,7 @@ def test_after_slow_syncs_the_stores_thread_commits_in_order_until_they_are_quic
         # batches, and a put then its delete stay in that order.
         assert store.submit(2, [put(2)]) is None
         assert store.submit(3, [("del", 2), put(3)]) is None
-        seen = 0
-        while seen < 3:
-            seq, error = commits.get(timeout=10)
-            assert error is None
-            seen = max(seen, seq)
+        committed_through(commits, 3)
         assert stored_ids(path) == [1, 3]
         # The disk is quick again: the store's thread sees it, and the
         # broker's thread commits by itself again after a few batches.
@@ -116,11 +122,7 @@ def test_a_batch_waits_behind_what_the_stores_thread_holds(tmp_path: Path) -> No
         store.slow_for = 0.0
         assert store.submit(4, [("del", 3)]) is None
         gate.set()
-        seen = 0
-        while seen < 4:
-            seq, error = commits.get(timeout=10)
-            assert error is None
-            seen = max(seen, seq)
+        committed_through(commits, 4)
         assert stored_ids(path) == [1, 2]
     finally:
         gate.set()
@@ -147,7 +149,6 @@ def test_the_log_is_written_out_once_and_reused_after_checkpoints(tmp_path: Path
         store.close()
 
 
-
 def test_the_broker_waits_for_a_store_that_falls_far_behind(tmp_path: Path, monkeypatch: Any) -> None:
     """Publishers faster than the disk: past ``_MAX_BEHIND`` bytes of bodies
     not yet written, ``submit`` waits until the store's thread is halfway
@@ -164,11 +165,7 @@ def test_the_broker_waits_for_a_store_that_falls_far_behind(tmp_path: Path, monk
             behind = store._handed_bytes - store._done_bytes
             assert behind <= 64 * 1024 + len(BODY), behind
         assert store.waited > 0
-        seen = 0
-        while seen < 199:
-            seq, error = commits.get(timeout=10)
-            assert error is None
-            seen = max(seen, seq)
+        committed_through(commits, 199)
         assert len(stored_ids(path)) == 199
     finally:
         store.close()
