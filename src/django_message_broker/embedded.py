@@ -160,7 +160,7 @@ async def serve_embedded(address: str, **options: Any) -> None:
     --embedded``, which ``ensure_broker`` starts): like ``serve``, plus the
     pid file, and the files removed at a normal exit (the log is kept if the
     broker failed). A broker that cannot bind touches no file."""
-    from .server.server import BrokerServer, run_until_stopped
+    from .server.server import BrokerServer, run_until_stopped, stop_on_signals
 
     files = files_for(address)  # a bad runtime directory fails before binding
     data_dir = options.get("data_dir")
@@ -171,6 +171,7 @@ async def serve_embedded(address: str, **options: Any) -> None:
             logger.warning("cannot use %s for durable queues (%s): they are kept in memory only", data_dir, exc)
             options["data_dir"] = None
     server = BrokerServer(address, **options)
+    stop = stop_on_signals()  # before the pid file: whoever sees it may signal us at once
     pid_files: list[Any] = []
     # The pid file (locked while we run) before the first answer: a starter
     # that sees this broker answer finds it.
@@ -179,7 +180,7 @@ async def serve_embedded(address: str, **options: Any) -> None:
     pid_file = pid_files[0]
     try:
         sweep(os.path.dirname(files.pid))  # what brokers killed before us left
-        await run_until_stopped(server)
+        await run_until_stopped(server, stop)
         failed = False
     finally:
         # Take the lock before closing the socket: a starter holding it

@@ -331,3 +331,31 @@ def test_every_command_line_option_has_help():
     for name, sub in commands.choices.items():
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+def test_sigterm_as_soon_as_the_pid_file_is_there_stops_cleanly(runtime):
+    """Whoever sees an embedded broker's pid file may signal it at once
+    (``stop``, a process manager): it stops as it would later, exit status
+    0 and its files gone, never by the signal's default action. Its signal
+    handlers come before the pid file."""
+    for _ in range(5):
+        address = free_address()
+        files = files_for(address)
+        with open(files.log, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "django_message_broker", "serve", "--embedded", "--bind", address],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 15
+            while read_pid_file(files.pid) != process.pid:  # no sleep: signal the moment it appears
+                assert time.monotonic() < deadline and process.poll() is None, Path(files.log).read_text()
+            process.terminate()
+            assert process.wait(15) == 0, Path(files.log).read_text()
+            assert wait_for(lambda files=files: present(files) == [], 10), present(files)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)

@@ -596,6 +596,7 @@ async def serve(
     """Run a broker until SIGINT/SIGTERM (or idle exit). ``metrics_port``:
     also serve Prometheus metrics there (``metrics.py``; on loopback unless
     ``metrics_host``)."""
+    stop = stop_on_signals()  # before binding: a signal during the start stops it cleanly
     async with BrokerServer(address, **options) as server:
         exporter = None
         if metrics_port is not None:
@@ -604,16 +605,17 @@ async def serve(
             exporter = metrics.start(lambda top: server.stats(top), metrics_port, metrics_host)
             print(f"django-message-broker metrics on {exporter.url}", flush=True)
         try:
-            await run_until_stopped(server)
+            await run_until_stopped(server, stop)
         finally:
             if exporter is not None:
                 exporter.close()
 
 
-async def run_until_stopped(server: BrokerServer) -> None:
-    """Print the listening line, then wait for SIGINT/SIGTERM or for the
-    server to stop by itself (idle exit, failure: ``RuntimeError``). The
-    server still runs when this returns: the caller stops it."""
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGINT and SIGTERM set from now on. Installed before the
+    broker binds, so that a signal at any moment of its start (the pid file
+    may already be there, the durable store still opening) ends in a clean
+    stop rather than the signal's default, an exit without cleanup."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -621,6 +623,17 @@ async def run_until_stopped(server: BrokerServer) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
             pass
+    return stop
+
+
+async def run_until_stopped(server: BrokerServer, stop: Optional[asyncio.Event] = None) -> None:
+    """Print the listening line, then wait for SIGINT/SIGTERM (``stop``, from
+    ``stop_on_signals``; made here if not given) or for the server to stop
+    by itself (idle exit, failure: ``RuntimeError``). The server still runs
+    when this returns: the caller stops it."""
+    loop = asyncio.get_running_loop()
+    if stop is None:
+        stop = stop_on_signals()
     if server.authorized_keys is not None and hasattr(signal, "SIGHUP"):
         try:
             loop.add_signal_handler(signal.SIGHUP, server.reload_keys)
