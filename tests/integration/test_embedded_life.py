@@ -236,31 +236,31 @@ def test_a_restart_at_the_killed_brokers_address_takes_over_its_files(runtime):
     assert present(files) == []
 
 
-def test_a_sigkilled_broker_started_by_hand_is_swept_by_the_next_broker(runtime):
-    """``serve --embedded`` run directly (no starter, no lock file): the next
-    embedded broker to start sweeps what it left."""
-    address = free_address()
-    files = files_for(address)
-    with open(files.log, "ab") as log:
-        process = subprocess.Popen(
+def serve_by_hand(address: str) -> subprocess.Popen:
+    """``serve --embedded`` run directly (no starter, no lock file), its
+    output in the address's log."""
+    with open(files_for(address).log, "ab") as log:
+        return subprocess.Popen(
             [sys.executable, "-m", "django_message_broker", "serve", "--embedded", "--bind", address],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+def test_a_sigkilled_broker_started_by_hand_is_swept_by_the_next_broker(runtime):
+    """``serve --embedded`` run directly (no starter, no lock file): the next
+    embedded broker to start sweeps what it left."""
+    address = free_address()
+    files = files_for(address)
+    process = serve_by_hand(address)
     try:
         assert wait_for(lambda: read_pid_file(files.pid) == process.pid, 15), Path(files.log).read_text()
         process.kill()
         process.wait(10)
         assert present(files) == [".log", ".pid"]
         other = free_address()
-        with open(files_for(other).log, "ab") as log:
-            second = subprocess.Popen(
-                [sys.executable, "-m", "django_message_broker", "serve", "--embedded", "--bind", other],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        second = serve_by_hand(other)
         try:
             assert wait_for(lambda: read_pid_file(files_for(other).pid) == second.pid, 15)
             assert wait_for(lambda: present(files) == [".log"], 10), present(files)
@@ -341,13 +341,7 @@ def test_sigterm_as_soon_as_the_pid_file_is_there_stops_cleanly(runtime):
     for _ in range(5):
         address = free_address()
         files = files_for(address)
-        with open(files.log, "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "django_message_broker", "serve", "--embedded", "--bind", address],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        process = serve_by_hand(address)
         try:
             deadline = time.monotonic() + 15
             while read_pid_file(files.pid) != process.pid:  # no sleep: signal the moment it appears
