@@ -567,13 +567,8 @@ class Broker:
                 and queue.max_length != 0
                 and (memory.limit is None or memory.used + size <= memory.limit)
             ):
-                endpoint = queue.subscribers.next_ready()
-                if endpoint is not None:  # what _push and deliver would do, in one step
-                    if endpoint.credit is not None:
-                        endpoint.credit -= 1
-                    endpoint.held += 1
-                    queue.held += 1
-                    queue.delivered += 1
+                endpoint = queue.hand_over()  # what _push and deliver would do, in one step
+                if endpoint is not None:
                     queue.enqueued += 1
                     member(queue, endpoint, message)
                     sent += 1

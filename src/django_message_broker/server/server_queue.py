@@ -480,6 +480,21 @@ class ChannelQueue:
             raise
         return None
 
+    def hand_over(self) -> Optional[Endpoint]:
+        """A message for this queue, while it is empty, goes straight to the
+        next endpoint with credit, counted as ``deliver`` counts a run of
+        one (the endpoint's credit and ``held``, the queue's ``held`` and
+        ``delivered``); the caller sends it. None: no endpoint is ready,
+        the message must be queued."""
+        endpoint = self.subscribers.next_ready()
+        if endpoint is not None:
+            if endpoint.credit is not None:
+                endpoint.credit -= 1
+            endpoint.held += 1
+            self.held += 1
+            self.delivered += 1
+        return endpoint
+
     def deliver(self, limit: Optional[int] = None, *, sink: Optional[Sink] = None) -> int:
         """Hand queued messages to endpoints with credit, round robin, until
         the queue is empty, no endpoint has credit, a peer is busy, or
