@@ -240,9 +240,10 @@ class Store:
                 return seq, self._commit(ops, 1)
             finally:
                 self._lock.release()
+        size = _body_bytes(ops)
         self._handed += 1
-        self._handed_bytes += _body_bytes(ops)
-        self._queue.put((seq, ops))
+        self._handed_bytes += size
+        self._queue.put((seq, ops, size))
         if self._handed_bytes - self._done_bytes > _MAX_BEHIND:
             self._catch_up()
         return None
@@ -330,7 +331,7 @@ class Store:
                 if self._checkpoint_due:  # first: these batches then go to the log's start
                     self._checkpoint()
                 if batches:
-                    error = self._commit([op for _, batch in batches for op in batch], len(batches))
+                    error = self._commit([op for _, batch, _ in batches for op in batch], len(batches))
                 if self._checkpoint_due or (self.fsync == "everysec" and time.monotonic() >= next_sync):
                     next_sync = time.monotonic() + 1.0  # everysec: the checkpoint syncs the log
                     self._checkpoint()
@@ -338,7 +339,7 @@ class Store:
                 self._done += len(batches) + jobs.count(_CHECKPOINT)
             if batches:
                 with self._caught_up:
-                    self._done_bytes += sum(_body_bytes(batch) for _, batch in batches)
+                    self._done_bytes += sum(size for _, _, size in batches)
                     self._caught_up.notify()
             if batches:
                 on_commit(batches[-1][0], error)
