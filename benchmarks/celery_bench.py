@@ -573,6 +573,54 @@ def write(out_dir: Path, data: dict, *, latest: bool) -> list[Path]:
 # ----------------------------------------------------------------- main
 
 
+def exit_on_signals() -> None:
+    """SIGTERM and SIGHUP end a run as ``SystemExit``: its ``finally``
+    blocks stop the servers it started."""
+
+    def stop_on_signal(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop_on_signal)
+
+
+def runnable_brokers(brokers: list[str], args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
+    """The brokers this machine cannot run, with why (each said on stderr),
+    and the others, in order."""
+    skipped = {}
+    for broker in brokers:
+        reason = broker_missing(broker, args)
+        if reason:
+            skipped[broker] = reason
+            print(f"skipping {broker}: {reason}", file=sys.stderr)
+    return skipped, [b for b in brokers if b not in skipped]
+
+
+def run_meta(
+    args: argparse.Namespace,
+    argv: Optional[list[str]],
+    sizes: dict[str, Any],
+    brokers: list[str],
+    skipped: dict[str, str],
+    **extra: Any,
+) -> dict[str, Any]:
+    """A run's report header: when, what was asked, ``extra``, the machine
+    and the command line."""
+    return {
+        "date": dt.date.today().isoformat(),
+        "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "repeat": args.repeat,
+        "sizes": sizes,
+        "brokers": brokers,
+        "skipped": skipped,
+        **extra,
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        "machine": machine_info(args),
+        "command": " ".join([Path(sys.executable).name, *(argv if argv is not None else sys.argv)]),
+    }
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1,000 tasks: a smoke test (writes <date>-celery-quick.*)")
@@ -597,32 +645,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.tasks:
         sizes["tasks"] = args.tasks
 
-    def stop_on_signal(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop_on_signal)
-
-    skipped = {}
-    for broker in brokers:
-        reason = broker_missing(broker, args)
-        if reason:
-            skipped[broker] = reason
-            print(f"skipping {broker}: {reason}", file=sys.stderr)
-    runnable = [b for b in brokers if b not in skipped]
+    exit_on_signals()
+    skipped, runnable = runnable_brokers(brokers, args)
     started = time.monotonic()
-    meta: dict[str, Any] = {
-        "date": dt.date.today().isoformat(),
-        "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "quick": args.quick,
-        "repeat": args.repeat,
-        "sizes": sizes,
-        "brokers": brokers,
-        "skipped": skipped,
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-        "machine": machine_info(args),
-        "command": " ".join([Path(sys.executable).name, *(argv if argv is not None else sys.argv)]),
-    }
+    meta = run_meta(args, argv, sizes, brokers, skipped)
     results: list[dict] = []
     interrupted = False
     try:

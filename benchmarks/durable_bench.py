@@ -29,14 +29,12 @@ See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import multiprocessing
 import os
 import resource
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
@@ -53,7 +51,14 @@ if str(ROOT) not in sys.path:  # so that ``benchmarks`` imports
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import report, servers  # noqa: E402
-from benchmarks.celery_bench import fmt, machine_info, percentile, tree_cpu  # noqa: E402
+from benchmarks.celery_bench import (  # noqa: E402
+    exit_on_signals,
+    fmt,
+    percentile,
+    run_meta,
+    runnable_brokers,
+    tree_cpu,
+)
 
 BROKERS = ["dmb-always", "dmb-everysec", "dmb-off", "redis", "rabbitmq"]
 #: Not run by default: ours with no data directory (the queue lives in memory;
@@ -286,16 +291,7 @@ def stop_under_strace(process: servers.ServerProcess, timeout: float = 30.0) -> 
             pass
     psutil.wait_procs(children, timeout=timeout / 2)
     if isinstance(process, servers.RabbitMQProcess):  # its epmd daemonized, but strace follows it too
-        try:
-            subprocess.run(
-                [servers.EPMD, "-port", str(process.epmd_port), "-kill"],
-                capture_output=True,
-                timeout=10,
-                check=False,
-                env=process.env,
-            )
-        except (subprocess.TimeoutExpired, OSError):
-            pass
+        process.kill_epmd()
     assert process.process is not None
     try:
         process.process.wait(timeout / 2)
@@ -332,14 +328,6 @@ def start_broker(name: str, args: argparse.Namespace, data_dir: str) -> Broker:
         rabbit, port = servers.rabbitmq_server(parent=data_dir, wrap=wrap)
         return Broker(name, f"pyamqp://guest:guest@127.0.0.1:{port}//", {"confirm_publish": True}, rabbit, data_dir)
     raise ValueError(name)
-
-
-def broker_missing(name: str, args: argparse.Namespace) -> Optional[str]:
-    if name == "redis" and not shutil.which(args.redis_server):
-        return f"{args.redis_server} not found"
-    if name == "rabbitmq":
-        return servers.rabbitmq_missing()
-    return None
 
 
 def purge(url: str) -> int:
@@ -597,16 +585,19 @@ def render(data: dict) -> str:
             verdict = "n/a" if ok is None or value is None else ("yes" if ok else "no")
             out.append(f"| {target} | {text if value is not None else 'n/a'} | {verdict} |")
 
-        for other in ("rabbitmq", "redis"):
-            if other not in brokers:
-                continue
-            r = ratio(one[ours], one.get(other))
-            line(
-                f"1 producer, fsync always ≥ {LABELS[other]}",
-                r,
-                f"{r:.2f}{X} ({fmt(one[ours])} vs {fmt(one.get(other))} msg/s)" if r else "",
-                r >= 1.0 if r else None,
-            )
+        def against_others(rates: dict, target: str) -> None:
+            for other in ("rabbitmq", "redis"):
+                if other not in brokers:
+                    continue
+                r = ratio(rates[ours], rates.get(other))
+                line(
+                    target.format(LABELS[other]),
+                    r,
+                    f"{r:.2f}{X} ({fmt(rates[ours])} vs {fmt(rates.get(other))} msg/s)" if r else "",
+                    r >= 1.0 if r else None,
+                )
+
+        against_others(one, "1 producer, fsync always ≥ {}")
         r = table["group_ratio"][ours]
         per_rep = "the median of the repetitions' ratios" if meta["repeat"] > 1 else "the ratio"
         line(
@@ -615,16 +606,7 @@ def render(data: dict) -> str:
             f"{r:.2f}{X} ({per_rep}; {fmt(many[ours])} vs {fmt(one[ours])} msg/s)" if r else "",
             r >= 5.0 if r else None,
         )
-        for other in ("rabbitmq", "redis"):
-            if other not in brokers:
-                continue
-            r = ratio(many[ours], many.get(other))
-            line(
-                f"(no target) {n} producers, fsync always / {LABELS[other]}",
-                r,
-                f"{r:.2f}{X} ({fmt(many[ours])} vs {fmt(many.get(other))} msg/s)" if r else "",
-                None if r is None else r >= 1.0,
-            )
+        against_others(many, f"(no target) {n} producers, fsync always / {{}}")
         out.append("")
 
     if meta["repeat"] > 1:
@@ -740,36 +722,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             sizes[key] = getattr(args, key)
             custom = True
 
-    def stop_on_signal(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop_on_signal)
-
-    skipped = {}
-    for broker in brokers:
-        reason = broker_missing(broker, args)
-        if reason:
-            skipped[broker] = reason
-            print(f"skipping {broker}: {reason}", file=sys.stderr)
-    runnable = [b for b in brokers if b not in skipped]
+    exit_on_signals()
+    skipped, runnable = runnable_brokers(brokers, args)
     root = tempfile.mkdtemp(prefix="bench-durable-", dir=args.data_root)
     started = time.monotonic()
-    meta: dict[str, Any] = {
-        "date": dt.date.today().isoformat(),
-        "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "quick": args.quick,
-        "repeat": args.repeat,
-        "sizes": sizes,
-        "brokers": brokers,
-        "skipped": skipped,
-        "filesystem": filesystem(root),
-        "strace": args.strace,
-        "commit_delay_ms": args.commit_delay_ms,
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-        "machine": machine_info(args),
-        "command": " ".join([Path(sys.executable).name, *(argv if argv is not None else sys.argv)]),
-    }
+    meta = run_meta(
+        args,
+        argv,
+        sizes,
+        brokers,
+        skipped,
+        filesystem=filesystem(root),
+        strace=args.strace,
+        commit_delay_ms=args.commit_delay_ms,
+    )
     print(f"data under {root}: {meta['filesystem']}", flush=True)
     results: list[dict] = []
     interrupted = False

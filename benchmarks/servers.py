@@ -291,6 +291,11 @@ class RabbitMQProcess(ServerProcess):
             except (subprocess.TimeoutExpired, OSError):
                 pass
         super().stop()
+        self.kill_epmd()
+
+    def kill_epmd(self) -> None:
+        """Stop this node's epmd (it daemonizes, so stopping the node
+        leaves it)."""
         try:
             subprocess.run(
                 [EPMD, "-port", str(self.epmd_port), "-kill"],
