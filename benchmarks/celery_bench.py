@@ -26,6 +26,7 @@ import argparse
 import datetime as dt
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -425,12 +426,16 @@ def fmt(value: Optional[float]) -> str:
     return f"{value:.3f}"
 
 
-def summarize(results: list[dict], brokers: list[str]) -> dict[str, dict[str, Optional[float]]]:
+def summarize(results: list[dict], brokers: list[str], metrics: Any = None) -> dict[str, dict[str, Optional[float]]]:
+    """metric -> broker -> the median over the repetitions that passed (NaN,
+    a value not measured, left out); ``metrics`` (key first in each entry)
+    defaults to this benchmark's ``METRICS``."""
     table: dict[str, dict[str, Optional[float]]] = {}
-    for key, *_ in METRICS:
+    for key, *_ in METRICS if metrics is None else metrics:
         row: dict[str, Optional[float]] = {}
         for broker in brokers:
             values = [r["metrics"][key] for r in results if r["broker"] == broker and r["ok"] and key in r["metrics"]]
+            values = [v for v in values if not math.isnan(v)]
             row[broker] = statistics.median(values) if values else None
         table[key] = row
     return table

@@ -55,8 +55,10 @@ from benchmarks.celery_bench import (  # noqa: E402
     exit_on_signals,
     fmt,
     percentile,
+    ratio,
     run_meta,
     runnable_brokers,
+    summarize,
     tree_cpu,
 )
 
@@ -511,28 +513,12 @@ METRICS = [
 ]
 
 
-def summarize(results: list[dict], brokers: list[str]) -> dict[str, dict[str, Optional[float]]]:
-    table: dict[str, dict[str, Optional[float]]] = {}
-    for key, *_ in METRICS:
-        row: dict[str, Optional[float]] = {}
-        for broker in brokers:
-            values = [r["metrics"][key] for r in results if r["broker"] == broker and r["ok"] and key in r["metrics"]]
-            values = [v for v in values if not math.isnan(v)]
-            row[broker] = statistics.median(values) if values else None
-        table[key] = row
-    return table
-
-
-def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return a / b if a is not None and b else None
-
-
 def render(data: dict) -> str:
     meta, results = data["meta"], data["results"]
     brokers = meta["brokers"]
     sizes = meta["sizes"]
     n = sizes["producers"]
-    table = summarize(results, brokers)
+    table = summarize(results, brokers, METRICS)
     fs = meta.get("filesystem", {})
     out = [f"# Durable confirmed publishes: {meta['date']}{' (quick)' if meta['quick'] else ''}", ""]
     out.append(
