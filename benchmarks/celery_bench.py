@@ -672,10 +672,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("\ninterrupted: writing what was measured", file=sys.stderr)
     finally:
         servers.stop_all()
+    complete = brokers == BROKERS and not args.tasks
+    return finish_run(args, meta, results, started, interrupted, complete, write, render)
+
+
+def finish_run(
+    args: argparse.Namespace,
+    meta: dict[str, Any],
+    results: list[dict],
+    started: float,
+    interrupted: bool,
+    complete: bool,
+    write: Callable[..., list[Path]],
+    render: Callable[[dict], str],
+) -> int:
+    """Close the report (duration, load, complete or not), write it (also as
+    the latest when complete and not ``--quick``), print it; the exit
+    status. A reference broker that does not start (RabbitMQ, typically)
+    is reported, not a failure."""
     meta["duration_s"] = round(time.monotonic() - started, 1)
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     meta["interrupted"] = interrupted
-    meta["complete"] = not interrupted and brokers == BROKERS and not args.tasks
+    meta["complete"] = not interrupted and complete
     if not results:
         print("nothing was run", file=sys.stderr)
         return 1
@@ -685,8 +703,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(render(data))
     for path in paths:
         print(f"wrote {path}")
-    # A reference broker that does not start (RabbitMQ, typically) is reported, not a failure.
-    failed = [r for r in results if not r["ok"] and not (r["broker"] != "dmb" and r["raw"].get("start_failed"))]
+    failed = [
+        r for r in results if not r["ok"] and not (not r["broker"].startswith("dmb") and r["raw"].get("start_failed"))
+    ]
     return 1 if interrupted or failed else 0
 
 

@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:  # so that ``benchmarks`` imports
 from benchmarks import report, servers  # noqa: E402
 from benchmarks.celery_bench import (  # noqa: E402
     exit_on_signals,
+    finish_run,
     fmt,
     percentile,
     ratio,
@@ -746,24 +747,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             producers.close()
         servers.stop_all()
         shutil.rmtree(root, ignore_errors=True)
-    meta["duration_s"] = round(time.monotonic() - started, 1)
-    meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    meta["interrupted"] = interrupted
-    meta["complete"] = not interrupted and brokers == BROKERS and not custom and not args.strace
-    meta["complete"] = meta["complete"] and not args.commit_delay_ms
-    if not results:
-        print("nothing was run", file=sys.stderr)
-        return 1
-    data = {"meta": meta, "results": results}
-    paths = write(args.out, data, latest=meta["complete"] and not args.quick)
-    print()
-    print(render(data))
-    for path in paths:
-        print(f"wrote {path}")
-    failed = [
-        r for r in results if not r["ok"] and not (not r["broker"].startswith("dmb") and r["raw"].get("start_failed"))
-    ]
-    return 1 if interrupted or failed else 0
+    complete = brokers == BROKERS and not custom and not args.strace and not args.commit_delay_ms
+    return finish_run(args, meta, results, started, interrupted, complete, write, render)
 
 
 if __name__ == "__main__":
