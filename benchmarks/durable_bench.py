@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,6 +52,7 @@ if str(ROOT) not in sys.path:  # so that ``benchmarks`` imports
 
 from benchmarks import report, servers  # noqa: E402
 from benchmarks.celery_bench import (  # noqa: E402
+    Result,
     exit_on_signals,
     finish_run,
     fmt,
@@ -353,16 +354,6 @@ def filesystem(path: str) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------- workloads
-
-
-@dataclass
-class Result:
-    broker: str
-    rep: int
-    ok: bool = True
-    error: Optional[str] = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    raw: dict[str, Any] = field(default_factory=dict)
 
 
 def run_phase(broker: Broker, producers: Producers, n: int, sizes: dict[str, Any], result: Result, key: str) -> None:
