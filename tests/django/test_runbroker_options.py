@@ -109,7 +109,7 @@ def test_runbroker_passes_the_metrics_port_and_says_when_the_extra_is_missing(mo
 
     monkeypatch.setattr(runbroker, "serve", fake_serve)
     address = f"tcp://127.0.0.1:{free_port()}"
-    pytest.importorskip("prometheus_client")
+    pytest.importorskip("prometheus_client", reason="the metrics extra: pip install -e '.[metrics]'")
     call_command("runbroker", "--metrics-port", "0", bind=address)
     assert (seen["metrics_port"], seen["metrics_host"]) == (0, None)
     monkeypatch.setitem(sys.modules, "prometheus_client", None)

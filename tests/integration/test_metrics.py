@@ -16,7 +16,7 @@ from django_message_broker.__main__ import main
 from helpers import free_port, wait_for
 
 pytestmark = pytest.mark.timeout(60)
-pytest.importorskip("prometheus_client")
+pytest.importorskip("prometheus_client", reason="the metrics extra: pip install -e '.[metrics]'")
 
 
 def scrape(url: str) -> str:
