@@ -277,7 +277,9 @@ class PureClient:
     def settle(self, receive: Receive, accepted: bool = True) -> None:
         """The receive's event loop decides: take the message, or not."""
         assert receive.value is not None
-        self.state.settle(receive.channel, receive.value, accepted, self.pair.now)
+        grant = self.state.settle(receive.channel, receive.value, accepted, self.pair.now, self.connected)
+        if grant is not None:
+            self.post(grant)
 
     def send(self, channel: str, body: bytes, capacity: int = 100, ttl: float = 60.0) -> Optional[ex.BrokerError]:
         """A face's send: pipelined if the window allows, else checked.

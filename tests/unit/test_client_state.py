@@ -92,6 +92,23 @@ def test_more_receives_than_the_window_all_get_a_message(pair):
     assert pair.broker.clients[B].endpoints["ch"].credit + len(pair[B].state.channels["ch"].buffer) <= 4
 
 
+def test_more_receives_than_the_window_on_event_loops_all_get_a_message(pair):
+    """The same with receives on event loops (hand-offs settle later, one
+    at a time): the window's deliveries arrive while the first hand-off is
+    on its way, so they wait in the buffer and cover the credit. Once the
+    settles have drained the buffer, receives still wait and nothing is
+    owed: the settle asks for the next window (no delivery or receive is
+    coming to ask)."""
+    waiting = [pair[B].receive("ch", settles_later=True) for _ in range(6)]
+    for i in range(6):
+        pair[A].send("ch", b"%d" % i)
+    for i in range(6):
+        assert waiting[i].body == b"%d" % i
+        pair[B].settle(waiting[i])
+        pair.pump()
+    assert pair.broker.queued() == 0 and not pair[B].state.channels["ch"].buffer
+
+
 def test_expired_messages_are_skipped_on_take(pair):
     pair[B].receive("ch")
     pair[A].send("ch", b"first")

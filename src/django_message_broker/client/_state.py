@@ -353,16 +353,25 @@ class ClientState:
                     grants.append(grant)
         return grants
 
-    def settle(self, state: ChannelState, item: Item, accepted: bool, now: float) -> None:
-        """A hand-off's outcome, from the receive's event loop."""
+    def settle(
+        self, state: ChannelState, item: Item, accepted: bool, now: float, connected: bool = True
+    ) -> Optional[p.Subscribe]:
+        """A hand-off's outcome, from the receive's event loop. Returns the
+        credit to grant: the window's deliveries may have waited in the
+        buffer behind this hand-off, so only now, with the buffer drained,
+        may receives still waiting need the next window."""
         state = self.channel(state.name)  # the same one, unless it was refused meanwhile
         state.settle(item, accepted, now)
         self._noted(state)
+        return state.top_up(connected) if state.waiters else None
 
-    def put_back(self, name: str, item: Item, now: float) -> None:
+    def put_back(self, name: str, item: Item, now: float, connected: bool = True) -> Optional[p.Subscribe]:
+        """A message whose receive was cancelled after it was resolved: first
+        in line again. Returns the credit to grant, as ``settle``."""
         state = self.channel(name)
         state.put_back(item, now)
         self._noted(state)
+        return state.top_up(connected) if state.waiters else None
 
     def forget_waiter(self, name: str, waiter: Waiter) -> None:
         state = self.channels.get(name)

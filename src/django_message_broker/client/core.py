@@ -266,7 +266,7 @@ class Core:
         """A message whose receive was cancelled as it was resolved: first in
         line again."""
         with self.lock:
-            self.state.put_back(channel, item, time.monotonic())
+            self._grant(self.state.put_back(channel, item, time.monotonic(), self.connected))
             self._after_loop_side()
 
     def forget_waiter(self, channel: str, waiter: Waiter) -> None:
@@ -279,18 +279,27 @@ class Core:
 
     def settled(self, channel: ChannelState, item: Item, accepted: bool) -> None:
         with self.lock:
-            self.state.settle(channel, item, accepted, time.monotonic())
+            self._grant(self.state.settle(channel, item, accepted, time.monotonic(), self.connected))
             self._after_loop_side()
 
     def settled_all(self, outcomes: list[tuple[ChannelState, Item, bool]]) -> None:
         """The hand-offs of one batch, settled under one lock (a group_send
         to 500 channels here is one batch of 500)."""
         with self.lock:
-            now = time.monotonic()
+            now, connected = time.monotonic(), self.connected
             settle = self.state.settle
             for channel, item, accepted in outcomes:
-                settle(channel, item, accepted, now)
+                self._grant(settle(channel, item, accepted, now, connected))
             self._after_loop_side()
+
+    def _grant(self, grant: Optional[p.Subscribe]) -> None:
+        """Send the credit a settle or put-back decided on, if any (a closed
+        client grants nothing: its receives are failing)."""
+        if grant is not None:
+            try:
+                self.post(grant)
+            except ClientClosed:
+                pass
 
     def _after_loop_side(self) -> None:
         """After a change made on a receive's thread (lock held): hand-offs
