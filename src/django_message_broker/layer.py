@@ -186,8 +186,14 @@ class ChannelsServerLayer(BaseChannelLayer):
         return decode_shared(body, shared)  # decoded once per process for a group_send
 
     async def new_channel(self, prefix: str = "specific") -> str:
-        """A new process-specific channel name, unique across processes."""
-        return f"{prefix}.{self.client_prefix}!{uuid.uuid4().hex}"
+        """A new process-specific channel name, unique across processes.
+        Its messages start coming to this process now, ahead of its first
+        receive: a consumer receives on it at once, and a group_send finds
+        it ready (they go back to the broker if no receive comes within
+        ``idle_return``)."""
+        channel = f"{prefix}.{self.client_prefix}!{uuid.uuid4().hex}"
+        self.client.fetch_ahead(self._wire + channel)
+        return channel
 
     async def group_add(self, group: str, channel: str) -> None:
         self.require_valid_group_name(group)
@@ -203,19 +209,23 @@ class ChannelsServerLayer(BaseChannelLayer):
         """Send to every member; full members are skipped (and logged)."""
         self.require_valid_group_name(group)
         body = encode_message(message)
+
+        def skipped(sent: int, skipped: int) -> None:
+            logger.info("%s of %s channels over capacity in group %s", skipped, sent + skipped, group)
+
         try:
-            sent, skipped = await self.client.group_send(
+            await self.client.group_send(
                 self._wire + group,
                 body,
                 ttl=self.expiry,
                 capacity=self.capacity,
                 capacities=self._capacity_rules,
                 prefix=self.prefix,
+                confirm=False,  # pipelined, as send: no round trip per group_send
+                on_skipped=skipped,
             )
         except exceptions.MessageTooLarge as exc:
             raise MessageTooLarge(exc.size, exc.limit) from None
-        if skipped:
-            logger.info("%s of %s channels over capacity in group %s", skipped, sent + skipped, group)
 
     async def flush(self) -> None:
         """Empty every channel and group of this layer's namespace (with

@@ -91,6 +91,65 @@ async def test_group_send_reaches_members(broker, clients):
     assert await asyncio.wait_for(rx.receive("member.one"), 5) == b"again"
 
 
+async def test_an_unconfirmed_group_send_returns_at_once_and_reports_skipped_members(broker, clients):
+    tx, rx = clients(AsyncClient, broker.address), clients(AsyncClient, broker.address)
+    await rx.group_add("room.nc", "nc.free")
+    await rx.group_add("room.nc", "nc.full")
+    await tx.send("nc.full", b"fills it", capacity=1)
+    reported = []
+    answered = threading.Event()
+
+    def skipped(sent: int, skipped: int) -> None:  # on the client's I/O thread
+        reported.append((sent, skipped))
+        answered.set()
+
+    result = await tx.group_send("room.nc", b"hi", capacity=1, confirm=False, on_skipped=skipped)
+    assert result is None
+    assert await asyncio.wait_for(rx.receive("nc.free"), 5) == b"hi"
+    assert await asyncio.to_thread(answered.wait, 5)
+    assert reported == [(1, 1)]
+    assert await asyncio.wait_for(rx.receive("nc.full"), 5) == b"fills it"
+    # confirmed, the same call answers with the counts
+    assert await tx.group_send("room.nc", b"again", capacity=1, on_skipped=skipped) == (2, 0)
+
+
+def test_an_unconfirmed_group_send_sync(broker, clients):
+    tx, rx = clients(SyncClient, broker.address), clients(SyncClient, broker.address)
+    rx.group_add("room.ncs", "ncs.one")
+    assert tx.group_send("room.ncs", b"hi", confirm=False) is None
+    assert rx.receive("ncs.one", timeout=5) == b"hi"
+
+
+async def test_an_unconfirmed_group_send_without_a_broker_fails_to_its_caller(clients):
+    """Pipelining needs a connection: without one, the group_send waits for
+    the broker's answer like any request, and fails to its caller."""
+    client = clients(AsyncClient, f"tcp://127.0.0.1:{free_port()}", timeout=0.3)
+    with pytest.raises(BrokerUnavailable):
+        await client.group_send("room", b"lost?", confirm=False)
+
+
+async def test_new_channel_fetches_ahead_and_unread_messages_go_back(broker):
+    """The layer's ``new_channel`` grants the broker credit at once: a send
+    to it reaches this process before its first receive. Never received,
+    the message goes back to the broker after ``idle_return``."""
+    from django_message_broker.layer import ChannelsServerLayer
+
+    layer = ChannelsServerLayer(address=broker.address, embedded=False, prefix="t", idle_return=0.3)
+    try:
+        await layer.flush()  # connected
+        read, unread = await layer.new_channel(), await layer.new_channel()
+        await until(lambda: ready_endpoints(broker, "t." + read) == 1 and ready_endpoints(broker, "t." + unread) == 1)
+        await layer.send(read, {"type": "early"})
+        await layer.send(unread, {"type": "early"})
+        state = layer.client.core.state
+        await until(lambda: bool(state.channels["t." + read].buffer))  # here before any receive
+        assert await asyncio.wait_for(layer.receive(read), 5) == {"type": "early"}
+        await until(lambda: "t." + unread not in state.channels, timeout=5)  # withdrawn, returned, forgotten
+        assert broker.call(lambda: broker.server.broker.queues["t." + unread].depth) == 1
+    finally:
+        await layer.close()
+
+
 # -- ordering and exactly-once --------------------------------------------------------
 async def test_fifo_of_5000_messages_between_two_async_clients(broker, clients):
     tx, rx = clients(AsyncClient, broker.address), clients(AsyncClient, broker.address)

@@ -693,6 +693,25 @@ def test_a_group_send_delivers_at_once_without_queue_entries_and_counts_per_memb
     assert rig.broker.counters["delivered"] == 3
 
 
+def test_the_outbox_counts_deliveries_until_they_are_taken(rig):
+    """``Outbox.deliveries``: what the shell reads to send a big fan-out
+    before its read batch ends (server._FLUSH_AT). Group members and queued
+    runs count; replies do not; a full take starts again from zero."""
+    rig.hello(A)
+    _members(rig, B, 3)
+    rig.broker.data_to_send()
+    outbox = rig.broker.outbox
+    assert outbox.deliveries == 0
+    handle = rig.broker.handle
+    handle([A, p.encode(p.GroupSend(9, "room", 60, 100, [])), b"hi"], rig.now)  # 3 members at once, and a reply
+    assert outbox.deliveries == 3
+    handle([B, p.encode(p.Subscribe(0, "other", 4))], rig.now)
+    handle([A, p.encode(p.Send(0, "other", 60, 100, False)), b"x", b"y"], rig.now)  # one run of two
+    assert outbox.deliveries == 5
+    rig.broker.data_to_send()
+    assert outbox.deliveries == 0
+
+
 def test_a_group_send_to_more_members_than_a_deliver_holds_is_split(rig):
     rig.hello(A)
     channels = _members(rig, B, p.MAX_BATCH + 5)

@@ -173,6 +173,24 @@ def test_an_idle_channel_withdraws_its_credit_and_returns_unread_messages(pair):
     assert [pair[C].receive("ch"), pair[C].receive("ch")] == [b"2", b"3"]
 
 
+def test_fetch_ahead_brings_messages_before_the_first_receive_and_idle_returns_them(pair):
+    """A process channel fetched ahead (the layer's ``new_channel``) is
+    granted a window at once: a group_send finds it ready, and the first
+    receive takes a message already here. Unread, they go back after
+    ``idle_return``, as for any receive that stopped."""
+    for name in ("p!read", "p!unread"):
+        pair[B].post(pair[B].state.fetch_ahead(name, pair.now, connected=True))
+    assert subscribes(pair[B]) == [p.Subscribe(0, "p!read", 8), p.Subscribe(0, "p!unread", 8)]  # process_prefetch
+    for name in ("p!read", "p!unread"):
+        pair[A].send(name, b"early")
+    assert pair.broker.queued() == 0
+    assert pair[B].receive("p!read") == b"early"  # no waiting, no round trip
+    assert pair[B].state.fetch_ahead("p!read", pair.now, connected=False) is None  # no connection: nothing
+    pair.tick(1.5)
+    [returned] = [m for m in pair[B].sent if isinstance(m, p.Return)]
+    assert returned.channel == "p!unread" and pair.broker.queued() == 1
+
+
 def test_a_channel_whose_hand_off_lags_is_not_idle(pair):
     """A receive's event loop that is slower than ``idle_return`` to settle
     its hand-off (a process with thousands of channels) still has a receive
@@ -369,6 +387,19 @@ def test_the_window_caps_unanswered_sends_and_tracked_channels():
     window.unacked = 9
     window.reset(restarted=False)
     assert window.unacked == 0
+
+
+def test_group_sends_pipeline_within_the_window_and_any_answer_resets_it():
+    window = SendWindow()
+    for _ in range(MAX_UNACKED):
+        assert window.may_pipeline_group(connected=True)
+    assert not window.may_pipeline_group(connected=True)  # this one waits for the broker's answer
+    window.answered()
+    assert window.may_pipeline_group(connected=True) and window.unacked == 1
+    assert window.may_pipeline("ch", 100, connected=True) and window.unacked == 2  # one count for both
+    window.acked("ch", 1)
+    assert window.unacked == 0
+    assert not SendWindow().may_pipeline_group(connected=False)
 
 
 def test_channel_state_alone_top_up_rules():

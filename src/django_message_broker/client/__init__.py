@@ -21,7 +21,7 @@ import asyncio
 import logging
 import os
 import threading
-from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar
+from typing import Any, Callable, Literal, NoReturn, Optional, Sequence, TypeVar, overload
 
 from .. import protocol as p
 from ..exceptions import ClientClosed, MessageTooLarge, QueueFull
@@ -230,6 +230,15 @@ class _ClientBase:
             raise MessageTooLarge(len(body), limit)
         return body
 
+    def fetch_ahead(self, channel: str) -> None:
+        """Start fetching ``channel``'s messages ahead of its first receive,
+        as a receive would: a process channel (``!``) this process is about
+        to read (the Channels layer does this in ``new_channel``). If no
+        receive comes within ``idle_return`` seconds, they go back to the
+        broker. Does not wait."""
+        p.check_channel_name(channel)
+        self.core.fetch_ahead(channel)
+
     def _send_now_or_request(self, channel: str, body: bytes, ttl: float, capacity: int) -> tuple[Core, Any, bytes]:
         """Check a send; pipeline it if the rules allow (returns no request),
         else return the checked ``Send`` to wait for, and the body."""
@@ -250,15 +259,33 @@ class _ClientBase:
         ttl: float,
         capacity: int,
         capacities: Sequence[tuple[str, int]],
-        prefix: str = "",
-    ) -> tuple[p.GroupSend, bytes]:
+        prefix: str,
+        confirm: bool,
+        on_skipped: Optional[Callable[[int, int], None]],
+    ) -> tuple[Optional[p.GroupSend], bytes, Callable[[Any], tuple[int, int]]]:
+        """Check a group_send. Unconfirmed, pipeline it if the send window
+        allows (returns no request); else return the ``GroupSend`` to wait
+        for, its body, and what to make of the answer."""
         p.check_group_name(group)
         ttl = check_ttl("ttl", ttl)
         capacity = check_capacity("capacity", capacity)
         rules = _check_capacities(capacities)
         p.check_prefix(prefix)
-        body = self._check_body(self.core, body)
-        return p.GroupSend(0, group, ttl, capacity, rules, prefix), body
+        core = self.core
+        body = self._check_body(core, body)
+
+        def answered(value: Any) -> tuple[int, int]:
+            core.answered()
+            sent, skipped = value
+            if skipped and on_skipped is not None:
+                on_skipped(sent, skipped)
+            return sent, skipped
+
+        msg = p.GroupSend(0, group, ttl, capacity, rules, prefix)
+        if not confirm and core.may_pipeline_group():  # the rule: _state.SendWindow
+            core.request_pipelined(msg, body, answered)
+            return None, body, answered
+        return msg, body, answered
 
     def _send_failed(self, core: Core, channel: str, capacity: int, error: BaseException) -> None:
         core.refused(channel, capacity, isinstance(error, QueueFull))
@@ -333,6 +360,7 @@ class AsyncClient(_ClientBase):
         self.core.forget_group(group, channel)
         await self._request(msg)
 
+    @overload
     async def group_send(
         self,
         group: str,
@@ -342,15 +370,54 @@ class AsyncClient(_ClientBase):
         capacity: int = 100,
         capacities: Sequence[tuple[str, int]] = (),
         prefix: str = "",
-    ) -> tuple[int, int]:
+        confirm: Literal[True] = True,
+        on_skipped: Optional[Callable[[int, int], None]] = None,
+    ) -> tuple[int, int]: ...
+
+    @overload
+    async def group_send(
+        self,
+        group: str,
+        body: bytes,
+        *,
+        ttl: float = 60.0,
+        capacity: int = 100,
+        capacities: Sequence[tuple[str, int]] = (),
+        prefix: str = "",
+        confirm: Literal[False],
+        on_skipped: Optional[Callable[[int, int], None]] = None,
+    ) -> None: ...
+
+    async def group_send(
+        self,
+        group: str,
+        body: bytes,
+        *,
+        ttl: float = 60.0,
+        capacity: int = 100,
+        capacities: Sequence[tuple[str, int]] = (),
+        prefix: str = "",
+        confirm: bool = True,
+        on_skipped: Optional[Callable[[int, int], None]] = None,
+    ) -> Optional[tuple[int, int]]:
         """Send to every member; full members are skipped. ``capacities``:
         (regex, capacity) rules for members, first match wins; with
         ``prefix``, they are matched against member names without
         ``prefix.`` (see ``protocol.GroupSend``). Returns
-        ``(delivered, skipped)``."""
-        msg, body = self._group_send(group, body, ttl, capacity, capacities, prefix)
-        sent, skipped = await self._request(msg, body)
-        return sent, skipped
+        ``(delivered, skipped)``.
+
+        ``confirm=False``: return None as soon as the message is on its way,
+        as a ``send`` does while the send window allows (else it waits for
+        the broker's answer, which resets the window). A producer then does
+        not wait a round trip per group_send; the Channels layer sends this
+        way. ``on_skipped(delivered, skipped)`` runs on the client's I/O
+        thread when the answer says members were skipped (the broker logs
+        them too); a refusal, or no answer within the timeout, is logged."""
+        msg, body, answered = self._group_send(group, body, ttl, capacity, capacities, prefix, confirm, on_skipped)
+        if msg is None:
+            return None
+        counts = await self._request(msg, body, answered)
+        return counts if confirm else None
 
     async def flush(self, prefix: str = "") -> None:
         """Drop every queued message and group on the broker, or only those
@@ -421,6 +488,7 @@ class SyncClient(_ClientBase):
         self.core.forget_group(group, channel)
         self._request(msg)
 
+    @overload
     def group_send(
         self,
         group: str,
@@ -430,11 +498,42 @@ class SyncClient(_ClientBase):
         capacity: int = 100,
         capacities: Sequence[tuple[str, int]] = (),
         prefix: str = "",
-    ) -> tuple[int, int]:
+        confirm: Literal[True] = True,
+        on_skipped: Optional[Callable[[int, int], None]] = None,
+    ) -> tuple[int, int]: ...
+
+    @overload
+    def group_send(
+        self,
+        group: str,
+        body: bytes,
+        *,
+        ttl: float = 60.0,
+        capacity: int = 100,
+        capacities: Sequence[tuple[str, int]] = (),
+        prefix: str = "",
+        confirm: Literal[False],
+        on_skipped: Optional[Callable[[int, int], None]] = None,
+    ) -> None: ...
+
+    def group_send(
+        self,
+        group: str,
+        body: bytes,
+        *,
+        ttl: float = 60.0,
+        capacity: int = 100,
+        capacities: Sequence[tuple[str, int]] = (),
+        prefix: str = "",
+        confirm: bool = True,
+        on_skipped: Optional[Callable[[int, int], None]] = None,
+    ) -> Optional[tuple[int, int]]:
         """As ``AsyncClient.group_send``, blocking."""
-        msg, body = self._group_send(group, body, ttl, capacity, capacities, prefix)
-        sent, skipped = self._request(msg, body)
-        return sent, skipped
+        msg, body, answered = self._group_send(group, body, ttl, capacity, capacities, prefix, confirm, on_skipped)
+        if msg is None:
+            return None
+        counts = self._request(msg, body, answered)
+        return counts if confirm else None  # type: ignore[no-any-return]
 
     def flush(self, prefix: str = "") -> None:
         self._request(p.Flush(0, p.check_prefix(prefix)))

@@ -229,9 +229,11 @@ class SendWindow:
     half full (the last depth the broker reported plus our own sends since)
     and fewer than ``MAX_UNACKED`` sends are unanswered in all. Near
     capacity, the sender waits for the broker's answer, so ``QueueFull`` is
-    exact for a single sender. Any answer resets the unanswered count: the
-    broker has read everything sent before it, so a producer never runs
-    more than one window ahead."""
+    exact for a single sender. A group_send goes without waiting while the
+    unanswered count allows (its members over capacity are skipped, not
+    refused). Any answer resets the unanswered count: the broker has read
+    everything sent before it, so a producer never runs more than one
+    window ahead."""
 
     __slots__ = ("depth", "unacked")
 
@@ -248,9 +250,23 @@ class SendWindow:
             return True
         return False
 
+    def may_pipeline_group(self, connected: bool) -> bool:
+        """A group_send: True to send without waiting (counted now), False
+        to wait for the broker's answer. Only the window counts: members
+        over capacity are skipped, never refused."""
+        if connected and self.unacked < MAX_UNACKED:
+            self.unacked += 1
+            return True
+        return False
+
+    def answered(self) -> None:
+        """The broker answered a checked send or group_send: it has read
+        everything sent before."""
+        self.unacked = 0
+
     def acked(self, channel: str, depth: int) -> None:
         """The broker answered a checked send with the channel's depth."""
-        self.unacked = 0
+        self.answered()
         if len(self.depth) >= MAX_TRACKED_CHANNELS:
             self.depth.clear()
         self.depth[channel] = depth
@@ -321,6 +337,14 @@ class ClientState:
             state.waiters.append(waiter)
         self._noted(state)  # what it took, or skipped as expired
         return item, waiter, state.top_up(connected)
+
+    def fetch_ahead(self, name: str, now: float, connected: bool) -> Optional[p.Subscribe]:
+        """Ask for ``name``'s messages ahead of its first receive: the credit
+        a receive would grant. They wait here for a receive; if none comes
+        within ``idle_return``, they go back (``idle``)."""
+        state = self.channel(name)
+        state.last_wanted = now
+        return state.top_up(connected)
 
     def deliver(
         self,

@@ -72,7 +72,7 @@ from . import _lifecycle
 from ._handshake import Handshake
 from ._requests import Requests
 from ._state import ChannelState, ClientState, Item, Shared, W, share_bodies
-from .waiters import AsyncWaiter, SyncWaiter, Waiter
+from .waiters import AsyncWaiter, LoggingWaiter, SyncWaiter, Waiter
 
 __all__ = ["AsyncWaiter", "Core", "SyncWaiter"]
 
@@ -240,6 +240,13 @@ class Core:
         ``Send`` with many bodies."""
         self._enqueue((channel, ttl, capacity, body))
 
+    def request_pipelined(self, msg: Any, body: bytes, on_reply: Callable[[Any], Any]) -> None:
+        """A request nobody waits for: ``on_reply(value)`` runs on the I/O
+        thread when the answer comes; a refusal, or no answer within the
+        timeout, is logged (``LoggingWaiter``)."""
+        waiter = LoggingWaiter(type(msg).__name__)
+        self.call(lambda: self._start_request(msg, body, waiter, on_reply))
+
     def post(self, msg: Any, body: Optional[bytes] = None) -> None:
         """Send a message that expects no reply."""
         self.call(lambda: self._send_frames(self._frames(msg, body)))
@@ -261,6 +268,13 @@ class Core:
             if state.report_due and not was_due:
                 self._report_soon()
         return item, waiter
+
+    def fetch_ahead(self, channel: str) -> None:
+        """Grant ``channel`` credit now, as its first receive would (see
+        ``ClientState.fetch_ahead``). Not connected yet: the first receive
+        grants it."""
+        with self.lock:
+            self._grant(self.state.fetch_ahead(channel, time.monotonic(), self.connected))
 
     def put_back(self, channel: str, item: Item) -> None:
         """A message whose receive was cancelled as it was resolved: first in
@@ -327,9 +341,17 @@ class Core:
         with self.lock:
             return self.state.window.may_pipeline(channel, capacity, self.connected)
 
+    def may_pipeline_group(self) -> bool:
+        with self.lock:
+            return self.state.window.may_pipeline_group(self.connected)
+
     def acked(self, channel: str, depth: int) -> None:
         with self.lock:
             self.state.window.acked(channel, depth)
+
+    def answered(self) -> None:
+        with self.lock:
+            self.state.window.answered()
 
     def refused(self, channel: str, capacity: int, full: bool) -> None:
         with self.lock:
@@ -638,6 +660,8 @@ class Core:
         now = time.monotonic()
         with self.lock:
             grants = self.state.deliver(channels, bodies, ttls, now, shared, self.connected)
+            if self._calls:  # the receives' loops start on these while we read the next Deliver
+                self._flush_calls()
         for grant in grants:  # on the I/O thread: straight to the socket
             self._send_frames(self._frames(grant))
 

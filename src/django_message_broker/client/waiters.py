@@ -13,12 +13,16 @@ know the channel's state object and the hub, not the client.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import Any, ContextManager, Optional, Protocol
 
+from ..exceptions import ClientClosed
 from ._state import ChannelState, Item
 
-__all__ = ["AsyncWaiter", "Hub", "SyncWaiter", "Waiter"]
+__all__ = ["AsyncWaiter", "Hub", "LoggingWaiter", "SyncWaiter", "Waiter"]
+
+logger = logging.getLogger("django_message_broker.client")
 
 
 class Hub(Protocol):
@@ -121,4 +125,25 @@ class SyncWaiter:
         return self.value
 
 
-Waiter = AsyncWaiter | SyncWaiter
+class LoggingWaiter:
+    """The outcome of a request nobody waits for (a pipelined group_send):
+    an error is logged, since no caller will see it. Closing the client is
+    not one: close sends what is queued, as for pipelined sends, and only
+    the answer is not awaited."""
+
+    __slots__ = ("what",)
+
+    settles_later = False
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def alive(self) -> bool:
+        return True
+
+    def resolve(self, value: Any = None, error: Optional[BaseException] = None) -> None:
+        if error is not None and not isinstance(error, ClientClosed):
+            logger.error("a pipelined %s failed: %s", self.what, error)
+
+
+Waiter = AsyncWaiter | SyncWaiter | LoggingWaiter

@@ -121,6 +121,9 @@ class Outbox:
         self.replied: set[bytes] = set()
         #: Peers that read ``Deliver.body_of``: they get a shared body once.
         self.shared: set[bytes] = set()
+        #: Deliveries taken since the last full ``take`` (the shell sends
+        #: them early once there are a Deliver's worth: see ``FLUSH_AT``).
+        self.deliveries = 0
 
     def __bool__(self) -> bool:
         return bool(self._peers)
@@ -150,6 +153,7 @@ class Outbox:
     def defer(self, queue: ChannelQueue, endpoint: Endpoint, messages: list[DataMessage]) -> None:
         """Take a run of deliveries for ``endpoint`` (the queues' sink)."""
         ident = endpoint.dealer[0]
+        self.deliveries += len(messages)
         items = self._peers.get(ident)
         if items is None:
             self._peers[ident] = [(queue, endpoint, messages)]
@@ -161,6 +165,7 @@ class Outbox:
         counted as delivered): it joins the peer's last ``GroupRun`` if that
         one carries the same message, so the order decided holds."""
         ident = endpoint.dealer[0]
+        self.deliveries += 1
         items = self._peers.get(ident)
         if items is None:
             run = GroupRun(message)
@@ -185,6 +190,7 @@ class Outbox:
             pop = self._peers.pop
             return [_messages(ident, pop(ident), now, shared) for ident in replied]
         peers, self._peers = self._peers, {}
+        self.deliveries = 0
         return [_messages(ident, items, now, shared) for ident, items in peers.items()]
 
 

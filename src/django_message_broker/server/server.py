@@ -59,6 +59,10 @@ __all__ = ["DEFAULT_ADDRESS", "STORE_FILE", "BrokerServer", "check_bind", "run_u
 logger = logging.getLogger("django_message_broker.server")
 
 _BATCH = 512
+#: Deliveries buffered in the outbox that are sent before the read batch
+#: ends: a group_send to 1,000 members goes out as it is handled, and its
+#: receivers start on it while the broker handles the next one.
+_FLUSH_AT = 512
 _PEER_HWM = 50_000
 _TICK = 0.1
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -476,7 +480,9 @@ class BrokerServer:
                         for ident in broker.fd_wanted:
                             broker.record_fd(ident, frames[1].get(_SRCFD))
                         broker.fd_wanted.clear()
-                    if outbox.replied:  # a reply goes at once: a caller waits for it
+                    if outbox.deliveries >= _FLUSH_AT:  # a big fan-out: its receivers start now
+                        _send_all(sock, broker)
+                    elif outbox.replied:  # a reply goes at once: a caller waits for it
                         _send_all(sock, broker, replies_only=True)
                 _send_all(sock, broker)  # the deliveries: one Deliver per peer for the whole batch
                 while True:
