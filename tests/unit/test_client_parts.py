@@ -98,3 +98,22 @@ def test_a_loops_batch_settles_its_hand_offs_in_one_report():
         assert failed.future.exception() is error
 
     asyncio.run(asyncio.wait_for(main(), 5))
+
+
+def test_a_pipelined_group_sends_outcome_is_counted_once_and_an_error_logged(caplog):
+    """``LoggingWaiter``: nobody waits for a pipelined group_send, so its
+    failure is logged, and either way the window hears it is done. Closing
+    the client is no failure (what was queued was sent)."""
+    from django_message_broker.client.waiters import LoggingWaiter
+    from django_message_broker.exceptions import BrokerUnavailable, ClientClosed
+
+    done = []
+    waiter = LoggingWaiter("group_send", lambda: done.append(1))
+    with caplog.at_level("ERROR", logger="django_message_broker.client"):
+        waiter.resolve([3, 0])
+        waiter.resolve(None, ClientClosed("the client is closed"))
+        assert not caplog.records
+        waiter.resolve(None, BrokerUnavailable("tcp://127.0.0.1:1", 5))
+    assert len(done) == 3
+    [record] = caplog.records
+    assert "a pipelined group_send failed" in record.getMessage()

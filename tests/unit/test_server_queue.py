@@ -806,6 +806,26 @@ def test_endpoints_without_a_time_to_live_never_expire_and_cost_no_scan():
     assert q.expire_endpoints(clock.now + 6) == 1 and len(q.subscribers) == 1
 
 
+def test_expire_looks_at_messages_only_once_one_may_have_expired():
+    """``next_deadline`` is a lower bound of the queue's deadlines: before
+    it, ``expire`` scans nothing; messages put back keep it true."""
+    q, clock = make_queue()
+    push_all(q, [b"a", b"b"], ttl=100)
+    assert q.next_deadline == clock.now + 100
+    back = DataMessage(b"back", clock.now + 10)  # handed back unread, with an earlier deadline
+    q.push_front(back)
+    run = [DataMessage(b"run", clock.now + 5)]
+    q.put_back(run)
+    assert q.next_deadline == clock.now + 5
+    assert q.expire(clock.now + 4) == 0
+    assert q.expire(clock.now + 5) == 1 and q.next_deadline == clock.now + 10  # exact after a scan
+    assert q.expire(clock.now + 20) == 1 and [m.body for m in q.queue] == [b"a", b"b"]
+    q.push(DataMessage(b"forever"), None)
+    assert q.next_deadline == clock.now + 100
+    q.clear()
+    assert q.next_deadline == math.inf and q.expire(clock.now + 1000) == 0
+
+
 def test_expire_and_expire_endpoints_take_now():
     q, clock = make_queue()
     q.subscribe(endpoint("a", time_to_live=5))

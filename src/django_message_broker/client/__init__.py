@@ -283,7 +283,7 @@ class _ClientBase:
 
         msg = p.GroupSend(0, group, ttl, capacity, rules, prefix)
         if not confirm and core.may_pipeline_group():  # the rule: _state.SendWindow
-            core.request_pipelined(msg, body, answered)
+            core.group_send_pipelined(msg, body, answered)
             return None, body, answered
         return msg, body, answered
 

@@ -44,6 +44,7 @@ from typing import Any, Callable, Optional, Protocol, TypeVar
 from .. import protocol as p
 
 __all__ = [
+    "MAX_GROUPS_AHEAD",
     "MAX_TRACKED_CHANNELS",
     "MAX_UNACKED",
     "ChannelState",
@@ -57,6 +58,10 @@ __all__ = [
 
 #: Pipelined (unanswered) sends a process may have in flight before one waits.
 MAX_UNACKED = 4096
+#: Pipelined group_sends a process may have unanswered before one waits. Each
+#: fans out to every member: a producer that runs further ahead only buries
+#: the broker in input while the receivers fall behind.
+MAX_GROUPS_AHEAD = 8
 #: Channels whose depth the send window remembers; past it, it forgets them all.
 MAX_TRACKED_CHANNELS = 10_000
 _FULL = 1 << 62  # a channel's depth once a pipelined send to it was refused: ask next time
@@ -229,17 +234,21 @@ class SendWindow:
     half full (the last depth the broker reported plus our own sends since)
     and fewer than ``MAX_UNACKED`` sends are unanswered in all. Near
     capacity, the sender waits for the broker's answer, so ``QueueFull`` is
-    exact for a single sender. A group_send goes without waiting while the
-    unanswered count allows (its members over capacity are skipped, not
-    refused). Any answer resets the unanswered count: the broker has read
-    everything sent before it, so a producer never runs more than one
-    window ahead."""
+    exact for a single sender. Any answer resets the unanswered count: the
+    broker has read everything sent before it, so a producer never runs
+    more than one window ahead.
 
-    __slots__ = ("depth", "unacked")
+    A group_send goes without waiting while fewer than ``MAX_GROUPS_AHEAD``
+    are unanswered (its members over capacity are skipped, never refused).
+    Each is answered or fails exactly once (``group_done``), so that count
+    is exact."""
+
+    __slots__ = ("depth", "groups", "unacked")
 
     def __init__(self) -> None:
         self.depth: dict[str, int] = {}  # channel -> messages the senders here believe are queued
         self.unacked = 0  # pipelined sends not yet known to have reached the broker (approximate)
+        self.groups = 0  # pipelined group_sends not yet answered (exact)
 
     def may_pipeline(self, channel: str, capacity: int, connected: bool) -> bool:
         """True: send without waiting (counted now). False: ask the broker."""
@@ -251,13 +260,18 @@ class SendWindow:
         return False
 
     def may_pipeline_group(self, connected: bool) -> bool:
-        """A group_send: True to send without waiting (counted now), False
-        to wait for the broker's answer. Only the window counts: members
-        over capacity are skipped, never refused."""
-        if connected and self.unacked < MAX_UNACKED:
+        """A group_send: True to send without waiting (counted now; call
+        ``group_done`` once it is answered or failed), False to wait for
+        the broker's answer."""
+        if connected and self.groups < MAX_GROUPS_AHEAD and self.unacked < MAX_UNACKED:
+            self.groups += 1
             self.unacked += 1
             return True
         return False
+
+    def group_done(self) -> None:
+        """A pipelined group_send was answered, or failed."""
+        self.groups -= 1
 
     def answered(self) -> None:
         """The broker answered a checked send or group_send: it has read

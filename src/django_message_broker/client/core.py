@@ -240,12 +240,12 @@ class Core:
         ``Send`` with many bodies."""
         self._enqueue((channel, ttl, capacity, body))
 
-    def request_pipelined(self, msg: Any, body: bytes, on_reply: Callable[[Any], Any]) -> None:
-        """A request nobody waits for: ``on_reply(value)`` runs on the I/O
-        thread when the answer comes; a refusal, or no answer within the
-        timeout, is logged (``LoggingWaiter``)."""
-        waiter = LoggingWaiter(type(msg).__name__)
-        self.call(lambda: self._start_request(msg, body, waiter, on_reply))
+    def group_send_pipelined(self, msg: p.GroupSend, body: bytes, on_reply: Callable[[Any], Any]) -> None:
+        """A group_send nobody waits for (the window counted it:
+        ``may_pipeline_group``): ``on_reply(value)`` runs on the I/O thread
+        when the answer comes; a refusal, or no answer within the timeout,
+        is logged (``LoggingWaiter``). Either way the window hears of it."""
+        self.request(msg, body, LoggingWaiter("group_send", self.state.window.group_done), on_reply)
 
     def post(self, msg: Any, body: Optional[bytes] = None) -> None:
         """Send a message that expects no reply."""

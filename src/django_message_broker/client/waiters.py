@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any, ContextManager, Optional, Protocol
+from typing import Any, Callable, ContextManager, Optional, Protocol
 
 from ..exceptions import ClientClosed
 from ._state import ChannelState, Item
@@ -127,21 +127,23 @@ class SyncWaiter:
 
 class LoggingWaiter:
     """The outcome of a request nobody waits for (a pipelined group_send):
-    an error is logged, since no caller will see it. Closing the client is
-    not one: close sends what is queued, as for pipelined sends, and only
-    the answer is not awaited."""
+    ``done()`` is called (lock held), and an error is logged, since no
+    caller will see it. Closing the client is not one: close sends what is
+    queued, as for pipelined sends, and only the answer is not awaited."""
 
-    __slots__ = ("what",)
+    __slots__ = ("done", "what")
 
     settles_later = False
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, done: Callable[[], None]) -> None:
         self.what = what
+        self.done = done
 
     def alive(self) -> bool:
         return True
 
     def resolve(self, value: Any = None, error: Optional[BaseException] = None) -> None:
+        self.done()
         if error is not None and not isinstance(error, ClientClosed):
             logger.error("a pipelined %s failed: %s", self.what, error)
 

@@ -238,6 +238,11 @@ class ChannelQueue:
         #: Monotonic clock, in seconds.
         self.clock = clock
         self.queue: Deque[DataMessage] = deque()
+        #: No message in ``queue`` expires before this (a lower bound, exact
+        #: after ``expire``): ``expire`` costs nothing until then, where it
+        #: used to look at every message (a full channel is asked on every
+        #: send to it, and the sweep asks every channel ten times a second).
+        self.next_deadline = math.inf
         #: Counts the bytes of ``queue`` (the broker shares one broker-wide).
         self.meter = MemoryMeter() if meter is None else meter
         self.subscribers = RoundRobinDict()
@@ -411,7 +416,9 @@ class ChannelQueue:
             self.expire()
             if len(self.queue) >= self.max_length:
                 raise QueueFull(self.name, self.max_length)
-        message.deadline = self.clock() + time_to_live if time_to_live else math.inf
+        message.deadline = deadline = self.clock() + time_to_live if time_to_live else math.inf
+        if deadline < self.next_deadline:
+            self.next_deadline = deadline
         self.queue.append(message)
         self.meter.used += message.size
         self._set_messages_available()
@@ -420,12 +427,15 @@ class ChannelQueue:
         """Put a message back at the head (a delivery handed back unread).
         Keeps the message's deadline; ignores ``max_length``, since the
         message was counted when it first arrived."""
+        if message.deadline < self.next_deadline:
+            self.next_deadline = message.deadline
         self.queue.appendleft(message)
         self.meter.used += message.size
         self._set_messages_available()
 
     def put_back(self, messages: list[DataMessage]) -> None:
         """A run that could not be sent goes back to the head, in order."""
+        self.next_deadline = min(self.next_deadline, min((m.deadline for m in messages), default=math.inf))
         self.queue.extendleft(reversed(messages))
         self.meter.used += sum(m.size for m in messages)
         self._set_messages_available()
@@ -435,6 +445,7 @@ class ChannelQueue:
         count = len(self.queue)
         self.meter.used -= sum(m.size for m in self.queue)
         self.queue.clear()
+        self.next_deadline = math.inf
         self._set_messages_available()
         return count
 
@@ -577,11 +588,14 @@ class ChannelQueue:
         """Drop the messages whose deadline has passed; returns how many."""
         if now is None:
             now = self.clock()
-        queue = self.queue
-        if not any(m.deadline <= now for m in queue):
+        if now < self.next_deadline:
             return 0
+        queue = self.queue
         kept = deque(m for m in queue if m.deadline > now)
+        self.next_deadline = min((m.deadline for m in kept), default=math.inf)
         dropped = len(queue) - len(kept)
+        if not dropped:
+            return 0
         self.expired += dropped
         self.meter.used -= sum(m.size for m in queue if m.deadline <= now)
         self.queue = kept
