@@ -693,6 +693,27 @@ def test_a_group_send_delivers_at_once_without_queue_entries_and_counts_per_memb
     assert rig.broker.counters["delivered"] == 3
 
 
+def test_group_members_behind_share_one_message_and_wait_in_order_for_credit(rig):
+    """Members without credit (their receivers are behind) queue the
+    message, one object for all of them; a member with a backlog gets no
+    delivery attempt (none can succeed), and its next credit brings its
+    backlog in order."""
+    rig.hello(A)
+    channels = _members(rig, B, 2, credit=1)
+    for body in (b"one", b"two", b"three"):
+        rig.handle(A, p.GroupSend(9, "room", 60, 100, []), body)
+    assert _received(rig, B) == [(c, b"one") for c in channels]  # the credit of one each
+    queues = [rig.broker.queues[c] for c in channels]
+    assert [[m.body for m in q.queue] for q in queues] == [[b"two", b"three"]] * 2
+    assert queues[0].queue[0] is queues[1].queue[0] and queues[0].queue[1] is queues[1].queue[1]
+    assert rig.broker.memory.used == 2 * sum(m.size for m in queues[0].queue)  # counted per member
+    rig.handle(B, p.Subscribe(0, channels[1], 4))
+    assert _received(rig, B) == [(channels[1], b"two"), (channels[1], b"three")]
+    rig.handle(A, p.GroupSend(9, "room", 60, 100, []), b"four")  # channels[1] has credit and no backlog
+    assert _received(rig, B) == [(channels[1], b"four")]
+    assert [m.body for m in queues[0].queue] == [b"two", b"three", b"four"]
+
+
 def test_the_outbox_counts_deliveries_until_they_are_taken(rig):
     """``Outbox.deliveries``: what the shell reads to send a big fan-out
     before its read batch ends (server._FLUSH_AT). Group members and queued

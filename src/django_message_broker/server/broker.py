@@ -316,15 +316,14 @@ class Broker:
             queue.expire()
         return 0  # pragma: no cover - the loop always returns
 
-    def _push(self, queue: ChannelQueue, body: Any, ttl: float, limit: int, deliver: bool = True) -> int:
-        """Queue ``body`` unless the channel is at ``limit`` (or the queue at
-        its hard cap: ``_FULL``), or the broker at its memory limit
+    def _push(self, queue: ChannelQueue, message: DataMessage, ttl: float, limit: int, deliver: bool = True) -> int:
+        """Queue ``message`` unless the channel is at ``limit`` (or the queue
+        at its hard cap: ``_FULL``), or the broker at its memory limit
         (``_NO_MEMORY``: see ``_fits``). Returns ``_QUEUED`` if it went in."""
         if not self._room(queue, limit):
             self.counters["refused_full"] += 1
             queue.refused_full += 1
             return _FULL
-        message = DataMessage(body)
         if not self._fits(message.size):
             return _NO_MEMORY
         queue.push(message, ttl)
@@ -440,7 +439,7 @@ class Broker:
             limit = capacity * PIPELINE_SLACK
             refused = no_memory = 0
             for body in bodies:
-                outcome = self._push(queue, body, cmd.ttl, limit, deliver=False)
+                outcome = self._push(queue, DataMessage(body), cmd.ttl, limit, deliver=False)
                 refused += outcome == _FULL
                 no_memory += outcome == _NO_MEMORY
             queue.enqueued += len(bodies) - refused - no_memory
@@ -575,7 +574,11 @@ class Broker:
                     continue
             if queue is None:
                 queue = self._queue(channel)
-            outcome = self._push(queue, body, ttl, limit)
+            # The members' queues share the message too. A backlog means no
+            # endpoint of this queue can take more now (a queue is only left
+            # holding messages when none can): the message waits behind it,
+            # without a delivery attempt, until credit comes.
+            outcome = self._push(queue, message, ttl, limit, deliver=not queue.queue)
             queued = outcome == _QUEUED
             queue.enqueued += queued
             sent += queued
