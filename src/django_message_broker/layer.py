@@ -214,14 +214,13 @@ class ChannelsServerLayer(BaseChannelLayer):
             logger.info("%s of %s channels over capacity in group %s", skipped, sent + skipped, group)
 
         try:
-            await self.client.group_send(
+            await self.client.group_send_pipelined(  # as send: no round trip per group_send
                 self._wire + group,
                 body,
                 ttl=self.expiry,
                 capacity=self.capacity,
                 capacities=self._capacity_rules,
                 prefix=self.prefix,
-                confirm=False,  # pipelined, as send: no round trip per group_send
                 on_skipped=skipped,
             )
         except exceptions.MessageTooLarge as exc:

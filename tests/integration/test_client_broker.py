@@ -91,7 +91,7 @@ async def test_group_send_reaches_members(broker, clients):
     assert await asyncio.wait_for(rx.receive("member.one"), 5) == b"again"
 
 
-async def test_an_unconfirmed_group_send_returns_at_once_and_reports_skipped_members(broker, clients):
+async def test_a_pipelined_group_send_returns_at_once_and_reports_skipped_members(broker, clients):
     tx, rx = clients(AsyncClient, broker.address), clients(AsyncClient, broker.address)
     await rx.group_add("room.nc", "nc.free")
     await rx.group_add("room.nc", "nc.full")
@@ -103,30 +103,30 @@ async def test_an_unconfirmed_group_send_returns_at_once_and_reports_skipped_mem
         reported.append((sent, skipped))
         answered.set()
 
-    result = await tx.group_send("room.nc", b"hi", capacity=1, confirm=False, on_skipped=skipped)
+    result = await tx.group_send_pipelined("room.nc", b"hi", capacity=1, on_skipped=skipped)
     assert result is None
     assert await asyncio.wait_for(rx.receive("nc.free"), 5) == b"hi"
     assert await asyncio.to_thread(answered.wait, 5)
     assert reported == [(1, 1)]
     assert await asyncio.wait_for(rx.receive("nc.full"), 5) == b"fills it"
-    # confirmed, the same call answers with the counts (capacity 2: whether
+    # group_send waits, and answers with the counts (capacity 2: whether
     # the broker has heard of the receive above yet or not, both get it)
-    assert await tx.group_send("room.nc", b"again", capacity=2, on_skipped=skipped) == (2, 0)
+    assert await tx.group_send("room.nc", b"again", capacity=2) == (2, 0)
 
 
-def test_an_unconfirmed_group_send_sync(broker, clients):
+def test_a_pipelined_group_send_sync(broker, clients):
     tx, rx = clients(SyncClient, broker.address), clients(SyncClient, broker.address)
     rx.group_add("room.ncs", "ncs.one")
-    assert tx.group_send("room.ncs", b"hi", confirm=False) is None
+    assert tx.group_send_pipelined("room.ncs", b"hi") is None
     assert rx.receive("ncs.one", timeout=5) == b"hi"
 
 
-async def test_an_unconfirmed_group_send_without_a_broker_fails_to_its_caller(clients):
+async def test_a_pipelined_group_send_without_a_broker_fails_to_its_caller(clients):
     """Pipelining needs a connection: without one, the group_send waits for
     the broker's answer like any request, and fails to its caller."""
     client = clients(AsyncClient, f"tcp://127.0.0.1:{free_port()}", timeout=0.3)
     with pytest.raises(BrokerUnavailable):
-        await client.group_send("room", b"lost?", confirm=False)
+        await client.group_send_pipelined("room", b"lost?")
 
 
 async def test_new_channel_fetches_ahead_and_unread_messages_go_back(broker):

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import os
 import threading
-from typing import Any, Callable, Literal, NoReturn, Optional, Sequence, TypeVar, overload
+from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar
 
 from .. import protocol as p
 from ..exceptions import ClientClosed, MessageTooLarge, QueueFull
@@ -260,10 +260,11 @@ class _ClientBase:
         capacity: int,
         capacities: Sequence[tuple[str, int]],
         prefix: str,
-        confirm: bool,
         on_skipped: Optional[Callable[[int, int], None]],
+        *,
+        pipelined: bool,
     ) -> tuple[Optional[p.GroupSend], bytes, Callable[[Any], tuple[int, int]]]:
-        """Check a group_send. Unconfirmed, pipeline it if the send window
+        """Check a group_send. ``pipelined``: send it now if the send window
         allows (returns no request); else return the ``GroupSend`` to wait
         for, its body, and what to make of the answer."""
         p.check_group_name(group)
@@ -282,7 +283,7 @@ class _ClientBase:
             return sent, skipped
 
         msg = p.GroupSend(0, group, ttl, capacity, rules, prefix)
-        if not confirm and core.may_pipeline_group():  # the rule: _state.SendWindow
+        if pipelined and core.may_pipeline_group():  # the rule: _state.SendWindow
             core.group_send_pipelined(msg, body, answered)
             return None, body, answered
         return msg, body, answered
@@ -360,7 +361,6 @@ class AsyncClient(_ClientBase):
         self.core.forget_group(group, channel)
         await self._request(msg)
 
-    @overload
     async def group_send(
         self,
         group: str,
@@ -370,54 +370,40 @@ class AsyncClient(_ClientBase):
         capacity: int = 100,
         capacities: Sequence[tuple[str, int]] = (),
         prefix: str = "",
-        confirm: Literal[True] = True,
-        on_skipped: Optional[Callable[[int, int], None]] = None,
-    ) -> tuple[int, int]: ...
-
-    @overload
-    async def group_send(
-        self,
-        group: str,
-        body: bytes,
-        *,
-        ttl: float = 60.0,
-        capacity: int = 100,
-        capacities: Sequence[tuple[str, int]] = (),
-        prefix: str = "",
-        confirm: Literal[False],
-        on_skipped: Optional[Callable[[int, int], None]] = None,
-    ) -> None: ...
-
-    async def group_send(
-        self,
-        group: str,
-        body: bytes,
-        *,
-        ttl: float = 60.0,
-        capacity: int = 100,
-        capacities: Sequence[tuple[str, int]] = (),
-        prefix: str = "",
-        confirm: bool = True,
-        on_skipped: Optional[Callable[[int, int], None]] = None,
-    ) -> Optional[tuple[int, int]]:
+    ) -> tuple[int, int]:
         """Send to every member; full members are skipped. ``capacities``:
         (regex, capacity) rules for members, first match wins; with
         ``prefix``, they are matched against member names without
         ``prefix.`` (see ``protocol.GroupSend``). Returns
-        ``(delivered, skipped)``.
+        ``(delivered, skipped)``."""
+        msg, body, answered = self._group_send(group, body, ttl, capacity, capacities, prefix, None, pipelined=False)
+        assert msg is not None
+        return await self._request(msg, body, answered)  # type: ignore[no-any-return]
 
-        ``confirm=False``: return None as soon as the message is on its way,
-        as a ``send`` does while the send window allows (else it waits for
-        the broker's answer, which resets the window). A producer then does
-        not wait a round trip per group_send; the Channels layer sends this
-        way. ``on_skipped(delivered, skipped)`` runs on the client's I/O
-        thread when the answer says members were skipped (the broker logs
-        them too); a refusal, or no answer within the timeout, is logged."""
-        msg, body, answered = self._group_send(group, body, ttl, capacity, capacities, prefix, confirm, on_skipped)
-        if msg is None:
-            return None
-        counts = await self._request(msg, body, answered)
-        return counts if confirm else None
+    async def group_send_pipelined(
+        self,
+        group: str,
+        body: bytes,
+        *,
+        ttl: float = 60.0,
+        capacity: int = 100,
+        capacities: Sequence[tuple[str, int]] = (),
+        prefix: str = "",
+        on_skipped: Optional[Callable[[int, int], None]] = None,
+    ) -> None:
+        """``group_send`` that returns as soon as the message is on its way,
+        as a ``send`` does, while fewer than ``MAX_GROUPS_AHEAD`` are
+        unanswered (else, or without a connection, it waits for the
+        broker's answer). A producer then does not wait a round trip per
+        group_send; the Channels layer sends this way.
+        ``on_skipped(delivered, skipped)`` runs on the client's I/O thread
+        when the answer says members were skipped (the broker logs them
+        too); a refusal, or no answer within the timeout, is logged."""
+        msg, body, answered = self._group_send(
+            group, body, ttl, capacity, capacities, prefix, on_skipped, pipelined=True
+        )
+        if msg is not None:
+            await self._request(msg, body, answered)
 
     async def flush(self, prefix: str = "") -> None:
         """Drop every queued message and group on the broker, or only those
@@ -488,7 +474,6 @@ class SyncClient(_ClientBase):
         self.core.forget_group(group, channel)
         self._request(msg)
 
-    @overload
     def group_send(
         self,
         group: str,
@@ -498,42 +483,30 @@ class SyncClient(_ClientBase):
         capacity: int = 100,
         capacities: Sequence[tuple[str, int]] = (),
         prefix: str = "",
-        confirm: Literal[True] = True,
-        on_skipped: Optional[Callable[[int, int], None]] = None,
-    ) -> tuple[int, int]: ...
-
-    @overload
-    def group_send(
-        self,
-        group: str,
-        body: bytes,
-        *,
-        ttl: float = 60.0,
-        capacity: int = 100,
-        capacities: Sequence[tuple[str, int]] = (),
-        prefix: str = "",
-        confirm: Literal[False],
-        on_skipped: Optional[Callable[[int, int], None]] = None,
-    ) -> None: ...
-
-    def group_send(
-        self,
-        group: str,
-        body: bytes,
-        *,
-        ttl: float = 60.0,
-        capacity: int = 100,
-        capacities: Sequence[tuple[str, int]] = (),
-        prefix: str = "",
-        confirm: bool = True,
-        on_skipped: Optional[Callable[[int, int], None]] = None,
-    ) -> Optional[tuple[int, int]]:
+    ) -> tuple[int, int]:
         """As ``AsyncClient.group_send``, blocking."""
-        msg, body, answered = self._group_send(group, body, ttl, capacity, capacities, prefix, confirm, on_skipped)
-        if msg is None:
-            return None
-        counts = self._request(msg, body, answered)
-        return counts if confirm else None  # type: ignore[no-any-return]
+        msg, body, answered = self._group_send(group, body, ttl, capacity, capacities, prefix, None, pipelined=False)
+        assert msg is not None
+        return self._request(msg, body, answered)  # type: ignore[no-any-return]
+
+    def group_send_pipelined(
+        self,
+        group: str,
+        body: bytes,
+        *,
+        ttl: float = 60.0,
+        capacity: int = 100,
+        capacities: Sequence[tuple[str, int]] = (),
+        prefix: str = "",
+        on_skipped: Optional[Callable[[int, int], None]] = None,
+    ) -> None:
+        """As ``AsyncClient.group_send_pipelined``, blocking only when it
+        must wait for the broker's answer."""
+        msg, body, answered = self._group_send(
+            group, body, ttl, capacity, capacities, prefix, on_skipped, pipelined=True
+        )
+        if msg is not None:
+            self._request(msg, body, answered)
 
     def flush(self, prefix: str = "") -> None:
         self._request(p.Flush(0, p.check_prefix(prefix)))
