@@ -122,7 +122,7 @@ class Outbox:
         #: Peers that read ``Deliver.body_of``: they get a shared body once.
         self.shared: set[bytes] = set()
         #: Deliveries taken since the last full ``take`` (the shell sends
-        #: them early once there are a Deliver's worth: see ``FLUSH_AT``).
+        #: them early once there are enough: see ``server._FLUSH_AT``).
         self.deliveries = 0
 
     def __bool__(self) -> bool:
