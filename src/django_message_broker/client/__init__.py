@@ -260,9 +260,9 @@ class _ClientBase:
         capacity: int,
         capacities: Sequence[tuple[str, int]],
         prefix: str,
-        on_skipped: Optional[Callable[[int, int], None]],
+        on_skipped: Optional[Callable[[int, int], None]] = None,
         *,
-        pipelined: bool,
+        pipelined: bool = False,
     ) -> tuple[Optional[p.GroupSend], bytes, Callable[[Any], tuple[int, int]]]:
         """Check a group_send. ``pipelined``: send it now if the send window
         allows (returns no request); else return the ``GroupSend`` to wait
@@ -376,7 +376,7 @@ class AsyncClient(_ClientBase):
         ``prefix``, they are matched against member names without
         ``prefix.`` (see ``protocol.GroupSend``). Returns
         ``(delivered, skipped)``."""
-        msg, body, answered = self._group_send(group, body, ttl, capacity, capacities, prefix, None, pipelined=False)
+        msg, body, answered = self._group_send(group, body, ttl, capacity, capacities, prefix)
         assert msg is not None
         return await self._request(msg, body, answered)  # type: ignore[no-any-return]
 
@@ -485,7 +485,7 @@ class SyncClient(_ClientBase):
         prefix: str = "",
     ) -> tuple[int, int]:
         """As ``AsyncClient.group_send``, blocking."""
-        msg, body, answered = self._group_send(group, body, ttl, capacity, capacities, prefix, None, pipelined=False)
+        msg, body, answered = self._group_send(group, body, ttl, capacity, capacities, prefix)
         assert msg is not None
         return self._request(msg, body, answered)  # type: ignore[no-any-return]
 
